@@ -1,0 +1,131 @@
+-- outbox: tables and roles. Runs first when the extension is created.
+--
+-- Storage model (see ../shared/DESIGN.md, "The shape"):
+--   * events are immutable rows written by outbox_emit in the caller's
+--     transaction and never updated;
+--   * the worker takes "ticks": snapshots of which transactions had
+--     committed. The events of batch N are those visible in tick N and not in
+--     tick N-1, so a transaction that commits late simply lands in a later
+--     batch (no gaps) and an open transaction elsewhere delays nothing but
+--     itself (no stalls);
+--   * each endpoint keeps one progress row: the last tick it finished plus a
+--     position inside the next batch.
+
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_writer') THEN
+        CREATE ROLE outbox_writer NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_admin') THEN
+        CREATE ROLE outbox_admin NOLOGIN;
+    END IF;
+END
+$roles$;
+
+CREATE SCHEMA IF NOT EXISTS outbox;
+
+CREATE TABLE outbox.events (
+    txid       bigint      NOT NULL,  -- top-level xid8 of the emitting transaction
+    n          integer     NOT NULL,  -- emit order inside that transaction
+    id         uuid        NOT NULL,  -- stable identity, sent with every delivery
+    topic      text        NOT NULL,
+    key        text,                  -- ordering key (aggregate id); NULL: unordered
+    type       text,
+    payload    jsonb       NOT NULL,
+    headers    jsonb       NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (txid, n)
+);
+
+-- A tick is a snapshot taken by the worker: xmin, xmax and the in-progress
+-- list, as 64-bit transaction ids.
+CREATE TABLE outbox.ticks (
+    id         bigint      PRIMARY KEY,
+    snap_xmin  bigint      NOT NULL,
+    snap_xmax  bigint      NOT NULL,
+    snap_xip   bigint[]    NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- Tick 0 sees no event: every event is written by this transaction or a
+-- later one, and all of those have ids >= this transaction's.
+INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, snap_xip)
+SELECT 0, x, x, '{}'
+FROM (SELECT pg_catalog.pg_current_xact_id()::text::bigint AS x) AS me;
+
+CREATE TABLE outbox.endpoints (
+    id              integer     GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name            text        NOT NULL UNIQUE,
+    url             text        NOT NULL,
+    kind            text        NOT NULL,
+    topics          text[]      NOT NULL,
+    options         jsonb       NOT NULL DEFAULT '{}',
+    paused          boolean     NOT NULL DEFAULT false,
+    disabled_reason text,       -- set by the worker, e.g. when the endpoint answered 410 Gone
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- Per-endpoint progress and health, written by the worker in short
+-- transactions (one row per endpoint, never one per event).
+CREATE TABLE outbox.progress (
+    endpoint_id     integer     PRIMARY KEY REFERENCES outbox.endpoints (id) ON DELETE CASCADE,
+    tick            bigint      NOT NULL,  -- batches up to this tick are finished
+    after_txid      bigint,                -- inside batch tick+1: finished up to (after_txid, after_n)
+    after_n         integer,
+    delivered       bigint      NOT NULL DEFAULT 0,
+    failed_attempts bigint      NOT NULL DEFAULT 0,
+    in_flight       integer     NOT NULL DEFAULT 0,
+    retrying        integer     NOT NULL DEFAULT 0,
+    last_success_at timestamptz,
+    last_error      text,
+    last_error_at   timestamptz,
+    latency_p50_ms  double precision,
+    latency_p99_ms  double precision,
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- Tables whose changes are captured by outbox.capture().
+CREATE TABLE outbox.captures (
+    tbl         regclass    PRIMARY KEY,
+    topic       text        NOT NULL,
+    key_columns text[]      NOT NULL,
+    operations  text[]      NOT NULL,
+    columns     text[],
+    condition   text,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- Endpoint topic globs ('orders.*', 'invoice?') as LIKE patterns, so that
+-- both the worker and the stats view filter in SQL with an index-free LIKE.
+CREATE FUNCTION outbox._like_patterns(globs text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(array_agg(
+               replace(replace(replace(replace(replace(
+                   g, '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'), '?', '_')
+               ORDER BY ord), '{}')
+    FROM unnest(globs) WITH ORDINALITY AS u(g, ord)
+$$;
+
+-- Events an endpoint could not take: a copy of the event with what went
+-- wrong. Shown by the outbox.dead_letters view.
+CREATE TABLE outbox.parked (
+    endpoint_id  integer     NOT NULL REFERENCES outbox.endpoints (id) ON DELETE CASCADE,
+    event_id     uuid        NOT NULL,
+    txid         bigint      NOT NULL,
+    n            integer     NOT NULL,
+    topic        text        NOT NULL,
+    key          text,
+    type         text,
+    payload      jsonb       NOT NULL,
+    headers      jsonb       NOT NULL,
+    created_at   timestamptz NOT NULL,
+    state        text        NOT NULL CHECK (state IN ('dead')),
+    attempts     integer     NOT NULL,
+    last_status  integer,
+    last_error   text,
+    failed_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (endpoint_id, event_id)
+);

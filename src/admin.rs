@@ -1,0 +1,214 @@
+//! The endpoint management API (schema `outbox`). Admin only: EXECUTE is
+//! granted to outbox_admin; the functions run as the extension owner
+//! (SECURITY DEFINER) because admins get no write access to the tables.
+//!
+//! Every change notes itself in the transaction so the worker reloads its
+//! endpoints as soon as the change commits (xact.rs).
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+pub mod outbox {
+    use crate::config::{self, ConfigError};
+    use crate::error::{OrRaise, SqlError};
+    use crate::xact;
+    use pgrx::prelude::*;
+    use pgrx::JsonB;
+    use serde_json::Value;
+
+    fn required<T>(value: Option<T>, function: &str, what: &str) -> T {
+        value.unwrap_or_else(|| {
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("outbox.{function}: {what} must not be null"),
+            )
+            .raise()
+        })
+    }
+
+    fn in_function(function: &str) -> impl Fn(ConfigError) -> ConfigError + '_ {
+        move |e| ConfigError {
+            message: format!("outbox.{function}: {}", e.message),
+            hint: e.hint,
+        }
+    }
+
+    fn text_array(values: Vec<Option<String>>, function: &str, what: &str) -> Vec<String> {
+        values
+            .into_iter()
+            .map(|v| required(v, function, &format!("an element of {what}")))
+            .collect()
+    }
+
+    fn unknown_endpoint(function: &str, name: &str) -> ! {
+        SqlError::new(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("outbox.{function}: endpoint {name:?} does not exist"),
+        )
+        .hint("SELECT name FROM outbox.endpoints lists the endpoints.")
+        .raise()
+    }
+
+    /// Register an endpoint. It receives the events that commit from now on.
+    #[pg_extern(security_definer)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn create_endpoint(
+        name: Option<&str>,
+        url: Option<&str>,
+        kind: default!(Option<&str>, "'webhook'"),
+        topics: default!(Option<Vec<Option<String>>>, "'{*}'"),
+        options: default!(Option<JsonB>, "'{}'"),
+    ) {
+        const F: &str = "create_endpoint";
+        let name = required(name, F, "name");
+        let url = required(url, F, "url");
+        let kind = required(kind, F, "kind");
+        let topics = text_array(required(topics, F, "topics"), F, "topics");
+        let options = required(options, F, "options").0;
+        config::Endpoint::parse(name, url, kind, &topics, &options)
+            .map_err(in_function(F))
+            .or_raise();
+
+        let exists = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM outbox.endpoints WHERE name = $1)",
+            &[name.into()],
+        )
+        .unwrap_or_default();
+        if exists == Some(true) {
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                format!("outbox.{F}: endpoint {name:?} already exists"),
+            )
+            .hint("Use outbox.alter_endpoint to change it, or outbox.drop_endpoint first.")
+            .raise();
+        }
+        // The new endpoint starts at the worker's latest tick: it gets every
+        // event committed after that tick.
+        Spi::run_with_args(
+            "WITH e AS (
+                 INSERT INTO outbox.endpoints (name, url, kind, topics, options)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id)
+             INSERT INTO outbox.progress (endpoint_id, tick)
+             SELECT e.id, (SELECT max(id) FROM outbox.ticks) FROM e",
+            &[
+                name.into(),
+                url.into(),
+                kind.into(),
+                topics.into(),
+                JsonB(options).into(),
+            ],
+        )
+        .expect("insert endpoint");
+        xact::note_config_changed();
+    }
+
+    /// Change an endpoint. `options` is merged into the stored options (a
+    /// JSON null removes a key); `url` and `topics` replace when given.
+    #[pg_extern(security_definer)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn alter_endpoint(
+        name: Option<&str>,
+        options: default!(Option<JsonB>, "'{}'"),
+        url: default!(Option<&str>, "NULL"),
+        topics: default!(Option<Vec<Option<String>>>, "NULL"),
+    ) {
+        const F: &str = "alter_endpoint";
+        let name = required(name, F, "name");
+        let patch = required(options, F, "options").0;
+        let row = Spi::connect_mut(|client| {
+            let table = client
+                .update(
+                    "SELECT url, kind, topics, options FROM outbox.endpoints WHERE name = $1 FOR UPDATE",
+                    Some(1),
+                    &[name.into()],
+                )
+                .ok()?;
+            let row = table.first();
+            Some((
+                row.get::<String>(1).ok()??,
+                row.get::<String>(2).ok()??,
+                row.get::<Vec<String>>(3).ok()??,
+                row.get::<JsonB>(4).ok()??.0,
+            ))
+        });
+        let Some((old_url, kind, old_topics, old_options)) = row else {
+            unknown_endpoint(F, name)
+        };
+        let url = url.map(str::to_string).unwrap_or(old_url);
+        let topics = topics
+            .map(|t| text_array(t, F, "topics"))
+            .unwrap_or(old_topics);
+        let merged: Value = config::merge_options(&old_options, &patch)
+            .map_err(in_function(F))
+            .or_raise();
+        config::Endpoint::parse(name, &url, &kind, &topics, &merged)
+            .map_err(in_function(F))
+            .or_raise();
+        Spi::run_with_args(
+            "UPDATE outbox.endpoints SET url = $2, topics = $3, options = $4, updated_at = now() WHERE name = $1",
+            &[name.into(), url.into(), topics.into(), JsonB(merged).into()],
+        )
+        .expect("update endpoint");
+        xact::note_config_changed();
+    }
+
+    /// Remove an endpoint with its progress. Undelivered events for it are
+    /// no longer delivered.
+    #[pg_extern(security_definer)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn drop_endpoint(name: Option<&str>) {
+        const F: &str = "drop_endpoint";
+        let name = required(name, F, "name");
+        update_endpoint(
+            F,
+            name,
+            "DELETE FROM outbox.endpoints WHERE name = $1 RETURNING id",
+        );
+    }
+
+    /// Stop delivering to an endpoint; events wait for it.
+    #[pg_extern(security_definer)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn pause_endpoint(name: Option<&str>) {
+        const F: &str = "pause_endpoint";
+        let name = required(name, F, "name");
+        update_endpoint(
+            F,
+            name,
+            "UPDATE outbox.endpoints SET paused = true, updated_at = now() WHERE name = $1 RETURNING id",
+        );
+    }
+
+    /// Deliver to an endpoint again, also after it was disabled by 410 Gone.
+    #[pg_extern(security_definer)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn resume_endpoint(name: Option<&str>) {
+        const F: &str = "resume_endpoint";
+        let name = required(name, F, "name");
+        update_endpoint(
+            F,
+            name,
+            "UPDATE outbox.endpoints SET paused = false, disabled_reason = NULL, updated_at = now()
+             WHERE name = $1 RETURNING id",
+        );
+    }
+
+    fn update_endpoint(function: &str, name: &str, sql: &str) {
+        let id = Spi::get_one_with_args::<i32>(sql, &[name.into()])
+            .ok()
+            .flatten();
+        if id.is_none() {
+            unknown_endpoint(function, name);
+        }
+        xact::note_config_changed();
+    }
+
+    /// Raise an error unless `topic` is a valid topic (used by capture()).
+    #[pg_extern(immutable, parallel_safe)]
+    fn _check_topic(topic: Option<&str>) {
+        let topic = required(topic, "capture", "topic");
+        config::check_topic(topic)
+            .map_err(in_function("capture"))
+            .or_raise();
+    }
+}

@@ -1,0 +1,554 @@
+//! Endpoint configuration: names, topics, URLs and the `options` object.
+//!
+//! Plain Rust, shared by the SQL functions (which reject bad input before
+//! anything is stored) and the worker (which builds its delivery settings
+//! from the stored rows with the very same code).
+
+use serde_json::{Map, Value};
+use std::time::Duration;
+
+/// A configuration problem, phrased for the person who typed the SQL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl ConfigError {
+    fn new(message: impl Into<String>) -> Self {
+        ConfigError {
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+/// Longest topic: Kafka's limit, so that every topic can also be a Kafka topic.
+pub const MAX_TOPIC_LEN: usize = 249;
+const TOPIC_CHARS_HINT: &str =
+    "Topics use letters, digits and . _ - : / (at most 249 characters), e.g. 'orders.created'.";
+
+fn is_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/')
+}
+
+/// Check an event topic.
+pub fn check_topic(topic: &str) -> Result<()> {
+    if topic.is_empty() {
+        return Err(ConfigError::new("topic must not be empty").hint(TOPIC_CHARS_HINT));
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(ConfigError::new(format!(
+            "topic is {} characters long, longer than {MAX_TOPIC_LEN}",
+            topic.len()
+        ))
+        .hint(TOPIC_CHARS_HINT));
+    }
+    if let Some(bad) = topic.chars().find(|c| !is_topic_char(*c)) {
+        return Err(
+            ConfigError::new(format!("topic {topic:?} contains the character {bad:?}"))
+                .hint(TOPIC_CHARS_HINT),
+        );
+    }
+    Ok(())
+}
+
+/// Check a topic pattern: a topic in which `*` matches any run of
+/// characters and `?` exactly one.
+pub fn check_topic_pattern(pattern: &str) -> Result<()> {
+    let hint = "Patterns are topics with * (any characters) and ? (one character), e.g. 'orders.*' or '*'.";
+    if pattern.is_empty() || pattern.len() > MAX_TOPIC_LEN {
+        return Err(ConfigError::new(format!("invalid topic pattern {pattern:?}")).hint(hint));
+    }
+    if let Some(bad) = pattern
+        .chars()
+        .find(|c| !is_topic_char(*c) && *c != '*' && *c != '?')
+    {
+        return Err(ConfigError::new(format!(
+            "topic pattern {pattern:?} contains the character {bad:?}"
+        ))
+        .hint(hint));
+    }
+    Ok(())
+}
+
+/// Check an endpoint name.
+pub fn check_endpoint_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(format!("invalid endpoint name {name:?}"))
+            .hint("Endpoint names use letters, digits, _ - and . (at most 63 characters)."))
+    }
+}
+
+/// How an endpoint is spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Webhook,
+}
+
+impl Kind {
+    pub fn parse(kind: &str) -> Result<Kind> {
+        match kind {
+            "webhook" => Ok(Kind::Webhook),
+            "kafka_rest_v2" | "kafka_rest_v3" => Err(ConfigError::new(format!(
+                "endpoint kind {kind:?} is not supported by this version of outbox"
+            ))
+            .hint("Use kind 'webhook'.")),
+            other => Err(ConfigError::new(format!("unknown endpoint kind {other:?}"))
+                .hint("The endpoint kind is 'webhook'.")),
+        }
+    }
+}
+
+/// Check an endpoint URL: absolute http(s) with a host, no credentials.
+pub fn parse_url(url: &str) -> Result<reqwest::Url> {
+    let hint = "Endpoint URLs are absolute http:// or https:// URLs, e.g. 'https://example.com/hooks/orders'.";
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| ConfigError::new(format!("invalid endpoint URL {url:?}: {e}")).hint(hint))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(
+            ConfigError::new(format!("endpoint URL {url:?} must use http or https")).hint(hint),
+        );
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::new(format!("endpoint URL {url:?} has no host")).hint(hint));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        // The URL is shown in outbox.stats; credentials belong in headers.
+        return Err(ConfigError::new("endpoint URL must not contain credentials")
+            .hint("Pass them as a header instead: options => '{\"headers\": {\"authorization\": \"...\"}}'."));
+    }
+    Ok(parsed)
+}
+
+/// What happens to later events of a key whose event went to dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDead {
+    /// Later events wait until the dead one is replayed or discarded.
+    Block,
+    /// Later events go on; the dead one stays in dead letters.
+    Skip,
+}
+
+/// What a webhook body carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// The JSON envelope with id, topic, key, type, timestamp, data, headers.
+    Envelope,
+    /// The bare payload; id and type travel in headers.
+    Data,
+}
+
+/// The validated `options` of an endpoint, with defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub max_in_flight: usize,
+    pub max_attempts: Option<u32>,
+    pub max_age: Option<Duration>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub on_dead: OnDead,
+    pub body: Body,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            headers: Vec::new(),
+            timeout: Duration::from_secs(10),
+            max_in_flight: 16,
+            max_attempts: None,
+            max_age: None,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+            on_dead: OnDead::Block,
+            body: Body::Envelope,
+        }
+    }
+}
+
+/// Every key `options` may hold; anything else is an error.
+pub const OPTION_KEYS: &[&str] = &[
+    "headers",
+    "timeout_ms",
+    "max_in_flight",
+    "max_attempts",
+    "max_age_s",
+    "backoff_base_ms",
+    "backoff_max_ms",
+    "on_dead",
+    "body",
+];
+
+/// Headers the worker sets itself; an endpoint may not override them.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+];
+const RESERVED_PREFIXES: &[&str] = &["webhook-", "ce-"];
+
+impl Options {
+    pub fn parse(options: &Value) -> Result<Options> {
+        let Value::Object(map) = options else {
+            return Err(
+                ConfigError::new(format!("options must be a JSON object, got {options}"))
+                    .hint("e.g. options => '{\"timeout_ms\": 5000}'"),
+            );
+        };
+        if let Some(unknown) = map.keys().find(|k| !OPTION_KEYS.contains(&k.as_str())) {
+            return Err(
+                ConfigError::new(format!("unknown endpoint option {unknown:?}"))
+                    .hint(format!("Known options: {}.", OPTION_KEYS.join(", "))),
+            );
+        }
+        let d = Options::default();
+        let opts = Options {
+            headers: parse_headers(map)?,
+            timeout: millis(map, "timeout_ms", 1, 300_000)?.unwrap_or(d.timeout),
+            max_in_flight: int(map, "max_in_flight", 1, 1024)?
+                .map_or(d.max_in_flight, |v| v as usize),
+            max_attempts: int(map, "max_attempts", 1, 1_000_000)?.map(|v| v as u32),
+            max_age: int(map, "max_age_s", 1, 365 * 86_400)?.map(|s| Duration::from_secs(s as u64)),
+            backoff_base: millis(map, "backoff_base_ms", 1, 3_600_000)?.unwrap_or(d.backoff_base),
+            backoff_max: millis(map, "backoff_max_ms", 1, 86_400_000)?.unwrap_or(d.backoff_max),
+            on_dead: match choice(map, "on_dead", &["block", "skip"])? {
+                Some("skip") => OnDead::Skip,
+                Some(_) => OnDead::Block,
+                None => d.on_dead,
+            },
+            body: match choice(map, "body", &["envelope", "data"])? {
+                Some("data") => Body::Data,
+                Some(_) => Body::Envelope,
+                None => d.body,
+            },
+        };
+        if opts.backoff_max < opts.backoff_base {
+            return Err(ConfigError::new(format!(
+                "backoff_max_ms ({}) is smaller than backoff_base_ms ({})",
+                opts.backoff_max.as_millis(),
+                opts.backoff_base.as_millis()
+            ))
+            .hint("The retry delay grows from backoff_base_ms up to backoff_max_ms."));
+        }
+        Ok(opts)
+    }
+}
+
+fn int(map: &Map<String, Value>, key: &str, min: i64, max: i64) -> Result<Option<i64>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(i) if (min..=max).contains(&i) => Ok(Some(i)),
+            _ => Err(ConfigError::new(format!(
+                "option {key} must be an integer from {min} to {max}, got {v}"
+            ))),
+        },
+    }
+}
+
+fn millis(map: &Map<String, Value>, key: &str, min: i64, max: i64) -> Result<Option<Duration>> {
+    Ok(int(map, key, min, max)?.map(|ms| Duration::from_millis(ms as u64)))
+}
+
+fn choice<'a>(map: &'a Map<String, Value>, key: &str, allowed: &[&str]) -> Result<Option<&'a str>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if allowed.contains(&s.as_str()) => Ok(Some(s.as_str())),
+        Some(v) => Err(ConfigError::new(format!(
+            "option {key} must be one of {}, got {v}",
+            allowed.join(", ")
+        ))),
+    }
+}
+
+fn parse_headers(map: &Map<String, Value>) -> Result<Vec<(String, String)>> {
+    let hint = "headers is an object of header names to string values, e.g. {\"authorization\": \"Bearer ...\"}.";
+    let headers = match map.get("headers") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(h)) => h,
+        Some(other) => {
+            return Err(
+                ConfigError::new(format!("option headers must be an object, got {other}"))
+                    .hint(hint),
+            )
+        }
+    };
+    let mut out = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        let lower = name.to_ascii_lowercase();
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(ConfigError::new(format!("invalid header name {name:?}")).hint(hint));
+        }
+        if RESERVED_HEADERS.contains(&lower.as_str())
+            || RESERVED_PREFIXES.iter().any(|p| lower.starts_with(p))
+        {
+            return Err(
+                ConfigError::new(format!("header {name:?} is set by outbox itself"))
+                    .hint("content-type, webhook-* and ce-* headers cannot be overridden."),
+            );
+        }
+        let Value::String(value) = value else {
+            return Err(
+                ConfigError::new(format!("header {name:?} must have a string value")).hint(hint),
+            );
+        };
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            return Err(ConfigError::new(format!(
+                "header {name:?} has a value that is not a valid HTTP header value"
+            )));
+        }
+        out.push((lower, value.clone()));
+    }
+    Ok(out)
+}
+
+/// A whole endpoint as stored, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub name: String,
+    pub kind: Kind,
+    pub url: reqwest::Url,
+    pub topics: Vec<String>,
+    pub options: Options,
+}
+
+impl Endpoint {
+    pub fn parse(
+        name: &str,
+        url: &str,
+        kind: &str,
+        topics: &[String],
+        options: &Value,
+    ) -> Result<Endpoint> {
+        check_endpoint_name(name)?;
+        let kind = Kind::parse(kind)?;
+        let url = parse_url(url)?;
+        if topics.is_empty() {
+            return Err(ConfigError::new("topics must not be empty")
+                .hint("Use '{*}' to receive every topic."));
+        }
+        for pattern in topics {
+            check_topic_pattern(pattern)?;
+        }
+        let options = Options::parse(options)?;
+        Ok(Endpoint {
+            name: name.to_string(),
+            kind,
+            url,
+            topics: topics.to_vec(),
+            options,
+        })
+    }
+}
+
+/// Merge `patch` into `base` the way outbox.alter_endpoint documents it:
+/// keys of `patch` replace those of `base`, a JSON null removes the key.
+pub fn merge_options(base: &Value, patch: &Value) -> Result<Value> {
+    let Value::Object(patch) = patch else {
+        return Err(ConfigError::new(format!(
+            "options must be a JSON object, got {patch}"
+        )));
+    };
+    let mut merged = match base {
+        Value::Object(m) => m.clone(),
+        _ => Map::new(),
+    };
+    for (k, v) in patch {
+        if v.is_null() {
+            merged.remove(k);
+        } else {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(Value::Object(merged))
+}
+
+/// Check event headers given to outbox_emit: an object of strings.
+pub fn check_event_headers(headers: &Value) -> Result<()> {
+    let hint = "Event headers are a JSON object of string values, e.g. '{\"trace-id\": \"abc\"}'.";
+    let Value::Object(map) = headers else {
+        return Err(
+            ConfigError::new(format!("headers must be a JSON object, got {headers}")).hint(hint),
+        );
+    };
+    for (name, value) in map {
+        if !value.is_string() {
+            return Err(ConfigError::new(format!(
+                "header {name:?} must have a string value, got {value}"
+            ))
+            .hint(hint));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn topics() {
+        assert!(check_topic("orders").is_ok());
+        assert!(check_topic("orders.created-v2/eu:1_x").is_ok());
+        assert_eq!(
+            check_topic("").unwrap_err().message,
+            "topic must not be empty"
+        );
+        assert!(check_topic("has space")
+            .unwrap_err()
+            .message
+            .contains("' '"));
+        assert!(check_topic("a*").is_err());
+        assert!(check_topic(&"x".repeat(250))
+            .unwrap_err()
+            .message
+            .contains("250"));
+        assert!(check_topic(&"x".repeat(249)).is_ok());
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(check_topic_pattern("orders.*").is_ok());
+        assert!(check_topic_pattern("order?").is_ok());
+        assert!(check_topic_pattern("").is_err());
+        assert!(check_topic_pattern("a b").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        assert!(parse_url("https://example.com/hook").is_ok());
+        assert!(parse_url("http://127.0.0.1:8080").is_ok());
+        assert!(parse_url("ftp://example.com")
+            .unwrap_err()
+            .message
+            .contains("http or https"));
+        assert!(parse_url("not a url")
+            .unwrap_err()
+            .message
+            .contains("invalid endpoint URL"));
+        assert!(parse_url("https://user:pw@example.com")
+            .unwrap_err()
+            .message
+            .contains("credentials"));
+        assert!(parse_url("/relative").is_err());
+    }
+
+    #[test]
+    fn options_defaults_and_values() {
+        assert_eq!(Options::parse(&json!({})).unwrap(), Options::default());
+        let o = Options::parse(&json!({
+            "timeout_ms": 2500, "max_in_flight": 4, "max_attempts": 3, "max_age_s": 60,
+            "backoff_base_ms": 10, "backoff_max_ms": 100, "on_dead": "skip", "body": "data",
+            "headers": {"Authorization": "Bearer x"}
+        }))
+        .unwrap();
+        assert_eq!(o.timeout, Duration::from_millis(2500));
+        assert_eq!(o.max_in_flight, 4);
+        assert_eq!(o.max_attempts, Some(3));
+        assert_eq!(o.max_age, Some(Duration::from_secs(60)));
+        assert_eq!(o.on_dead, OnDead::Skip);
+        assert_eq!(o.body, Body::Data);
+        assert_eq!(
+            o.headers,
+            vec![("authorization".to_string(), "Bearer x".to_string())]
+        );
+    }
+
+    #[test]
+    fn options_errors() {
+        let e = Options::parse(&json!({"timeout": 5})).unwrap_err();
+        assert_eq!(e.message, "unknown endpoint option \"timeout\"");
+        assert!(e.hint.unwrap().contains("timeout_ms"));
+        assert!(Options::parse(&json!([]))
+            .unwrap_err()
+            .message
+            .contains("JSON object"));
+        assert!(Options::parse(&json!({"timeout_ms": 0}))
+            .unwrap_err()
+            .message
+            .contains("from 1 to 300000"));
+        assert!(Options::parse(&json!({"timeout_ms": "5"})).is_err());
+        assert!(Options::parse(&json!({"max_in_flight": 1.5})).is_err());
+        assert!(Options::parse(&json!({"on_dead": "drop"}))
+            .unwrap_err()
+            .message
+            .contains("block, skip"));
+        assert!(Options::parse(&json!({"headers": []})).is_err());
+        assert!(Options::parse(&json!({"headers": {"webhook-id": "x"}}))
+            .unwrap_err()
+            .message
+            .contains("set by outbox"));
+        assert!(Options::parse(&json!({"headers": {"bad name": "x"}})).is_err());
+        assert!(Options::parse(&json!({"headers": {"x": "a\nb"}})).is_err());
+        assert!(Options::parse(&json!({"headers": {"x": 1}})).is_err());
+        assert!(Options::parse(&json!({"backoff_base_ms": 100, "backoff_max_ms": 10})).is_err());
+    }
+
+    #[test]
+    fn endpoints() {
+        let ok = Endpoint::parse(
+            "hooks",
+            "http://127.0.0.1:1/",
+            "webhook",
+            &["*".into()],
+            &json!({}),
+        )
+        .unwrap();
+        assert_eq!(ok.kind, Kind::Webhook);
+        assert!(Endpoint::parse(
+            "bad name",
+            "http://x/",
+            "webhook",
+            &["*".into()],
+            &json!({})
+        )
+        .is_err());
+        assert!(Endpoint::parse("a", "http://x/", "smtp", &["*".into()], &json!({})).is_err());
+        assert!(Endpoint::parse("a", "http://x/", "webhook", &[], &json!({})).is_err());
+        assert!(Endpoint::parse("a", "http://x/", "webhook", &["".into()], &json!({})).is_err());
+    }
+
+    #[test]
+    fn merging() {
+        let merged = merge_options(&json!({"a": 1, "b": 2}), &json!({"b": null, "c": 3})).unwrap();
+        assert_eq!(merged, json!({"a": 1, "c": 3}));
+        assert!(merge_options(&json!({}), &json!(1)).is_err());
+    }
+
+    #[test]
+    fn event_headers() {
+        assert!(check_event_headers(&json!({})).is_ok());
+        assert!(check_event_headers(&json!({"a": "b"})).is_ok());
+        assert!(check_event_headers(&json!([1])).is_err());
+        assert!(check_event_headers(&json!({"a": 1}))
+            .unwrap_err()
+            .message
+            .contains("string value"));
+    }
+}

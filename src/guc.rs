@@ -1,0 +1,87 @@
+//! Server settings (`outbox.*`). Read on the main thread only.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// Databases that get a worker, comma-separated. Fixed at server start.
+pub static DATABASES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+/// Fallback wake-up interval of the worker; commits wake it immediately.
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+/// Largest payload `outbox_emit` accepts, in bytes.
+pub static MAX_PAYLOAD_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+
+/// Events one endpoint may hold in the worker's memory at once.
+pub static WINDOW_EVENTS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// Payload bytes one endpoint may hold in the worker's memory at once (kB).
+pub static WINDOW_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"outbox.databases",
+        c"Databases in which an outbox worker runs (comma-separated).",
+        c"One background worker per listed database. The extension must be created in each of them.",
+        &DATABASES,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.poll_interval",
+        c"How often the worker looks for work when no commit woke it.",
+        c"Commits that emit events wake the worker at once; this timer is the fallback.",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.max_payload_size",
+        c"Largest event payload outbox_emit accepts.",
+        c"Measured on the jsonb value, uncompressed.",
+        &MAX_PAYLOAD_SIZE,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.window_events",
+        c"Events one endpoint may hold in the worker's memory.",
+        c"Bounds the worker's memory whatever the backlog; reading pauses when the window is full.",
+        &WINDOW_EVENTS,
+        10,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.window_memory",
+        c"Payload memory one endpoint may hold in the worker.",
+        c"Bounds the worker's memory whatever the payload sizes.",
+        &WINDOW_KB,
+        64,
+        4 * 1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+}
+
+/// The databases named by `outbox.databases`, trimmed, without empties or
+/// repeats, in the order given.
+pub fn databases() -> Vec<String> {
+    let raw = DATABASES
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut out: Vec<String> = Vec::new();
+    for name in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !out.iter().any(|n| n == name) {
+            out.push(name.to_string());
+        }
+    }
+    out
+}

@@ -1,0 +1,108 @@
+//! `outbox`: the transactional outbox inside PostgreSQL.
+//!
+//! Applications call `outbox_emit(...)` in their own transaction; a
+//! background worker delivers the committed events to HTTP endpoints.
+//!
+//! The crate is split along the seam described in DESIGN.md:
+//!
+//! * Postgres side (main thread only: SPI, latches, `ereport`):
+//!   [`emit`] (the write path), [`admin`] (endpoint management SQL API),
+//!   [`xact`] (commit hooks that wake the worker), [`shmem`], [`guc`] and
+//!   [`worker`] (the background worker's loop and its SQL).
+//! * Network side (tokio threads, never a Postgres call): [`net`].
+//! * Plain logic shared by both, testable without a server: [`config`]
+//!   (endpoint configuration and validation), [`event`], [`schedule`]
+//!   (per-key ordering, windows and retries).
+
+use pgrx::prelude::*;
+
+pgrx::pg_module_magic!(name, version);
+
+mod admin;
+mod config;
+mod emit;
+mod error;
+mod event;
+mod guc;
+mod net;
+mod schedule;
+mod shmem;
+mod worker;
+mod xact;
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/views.sql", name = "views", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/capture.sql",
+    name = "capture",
+    requires = ["schema", "emit", admin::outbox::_check_topic]
+);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::init();
+    // Shared memory and the background workers exist only when the library
+    // is preloaded; a backend that loads it later gets the SQL functions and
+    // a clear error from outbox_emit (see emit.rs).
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        shmem::init();
+        worker::register_all();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn emit_writes_one_row_in_the_callers_transaction() {
+        let id = Spi::get_one::<pgrx::Uuid>(
+            "SELECT outbox_emit('orders', '{\"a\":1}', 'k1', 'created', '{\"x\":\"y\"}')",
+        )
+        .unwrap()
+        .unwrap();
+        let (topic, key) = Spi::get_two_with_args::<String, String>(
+            "SELECT topic, key FROM outbox.events WHERE id = $1",
+            &[id.into()],
+        )
+        .unwrap();
+        assert_eq!(topic.as_deref(), Some("orders"));
+        assert_eq!(key.as_deref(), Some("k1"));
+    }
+
+    #[pg_test]
+    fn emit_numbers_events_in_emit_order_within_a_transaction() {
+        Spi::run("SELECT outbox_emit('t', to_jsonb(i)) FROM generate_series(1, 5) AS i").unwrap();
+        let in_order = Spi::get_one::<bool>(
+            "SELECT array_agg(payload::int ORDER BY txid, n) = '{1,2,3,4,5}' FROM outbox.events
+             WHERE txid = pg_current_xact_id()::text::bigint",
+        )
+        .unwrap();
+        assert_eq!(in_order, Some(true));
+    }
+
+    #[pg_test]
+    fn emit_ids_are_distinct_uuid_v7() {
+        let distinct = Spi::get_one::<i64>(
+            "SELECT count(DISTINCT id) FROM (SELECT outbox_emit('t', '{}') AS id FROM generate_series(1, 100)) s",
+        )
+        .unwrap();
+        assert_eq!(distinct, Some(100));
+        let version =
+            Spi::get_one::<String>("SELECT substr(outbox_emit('t', '{}')::text, 15, 1)").unwrap();
+        assert_eq!(version.as_deref(), Some("7"));
+    }
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'outbox'"]
+    }
+}

@@ -1,0 +1,171 @@
+//! The network side of the worker: a tokio runtime on its own threads that
+//! performs deliveries and reports outcomes. Nothing here calls Postgres:
+//! jobs come in over a channel, outcomes go out over another, and a waker
+//! supplied by the Postgres side tells the main thread to look.
+
+mod http;
+pub mod webhook;
+
+use crate::event::{Event, Position};
+use crate::schedule::LaneId;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc as tokio_mpsc;
+
+pub use http::Target;
+
+/// One delivery attempt of one event to one endpoint.
+pub struct Job {
+    pub endpoint_id: i32,
+    /// Which incarnation of the endpoint's state sent this job; outcomes of
+    /// an older incarnation are ignored.
+    pub generation: u64,
+    pub target: Arc<Target>,
+    pub lane: LaneId,
+    pub position: Position,
+    pub event: Arc<Event>,
+}
+
+/// What the endpoint did with a job.
+pub struct Outcome {
+    pub endpoint_id: i32,
+    pub generation: u64,
+    pub lane: LaneId,
+    pub position: Position,
+    pub result: Result<(), Failure>,
+}
+
+/// Why a delivery failed, and what to do about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub verdict: Verdict,
+    /// HTTP status, when the endpoint answered.
+    pub status: Option<u16>,
+    /// For people: status, a bit of the response, or the transport error.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    /// Worth trying again, no sooner than `after` when the endpoint said so.
+    Retry { after: Option<Duration> },
+    /// The endpoint refused this event for good (most 4xx).
+    Reject,
+    /// The endpoint is gone (410): stop sending to it.
+    Gone,
+}
+
+/// Errors starting the network side.
+#[derive(Debug)]
+pub struct NetError(pub String);
+
+impl std::fmt::Display for NetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// Handle to the running network side.
+pub struct Network {
+    runtime: Option<tokio::runtime::Runtime>,
+    jobs: tokio_mpsc::UnboundedSender<Job>,
+    outcomes: mpsc::Receiver<Outcome>,
+}
+
+impl Network {
+    /// Start the runtime. `wake` is called after every outcome is queued.
+    pub fn start(threads: usize, wake: Waker) -> Result<Network, NetError> {
+        let client =
+            http::client().map_err(|e| NetError(format!("building the HTTP client: {e}")))?;
+        let runtime = with_signals_blocked(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads.max(1))
+                .thread_name("outbox-net")
+                .on_thread_start(block_all_signals)
+                .enable_all()
+                .build()
+        })
+        .map_err(|e| NetError(format!("starting the network runtime: {e}")))?;
+
+        let (jobs, mut job_rx) = tokio_mpsc::unbounded_channel::<Job>();
+        let (outcome_tx, outcomes) = mpsc::channel();
+        runtime.spawn(async move {
+            while let Some(job) = job_rx.recv().await {
+                let client = client.clone();
+                let outcome_tx = outcome_tx.clone();
+                let wake = wake.clone();
+                tokio::spawn(async move {
+                    let result = http::deliver(&client, &job.target, &job.event).await;
+                    let outcome = Outcome {
+                        endpoint_id: job.endpoint_id,
+                        generation: job.generation,
+                        lane: job.lane,
+                        position: job.position,
+                        result,
+                    };
+                    if outcome_tx.send(outcome).is_ok() {
+                        wake();
+                    }
+                });
+            }
+        });
+        Ok(Network {
+            runtime: Some(runtime),
+            jobs,
+            outcomes,
+        })
+    }
+
+    pub fn submit(&self, job: Job) {
+        // Fails only after shutdown, when nobody waits for outcomes anymore.
+        let _ = self.jobs.send(job);
+    }
+
+    /// Outcomes that arrived since the last call.
+    pub fn outcomes(&self) -> impl Iterator<Item = Outcome> + '_ {
+        self.outcomes.try_iter()
+    }
+
+    /// Stop, giving requests in flight at most `grace` to finish.
+    pub fn shutdown(mut self, grace: Duration) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(grace);
+        }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Postgres installs signal handlers that call into Postgres; they must only
+/// ever run on the worker's main thread. Threads inherit the signal mask of
+/// their creator, so block everything while spawning, then restore.
+fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: plain libc calls on stack-allocated sigsets.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
+
+fn block_all_signals() {
+    // SAFETY: as above; runs at the start of every runtime thread.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
+}

@@ -1,0 +1,336 @@
+//! Delivery order for one endpoint, as plain data structures.
+//!
+//! Events are grouped in lanes, one per ordering key (events without a key
+//! each get a lane of their own). A lane sends its events strictly one after
+//! another: the next goes out only when the previous one was acknowledged.
+//! Lanes are independent, so a failing key holds back only itself.
+//!
+//! The scheduler also remembers which loaded events are unfinished, so the
+//! worker can persist "everything before this position is done".
+
+use crate::event::Position;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::time::Instant;
+
+/// The ordering lane of an event.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LaneId {
+    Key(String),
+    /// An unkeyed event: ordered with nothing else.
+    Solo(Position),
+}
+
+impl LaneId {
+    pub fn of(key: Option<&str>, position: Position) -> LaneId {
+        match key {
+            Some(k) => LaneId::Key(k.to_string()),
+            None => LaneId::Solo(position),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LaneState {
+    /// Waiting in the ready queue.
+    Ready,
+    InFlight,
+    /// Failed; due again at this instant.
+    Backoff(Instant),
+}
+
+struct Entry<T> {
+    position: Position,
+    item: T,
+    bytes: usize,
+}
+
+struct Lane<T> {
+    queue: VecDeque<Entry<T>>,
+    state: LaneState,
+    /// Failed attempts of the head event.
+    attempts: u32,
+}
+
+/// An event handed out for delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispatch<T> {
+    pub lane: LaneId,
+    pub position: Position,
+    pub item: T,
+    /// 1 for the first try.
+    pub attempt: u32,
+}
+
+pub struct Scheduler<T> {
+    lanes: HashMap<LaneId, Lane<T>>,
+    ready: VecDeque<LaneId>,
+    backoff: BinaryHeap<Reverse<(Instant, LaneId)>>,
+    unfinished: BTreeSet<Position>,
+    in_flight: usize,
+    bytes: usize,
+}
+
+impl<T: Clone> Default for Scheduler<T> {
+    fn default() -> Self {
+        Scheduler {
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            backoff: BinaryHeap::new(),
+            unfinished: BTreeSet::new(),
+            in_flight: 0,
+            bytes: 0,
+        }
+    }
+}
+
+impl<T: Clone> Scheduler<T> {
+    /// Add an event at the end of its lane. Events must be pushed in
+    /// position order.
+    pub fn push(&mut self, lane: LaneId, position: Position, item: T, bytes: usize) {
+        debug_assert!(self.unfinished.last().is_none_or(|last| *last < position));
+        self.unfinished.insert(position);
+        self.bytes += bytes;
+        let entry = Entry {
+            position,
+            item,
+            bytes,
+        };
+        match self.lanes.get_mut(&lane) {
+            Some(l) => l.queue.push_back(entry),
+            None => {
+                self.lanes.insert(
+                    lane.clone(),
+                    Lane {
+                        queue: VecDeque::from([entry]),
+                        state: LaneState::Ready,
+                        attempts: 0,
+                    },
+                );
+                self.ready.push_back(lane);
+            }
+        }
+    }
+
+    /// The next event to send, if a lane is ready.
+    pub fn next(&mut self) -> Option<Dispatch<T>> {
+        while let Some(lane_id) = self.ready.pop_front() {
+            let Some(lane) = self.lanes.get_mut(&lane_id) else {
+                continue;
+            };
+            if lane.state != LaneState::Ready {
+                continue;
+            }
+            let head = lane.queue.front().expect("lanes are never empty");
+            lane.state = LaneState::InFlight;
+            self.in_flight += 1;
+            return Some(Dispatch {
+                position: head.position,
+                item: head.item.clone(),
+                attempt: lane.attempts + 1,
+                lane: lane_id,
+            });
+        }
+        None
+    }
+
+    /// The head of `lane` was acknowledged (or given up on): drop it and let
+    /// the lane's next event go.
+    pub fn finish_head(&mut self, lane_id: &LaneId) -> Option<(Position, T)> {
+        let lane = self.lanes.get_mut(lane_id)?;
+        if lane.state == LaneState::InFlight {
+            self.in_flight -= 1;
+        }
+        let head = lane.queue.pop_front().expect("lanes are never empty");
+        self.unfinished.remove(&head.position);
+        self.bytes -= head.bytes;
+        lane.attempts = 0;
+        if lane.queue.is_empty() {
+            self.lanes.remove(lane_id);
+        } else {
+            lane.state = LaneState::Ready;
+            self.ready.push_back(lane_id.clone());
+        }
+        Some((head.position, head.item))
+    }
+
+    /// The head of `lane` failed; try it again at `retry_at`. Returns the
+    /// number of failed attempts so far.
+    pub fn retry_head(&mut self, lane_id: &LaneId, retry_at: Instant) -> u32 {
+        let Some(lane) = self.lanes.get_mut(lane_id) else {
+            return 0;
+        };
+        if lane.state == LaneState::InFlight {
+            self.in_flight -= 1;
+        }
+        lane.attempts += 1;
+        lane.state = LaneState::Backoff(retry_at);
+        self.backoff.push(Reverse((retry_at, lane_id.clone())));
+        lane.attempts
+    }
+
+    /// The event at the head of `lane`.
+    pub fn head(&self, lane_id: &LaneId) -> Option<T> {
+        self.lanes
+            .get(lane_id)
+            .and_then(|l| l.queue.front())
+            .map(|e| e.item.clone())
+    }
+
+    /// Failed attempts of the head of `lane` so far.
+    pub fn attempts(&self, lane_id: &LaneId) -> u32 {
+        self.lanes.get(lane_id).map_or(0, |l| l.attempts)
+    }
+
+    /// Make lanes whose backoff has ended ready again.
+    pub fn wake_due(&mut self, now: Instant) {
+        while let Some(Reverse((at, _))) = self.backoff.peek() {
+            if *at > now {
+                break;
+            }
+            let Reverse((at, lane_id)) = self.backoff.pop().expect("peeked");
+            if let Some(lane) = self.lanes.get_mut(&lane_id) {
+                if lane.state == LaneState::Backoff(at) {
+                    lane.state = LaneState::Ready;
+                    self.ready.push_back(lane_id);
+                }
+            }
+        }
+    }
+
+    /// Make every lane in backoff ready now (an endpoint came back).
+    pub fn wake_all(&mut self) {
+        let now = self.backoff.iter().map(|Reverse((at, _))| *at).max();
+        if let Some(now) = now {
+            self.wake_due(now);
+        }
+    }
+
+    /// When the earliest backoff ends.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.backoff.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// The first loaded event that is not finished.
+    pub fn first_unfinished(&self) -> Option<Position> {
+        self.unfinished.first().copied()
+    }
+
+    /// Loaded, unfinished events.
+    pub fn len(&self) -> usize {
+        self.unfinished.len()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Lanes whose head failed and waits for its next attempt.
+    pub fn retrying(&self) -> usize {
+        self.lanes
+            .values()
+            .filter(|l| matches!(l.state, LaneState::Backoff(_)))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn pos(n: i32) -> Position {
+        Position {
+            batch: 1,
+            txid: 100,
+            n,
+        }
+    }
+
+    fn key(k: &str) -> LaneId {
+        LaneId::Key(k.into())
+    }
+
+    #[test]
+    fn one_in_flight_per_key_in_order() {
+        let mut s = Scheduler::default();
+        s.push(key("a"), pos(1), "a1", 1);
+        s.push(key("a"), pos(2), "a2", 1);
+        s.push(key("b"), pos(3), "b1", 1);
+        let d1 = s.next().unwrap();
+        let d2 = s.next().unwrap();
+        assert_eq!((d1.item, d2.item), ("a1", "b1"));
+        assert!(s.next().is_none(), "a2 must wait for a1");
+        assert_eq!(s.in_flight(), 2);
+        s.finish_head(&key("a"));
+        assert_eq!(s.next().unwrap().item, "a2");
+    }
+
+    #[test]
+    fn a_failing_key_holds_back_only_itself() {
+        let mut s = Scheduler::default();
+        let t0 = Instant::now();
+        s.push(key("a"), pos(1), "a1", 1);
+        s.push(key("a"), pos(2), "a2", 1);
+        s.push(key("b"), pos(3), "b1", 1);
+        s.push(key("b"), pos(4), "b2", 1);
+        let a = s.next().unwrap();
+        let b = s.next().unwrap();
+        assert_eq!(s.retry_head(&a.lane, t0 + Duration::from_secs(1)), 1);
+        s.finish_head(&b.lane);
+        assert_eq!(s.next().unwrap().item, "b2");
+        assert!(s.next().is_none());
+        s.wake_due(t0);
+        assert!(s.next().is_none(), "not due yet");
+        assert_eq!(s.next_wake(), Some(t0 + Duration::from_secs(1)));
+        s.wake_due(t0 + Duration::from_secs(1));
+        let retry = s.next().unwrap();
+        assert_eq!((retry.item, retry.attempt), ("a1", 2));
+        assert_eq!(s.retrying(), 0);
+    }
+
+    #[test]
+    fn unkeyed_events_are_independent() {
+        let mut s = Scheduler::default();
+        s.push(LaneId::of(None, pos(1)), pos(1), 1, 1);
+        s.push(LaneId::of(None, pos(2)), pos(2), 2, 1);
+        assert!(s.next().is_some());
+        assert!(s.next().is_some());
+    }
+
+    #[test]
+    fn first_unfinished_tracks_out_of_order_completion() {
+        let mut s = Scheduler::default();
+        s.push(key("a"), pos(1), (), 10);
+        s.push(key("b"), pos(2), (), 20);
+        s.push(key("c"), pos(3), (), 30);
+        let a = s.next().unwrap();
+        let b = s.next().unwrap();
+        let c = s.next().unwrap();
+        s.finish_head(&b.lane);
+        s.finish_head(&c.lane);
+        assert_eq!(s.first_unfinished(), Some(pos(1)));
+        assert_eq!((s.len(), s.bytes()), (1, 10));
+        s.finish_head(&a.lane);
+        assert_eq!(s.first_unfinished(), None);
+        assert_eq!((s.len(), s.bytes(), s.in_flight()), (0, 0, 0));
+    }
+
+    #[test]
+    fn wake_all_ends_every_backoff() {
+        let mut s = Scheduler::default();
+        let far = Instant::now() + Duration::from_secs(3600);
+        s.push(key("a"), pos(1), (), 1);
+        s.push(key("b"), pos(2), (), 1);
+        let a = s.next().unwrap();
+        let b = s.next().unwrap();
+        s.retry_head(&a.lane, far);
+        s.retry_head(&b.lane, far + Duration::from_secs(1));
+        s.wake_all();
+        assert!(s.next().is_some() && s.next().is_some());
+    }
+}

@@ -1,0 +1,92 @@
+//! Shared memory: where each database's worker can be woken.
+//!
+//! One slot per configured database. The worker publishes its PGPROC index
+//! in its slot; backends set that process's latch when they commit events or
+//! change endpoints (see xact.rs). A bumped `config_generation` tells the
+//! worker to reload endpoints.
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+pub const MAX_DATABASES: usize = 16;
+
+/// `procno + 1` of the running worker, 0 when none runs.
+#[derive(Default)]
+pub struct WorkerSlot {
+    db_oid: AtomicU32,
+    proc_plus_one: AtomicU32,
+    config_generation: AtomicU64,
+}
+
+// SAFETY: plain atomics, no pointers.
+unsafe impl PGRXSharedMemory for WorkerSlot {}
+
+static SLOTS: PgAtomic<[WorkerSlot; MAX_DATABASES]> =
+    unsafe { PgAtomic::new(c"outbox_worker_slots") };
+
+/// Set in the postmaster during preload and inherited by every child.
+static AVAILABLE: AtomicBool = AtomicBool::new(false);
+
+pub fn init() {
+    pg_shmem_init!(SLOTS);
+    AVAILABLE.store(true, Ordering::Relaxed);
+}
+
+/// Whether the library was preloaded (and shared memory exists).
+pub fn available() -> bool {
+    AVAILABLE.load(Ordering::Relaxed)
+}
+
+fn slots() -> Option<&'static [WorkerSlot; MAX_DATABASES]> {
+    available().then(|| SLOTS.get())
+}
+
+/// Called by the worker of slot `index` once connected to `db_oid`.
+pub fn publish_worker(index: usize, db_oid: pg_sys::Oid) {
+    let Some(slots) = slots() else { return };
+    let slot = &slots[index];
+    // SAFETY: MyProc points into ProcGlobal->allProcs for any process with
+    // shared memory access; the difference is this process's PGPROC index.
+    let procno = unsafe { pg_sys::MyProc.offset_from((*pg_sys::ProcGlobal).allProcs) } as u32;
+    slot.db_oid.store(db_oid.to_u32(), Ordering::Release);
+    slot.proc_plus_one.store(procno + 1, Ordering::Release);
+}
+
+/// Called when the worker of slot `index` exits.
+pub fn retract_worker(index: usize) {
+    if let Some(slots) = slots() {
+        slots[index].proc_plus_one.store(0, Ordering::Release);
+    }
+}
+
+pub fn config_generation(index: usize) -> u64 {
+    slots().map_or(0, |s| s[index].config_generation.load(Ordering::Acquire))
+}
+
+/// Wake the worker serving `db_oid`, optionally telling it that endpoint
+/// configuration changed. Runs in commit callbacks: must not fail.
+pub fn wake_worker(db_oid: pg_sys::Oid, config_changed: bool) {
+    let Some(slots) = slots() else { return };
+    for slot in slots
+        .iter()
+        .filter(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32())
+    {
+        if config_changed {
+            slot.config_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        let proc_plus_one = slot.proc_plus_one.load(Ordering::Acquire);
+        if proc_plus_one == 0 {
+            continue;
+        }
+        // SAFETY: the index was published by a live worker; PGPROC entries
+        // live for the whole life of shared memory, so even a stale index
+        // points at a valid latch (waking the wrong process is harmless).
+        unsafe {
+            let proc = (*pg_sys::ProcGlobal)
+                .allProcs
+                .add((proc_plus_one - 1) as usize);
+            pg_sys::SetLatch(&raw mut (*proc).procLatch);
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! The background worker: one per database named in `outbox.databases`.
+//!
+//! Its main thread is the Postgres side: it waits on its latch (set by
+//! commits, by the network side and by signals), then runs one short
+//! transaction that records outcomes, takes a tick and reads new events,
+//! and finally hands ready events to the network side. It never holds a
+//! transaction or snapshot while requests are in flight.
+
+mod endpoint;
+mod store;
+
+use crate::config;
+use crate::guc;
+use crate::net::{self, Job, Network, Outcome};
+use crate::shmem;
+use endpoint::EndpointState;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use store::Tick;
+
+/// Events read per endpoint per step, so one step stays short.
+const READ_PER_STEP: usize = 5_000;
+/// Rows per read query.
+const PAGE: usize = 1_000;
+/// How often delivered events are cleaned up.
+const CLEANUP_EVERY: Duration = Duration::from_secs(1);
+const CLEANUP_BATCH: i64 = 50_000;
+/// Endpoint rows are re-read at least this often, even unasked.
+const RELOAD_EVERY: Duration = Duration::from_secs(10);
+
+/// Register one worker per configured database (postmaster, at preload).
+pub fn register_all() {
+    let databases = guc::databases();
+    if databases.len() > shmem::MAX_DATABASES {
+        pgrx::warning!(
+            "outbox.databases lists {} databases; workers start for the first {}",
+            databases.len(),
+            shmem::MAX_DATABASES
+        );
+    }
+    for (index, db) in databases.iter().take(shmem::MAX_DATABASES).enumerate() {
+        BackgroundWorkerBuilder::new(&format!("outbox worker {db}"))
+            .set_type("outbox worker")
+            .set_library("outbox")
+            .set_function("outbox_worker_main")
+            .set_argument((index as i32).into_datum())
+            .set_extra(db)
+            .enable_spi_access()
+            // Only a primary delivers; a promoted standby starts its worker.
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load();
+    }
+}
+
+// The latch is set from network threads. pgrx's guarded SetLatch refuses to
+// run off the main thread; Postgres's own SetLatch is safe to call from any
+// thread of the process (it only flips a flag and signals the owner).
+unsafe extern "C-unwind" {
+    #[link_name = "SetLatch"]
+    fn set_latch_from_any_thread(latch: *mut pg_sys::Latch);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn retract_on_exit(_code: i32, arg: pg_sys::Datum) {
+    shmem::retract_worker(arg.value());
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
+    let index = arg.value();
+    let db = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    // SAFETY: set once connected; the callback only clears our slot.
+    unsafe {
+        shmem::publish_worker(index, pg_sys::MyDatabaseId);
+        pg_sys::before_shmem_exit(Some(retract_on_exit), pg_sys::Datum::from(index));
+    }
+
+    let latch = unsafe { pg_sys::MyLatch } as usize;
+    let wake: net::Waker =
+        Arc::new(move || unsafe { set_latch_from_any_thread(latch as *mut pg_sys::Latch) });
+    let network = match Network::start(2, wake) {
+        Ok(n) => n,
+        Err(e) => {
+            pgrx::log!("outbox worker: {e}; restarting");
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    };
+    pgrx::log!("outbox worker started in database {db:?}");
+
+    let mut worker = Worker::new(index, network);
+    while BackgroundWorker::wait_latch(Some(worker.timeout())) {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: main thread, outside any transaction.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        worker.step();
+    }
+    worker.network.shutdown(Duration::from_millis(500));
+    pgrx::log!("outbox worker in database {db:?} stopped");
+}
+
+struct Worker {
+    slot: usize,
+    network: Network,
+    endpoints: Vec<EndpointState>,
+    ticks: HashMap<i64, Tick>,
+    latest_tick: i64,
+    installed: bool,
+    config_generation: Option<u64>,
+    next_generation: u64,
+    last_reload: Instant,
+    last_cleanup: Instant,
+    /// After an error, wait this long before trying again.
+    error_pause_until: Option<Instant>,
+}
+
+impl Worker {
+    fn new(slot: usize, network: Network) -> Worker {
+        Worker {
+            slot,
+            network,
+            endpoints: Vec::new(),
+            ticks: HashMap::new(),
+            latest_tick: 0,
+            installed: false,
+            config_generation: None,
+            next_generation: 1,
+            last_reload: Instant::now(),
+            last_cleanup: Instant::now(),
+            error_pause_until: None,
+        }
+    }
+
+    /// How long to sleep when nothing wakes the latch.
+    fn timeout(&self) -> Duration {
+        let now = Instant::now();
+        let poll = Duration::from_millis(guc::POLL_INTERVAL_MS.get().max(10) as u64);
+        let mut until = now + poll;
+        for t in self.endpoints.iter().filter_map(EndpointState::next_wake) {
+            until = until.min(t);
+        }
+        if let Some(t) = self.error_pause_until {
+            until = until.max(t);
+        }
+        until
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1))
+    }
+
+    fn step(&mut self) {
+        let now = Instant::now();
+        if self.error_pause_until.is_some_and(|t| t > now) {
+            return;
+        }
+        self.error_pause_until = None;
+        self.apply_outcomes();
+
+        let result = transaction(AssertUnwindSafe(|| self.sync()));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => {
+                pgrx::warning!("outbox worker: {e}");
+                // Forget what may not have been written; start again from
+                // the tables after a pause.
+                self.installed = false;
+                self.endpoints.clear();
+                self.ticks.clear();
+                self.error_pause_until = Some(Instant::now() + Duration::from_secs(1));
+                return;
+            }
+        }
+        self.dispatch(Instant::now());
+    }
+
+    fn apply_outcomes(&mut self) {
+        let outcomes: Vec<Outcome> = self.network.outcomes().collect();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        for o in outcomes {
+            let Some(ep) = self
+                .endpoints
+                .iter_mut()
+                .find(|e| e.id == o.endpoint_id && e.generation == o.generation)
+            else {
+                continue; // from state that was rebuilt since; the event is read again
+            };
+            // The lane's head must still be the event this outcome is about.
+            let Some(event) = ep.sched.head(&o.lane).filter(|e| e.position == o.position) else {
+                continue;
+            };
+            match o.result {
+                Ok(()) => ep.on_success(&o.lane, wall),
+                Err(failure) => ep.on_failure(&o.lane, &event, failure, now),
+            }
+        }
+    }
+
+    /// The database part of a step, in one transaction.
+    fn sync(&mut self) -> Result<(), String> {
+        if !self.installed {
+            if !store::extension_installed()? {
+                return Ok(());
+            }
+            self.installed = true;
+            self.config_generation = None;
+        }
+        self.save_progress()?;
+
+        let generation = shmem::config_generation(self.slot);
+        if self.config_generation != Some(generation) || self.last_reload.elapsed() >= RELOAD_EVERY
+        {
+            self.reload_endpoints()?;
+            self.config_generation = Some(generation);
+            self.last_reload = Instant::now();
+        }
+
+        self.latest_tick = store::take_tick()?;
+        self.read_events()?;
+
+        if self.last_cleanup.elapsed() >= CLEANUP_EVERY {
+            self.last_cleanup = Instant::now();
+            store::cleanup(CLEANUP_BATCH)?;
+        }
+        Ok(())
+    }
+
+    fn save_progress(&mut self) -> Result<(), String> {
+        let mut updates = Vec::new();
+        Spi::connect_mut(|client| {
+            for ep in &mut self.endpoints {
+                for dead in ep.dead.drain(..) {
+                    store::insert_dead_letter(client, &dead)?;
+                }
+                if let Some(reason) = &ep.gone {
+                    if ep.active {
+                        store::disable_endpoint(client, ep.id, reason)?;
+                        ep.active = false;
+                    }
+                }
+                if let Some(update) = ep.progress() {
+                    store::save_progress(client, &update)?;
+                    updates.push(update);
+                }
+            }
+            pgrx::spi::SpiResult::Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+        // Marked saved now; if the commit fails the step's error path
+        // drops all state and reloads it from the tables.
+        for update in &updates {
+            if let Some(ep) = self
+                .endpoints
+                .iter_mut()
+                .find(|e| e.id == update.endpoint_id)
+            {
+                ep.saved(update);
+            }
+        }
+        Ok(())
+    }
+
+    fn reload_endpoints(&mut self) -> Result<(), String> {
+        let rows = store::load_endpoints()?;
+        let mut next = Vec::with_capacity(rows.len());
+        for row in rows {
+            let config = match config::Endpoint::parse(
+                &row.name,
+                &row.url,
+                &row.kind,
+                &row.topics,
+                &row.options,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name);
+                    continue;
+                }
+            };
+            let existing = self.endpoints.iter().position(|e| e.id == row.id);
+            if let Some(mut ep) = existing.map(|i| self.endpoints.swap_remove(i)) {
+                if ep.reconfigure(&row, &config) {
+                    next.push(ep);
+                    continue;
+                }
+            }
+            // A new endpoint, or its topics changed: (re)start from the
+            // persisted cursor.
+            next.push(EndpointState::new(&row, config, self.next_generation));
+            self.next_generation += 1;
+        }
+        self.endpoints = next;
+        Ok(())
+    }
+
+    fn tick(&self, id: i64) -> Option<&Tick> {
+        self.ticks.get(&id)
+    }
+
+    fn read_events(&mut self) -> Result<(), String> {
+        let max_events = guc::WINDOW_EVENTS.get().max(1) as usize;
+        let max_bytes = guc::WINDOW_KB.get().max(1) as usize * 1024;
+        // Make sure the ticks every endpoint reads between are at hand.
+        let mut wanted: Vec<i64> = Vec::new();
+        for ep in self
+            .endpoints
+            .iter()
+            .filter(|e| e.read.tick < self.latest_tick)
+        {
+            for id in [ep.read.tick, ep.read.tick + 1] {
+                if !self.ticks.contains_key(&id) && !wanted.contains(&id) {
+                    wanted.push(id);
+                }
+            }
+        }
+        if !wanted.is_empty() {
+            for t in store::load_ticks(&wanted)? {
+                self.ticks.insert(t.id, t);
+            }
+        }
+
+        let latest = self.latest_tick;
+        for i in 0..self.endpoints.len() {
+            let mut budget = READ_PER_STEP;
+            loop {
+                let ep = &self.endpoints[i];
+                let room = ep.window_room(max_events, max_bytes).min(budget).min(PAGE);
+                if !ep.active || room == 0 || ep.read.tick >= latest {
+                    break;
+                }
+                let (lo_id, after) = (ep.read.tick, ep.read.after);
+                let (Some(lo), Some(hi)) =
+                    (self.tick(lo_id).cloned(), self.tick(lo_id + 1).cloned())
+                else {
+                    // Ticks are loaded above and only removed behind every
+                    // cursor; a missing one means the tables changed under
+                    // us: start over.
+                    return Err(format!("tick {lo_id} or {} is missing", lo_id + 1));
+                };
+                let events = store::read_batch(&lo, &hi, after, &ep.like, room as i64)?;
+                let complete = events.len() < room;
+                budget -= events.len();
+                let ep = &mut self.endpoints[i];
+                for event in events {
+                    ep.push(event);
+                }
+                if complete {
+                    ep.read = store::Cursor {
+                        tick: lo_id + 1,
+                        after: None,
+                    };
+                    if ep.read.tick + 1 > latest {
+                        break;
+                    }
+                    if !self.ticks.contains_key(&(ep.read.tick + 1)) {
+                        let next = ep.read.tick + 1;
+                        for t in store::load_ticks(&[next])? {
+                            self.ticks.insert(t.id, t);
+                        }
+                    }
+                }
+            }
+        }
+        // Forget ticks no endpoint reads from anymore.
+        let oldest = self
+            .endpoints
+            .iter()
+            .map(|e| e.read.tick)
+            .min()
+            .unwrap_or(latest);
+        self.ticks.retain(|id, _| *id >= oldest);
+        Ok(())
+    }
+
+    fn dispatch(&mut self, now: Instant) {
+        for ep in &mut self.endpoints {
+            ep.sched.wake_due(now);
+            let limit = ep.send_limit(now);
+            while ep.sched.in_flight() < limit {
+                let Some(d) = ep.sched.next() else { break };
+                self.network.submit(Job {
+                    endpoint_id: ep.id,
+                    generation: ep.generation,
+                    target: ep.target.clone(),
+                    lane: d.lane,
+                    position: d.position,
+                    event: d.item,
+                });
+            }
+        }
+    }
+}
+
+/// Run `f` in its own transaction. A Postgres error inside aborts the
+/// transaction and comes back as `Err` instead of ending the worker.
+fn transaction<R>(f: AssertUnwindSafe<impl FnOnce() -> R>) -> Result<R, String> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let body = AssertUnwindSafe(move || {
+        let r = (f.0)();
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
+        Ok(r)
+    });
+    PgTryBuilder::new(body)
+        .catch_others(|e| {
+            let message = match &e {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
+                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
+                    ereport.message().to_string()
+                }
+            };
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(message)
+        })
+        .execute()
+}

@@ -1,0 +1,327 @@
+//! The worker's SQL: everything it reads from and writes to the outbox
+//! tables. Every function runs inside a transaction opened by the caller
+//! (see `transaction` in mod.rs) and never waits on the network.
+
+use crate::event::{Event, Position};
+use pgrx::prelude::*;
+use pgrx::spi::{SpiClient, SpiResult};
+use pgrx::JsonB;
+use std::time::{Duration, SystemTime};
+
+/// A tick: which transactions had committed when the worker looked.
+#[derive(Debug, Clone)]
+pub struct Tick {
+    pub id: i64,
+    pub xmax: i64,
+    pub xip: Vec<i64>,
+}
+
+/// "Batches up to `tick` are done; inside batch `tick + 1`, everything up
+/// to and including `after` is done."
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub tick: i64,
+    pub after: Option<(i64, i32)>,
+}
+
+/// An endpoint row with its progress.
+pub struct EndpointRow {
+    pub id: i32,
+    pub name: String,
+    pub url: String,
+    pub kind: String,
+    pub topics: Vec<String>,
+    pub like: Vec<String>,
+    pub options: serde_json::Value,
+    pub active: bool,
+    pub cursor: Cursor,
+}
+
+/// What the worker learned about one endpoint since it last wrote.
+#[derive(Debug, Default)]
+pub struct ProgressUpdate {
+    pub endpoint_id: i32,
+    pub cursor: Option<Cursor>,
+    pub delivered: i64,
+    pub failed_attempts: i64,
+    pub in_flight: i32,
+    pub retrying: i32,
+    pub succeeded: bool,
+    pub last_error: Option<String>,
+    pub latency_ms: Option<(f64, f64)>,
+}
+
+/// An event to copy into dead letters.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub endpoint_id: i32,
+    pub position: Position,
+    pub attempts: i32,
+    pub status: Option<i32>,
+    pub error: String,
+}
+
+fn client_err(e: pgrx::spi::SpiError) -> String {
+    e.to_string()
+}
+
+/// Whether `CREATE EXTENSION outbox` was run in this database.
+pub fn extension_installed() -> Result<bool, String> {
+    Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'outbox')",
+    )
+    .map(|b| b.unwrap_or(false))
+    .map_err(client_err)
+}
+
+pub fn load_endpoints() -> Result<Vec<EndpointRow>, String> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT e.id, e.name, e.url, e.kind, e.topics, outbox._like_patterns(e.topics), e.options,
+                    NOT e.paused AND e.disabled_reason IS NULL,
+                    p.tick, p.after_txid, p.after_n
+             FROM outbox.endpoints AS e JOIN outbox.progress AS p ON p.endpoint_id = e.id
+             ORDER BY e.id",
+            None,
+            &[],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let after = match (row.get::<i64>(10)?, row.get::<i32>(11)?) {
+                (Some(t), Some(n)) => Some((t, n)),
+                _ => None,
+            };
+            out.push(EndpointRow {
+                id: row.get(1)?.unwrap_or_default(),
+                name: row.get(2)?.unwrap_or_default(),
+                url: row.get(3)?.unwrap_or_default(),
+                kind: row.get(4)?.unwrap_or_default(),
+                topics: row.get(5)?.unwrap_or_default(),
+                like: row.get(6)?.unwrap_or_default(),
+                options: row.get::<JsonB>(7)?.map(|j| j.0).unwrap_or_default(),
+                active: row.get(8)?.unwrap_or(false),
+                cursor: Cursor { tick: row.get(9)?.unwrap_or_default(), after },
+            });
+        }
+        SpiResult::Ok(out)
+    })
+    .map_err(client_err)
+}
+
+/// Take a new tick when events committed since the last one; returns the
+/// latest tick id either way.
+pub fn take_tick() -> Result<i64, String> {
+    Spi::get_one::<i64>(
+        "WITH last AS (SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER BY id DESC LIMIT 1),
+              cur AS (SELECT pg_snapshot_xmin(s)::text::bigint AS xmin,
+                             pg_snapshot_xmax(s)::text::bigint AS xmax,
+                             ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(s) AS x) AS xip
+                      FROM pg_current_snapshot() AS s),
+              new AS (
+                 INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, snap_xip)
+                 SELECT last.id + 1, cur.xmin, cur.xmax, cur.xip FROM last, cur
+                 WHERE EXISTS (SELECT FROM outbox.events AS e
+                               WHERE e.txid >= last.snap_xmax AND e.txid < cur.xmax AND NOT e.txid = ANY (cur.xip))
+                    OR EXISTS (SELECT FROM outbox.events AS e
+                               WHERE e.txid = ANY (last.snap_xip) AND NOT e.txid = ANY (cur.xip))
+                 RETURNING id)
+         SELECT coalesce((SELECT id FROM new), (SELECT id FROM last))",
+    )
+    .map(|id| id.unwrap_or(0))
+    .map_err(client_err)
+}
+
+pub fn load_ticks(ids: &[i64]) -> Result<Vec<Tick>, String> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT id, snap_xmax, snap_xip FROM outbox.ticks WHERE id = ANY ($1)",
+            None,
+            &[ids.to_vec().into()],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(Tick {
+                id: row.get(1)?.unwrap_or_default(),
+                xmax: row.get(2)?.unwrap_or_default(),
+                xip: row.get(3)?.unwrap_or_default(),
+            });
+        }
+        SpiResult::Ok(out)
+    })
+    .map_err(client_err)
+}
+
+/// Events of the batch between ticks `lo` and `hi` (committed after `lo`,
+/// visible at `hi`) that match `like`, after position `after`, in order.
+pub fn read_batch(
+    lo: &Tick,
+    hi: &Tick,
+    after: Option<(i64, i32)>,
+    like: &[String],
+    limit: i64,
+) -> Result<Vec<Event>, String> {
+    let (after_txid, after_n) = after.unwrap_or((-1, 0));
+    Spi::connect(|client| {
+        let rows = client.select(
+            // Two index ranges: transactions in progress at `lo`, and those
+            // that started after it. Neither scans events `lo` already saw,
+            // however long ago an open transaction elsewhere began.
+            "SELECT e.txid, e.n, e.id::text, e.topic, e.key, e.type, e.payload::text, e.headers::text,
+                    to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                    extract(epoch FROM e.created_at)::float8
+             FROM (SELECT * FROM outbox.events WHERE txid = ANY ($1) AND (txid, n) > ($4, $5)
+                   UNION ALL
+                   SELECT * FROM outbox.events WHERE txid >= $2 AND txid < $3 AND (txid, n) > ($4, $5)) AS e
+             WHERE NOT e.txid = ANY ($6) AND e.topic LIKE ANY ($7)
+             ORDER BY e.txid, e.n
+             LIMIT $8",
+            None,
+            &[
+                lo.xip.clone().into(),
+                lo.xmax.into(),
+                hi.xmax.into(),
+                after_txid.into(),
+                after_n.into(),
+                hi.xip.clone().into(),
+                like.to_vec().into(),
+                limit.into(),
+            ],
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let epoch: f64 = row.get(10)?.unwrap_or_default();
+            out.push(Event {
+                position: Position { batch: hi.id, txid: row.get(1)?.unwrap_or_default(), n: row.get(2)?.unwrap_or_default() },
+                id: row.get(3)?.unwrap_or_default(),
+                topic: row.get(4)?.unwrap_or_default(),
+                key: row.get(5)?,
+                event_type: row.get(6)?,
+                payload: row.get(7)?.unwrap_or_else(|| "null".into()),
+                headers: row.get(8)?.unwrap_or_else(|| "{}".into()),
+                timestamp: row.get(9)?.unwrap_or_default(),
+                created: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0)),
+            });
+        }
+        SpiResult::Ok(out)
+    })
+    .map_err(client_err)
+}
+
+pub fn save_progress(client: &mut SpiClient<'_>, u: &ProgressUpdate) -> SpiResult<()> {
+    let (tick, after_txid, after_n) = match u.cursor {
+        Some(c) => (Some(c.tick), c.after.map(|a| a.0), c.after.map(|a| a.1)),
+        None => (None, None, None),
+    };
+    let (p50, p99) = match u.latency_ms {
+        Some((a, b)) => (Some(a), Some(b)),
+        None => (None, None),
+    };
+    client.update(
+        "UPDATE outbox.progress SET
+             tick = coalesce($2, tick),
+             after_txid = CASE WHEN $2 IS NULL THEN after_txid ELSE $3 END,
+             after_n = CASE WHEN $2 IS NULL THEN after_n ELSE $4 END,
+             delivered = delivered + $5,
+             failed_attempts = failed_attempts + $6,
+             in_flight = $7,
+             retrying = $8,
+             last_success_at = CASE WHEN $9 THEN now() ELSE last_success_at END,
+             last_error = coalesce($10, last_error),
+             last_error_at = CASE WHEN $10 IS NULL THEN last_error_at ELSE now() END,
+             latency_p50_ms = coalesce($11, latency_p50_ms),
+             latency_p99_ms = coalesce($12, latency_p99_ms),
+             updated_at = now()
+         WHERE endpoint_id = $1",
+        None,
+        &[
+            u.endpoint_id.into(),
+            tick.into(),
+            after_txid.into(),
+            after_n.into(),
+            u.delivered.into(),
+            u.failed_attempts.into(),
+            u.in_flight.into(),
+            u.retrying.into(),
+            u.succeeded.into(),
+            u.last_error.clone().into(),
+            p50.into(),
+            p99.into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Copy a dead event into `outbox.parked` (it is still in outbox.events:
+/// cleanup only removes what every persisted cursor has passed).
+pub fn insert_dead_letter(client: &mut SpiClient<'_>, d: &DeadLetter) -> SpiResult<()> {
+    client.update(
+        "INSERT INTO outbox.parked (endpoint_id, event_id, txid, n, topic, key, type, payload, headers,
+                                    created_at, state, attempts, last_status, last_error)
+         SELECT $1, e.id, e.txid, e.n, e.topic, e.key, e.type, e.payload, e.headers, e.created_at,
+                'dead', $4, $5, $6
+         FROM outbox.events AS e WHERE e.txid = $2 AND e.n = $3
+         ON CONFLICT (endpoint_id, event_id) DO UPDATE
+             SET attempts = excluded.attempts, last_status = excluded.last_status,
+                 last_error = excluded.last_error, failed_at = now(), state = 'dead'",
+        None,
+        &[
+            d.endpoint_id.into(),
+            d.position.txid.into(),
+            d.position.n.into(),
+            d.attempts.into(),
+            d.status.into(),
+            d.error.clone().into(),
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn disable_endpoint(
+    client: &mut SpiClient<'_>,
+    endpoint_id: i32,
+    reason: &str,
+) -> SpiResult<()> {
+    client.update(
+        "UPDATE outbox.endpoints SET disabled_reason = $2, updated_at = now() WHERE id = $1",
+        None,
+        &[endpoint_id.into(), reason.into()],
+    )?;
+    Ok(())
+}
+
+/// Remove events every endpoint has finished, and ticks no cursor needs.
+/// Bounded work per call; returns the number of events removed.
+pub fn cleanup(batch: i64) -> Result<i64, String> {
+    Spi::connect_mut(|client| {
+        // Events below the xmin of the oldest tick any endpoint still
+        // reads from are committed-and-seen (or aborted) for all of them.
+        let removed = client
+            .update(
+                "WITH horizon AS (
+                     SELECT min(t.snap_xmin) AS xmin
+                     FROM outbox.ticks AS t
+                     WHERE t.id = (SELECT coalesce(min(p.tick), (SELECT max(id) FROM outbox.ticks))
+                                   FROM outbox.progress AS p)),
+                 gone AS (
+                     DELETE FROM outbox.events
+                     WHERE ctid = ANY (ARRAY(SELECT ctid FROM outbox.events, horizon
+                                             WHERE txid < horizon.xmin LIMIT $1))
+                     RETURNING 1)
+                 SELECT count(*) FROM gone",
+                None,
+                &[batch.into()],
+            )?
+            .first()
+            .get_one::<i64>()?
+            .unwrap_or(0);
+        client.update(
+            "DELETE FROM outbox.ticks
+             WHERE id < (SELECT coalesce(min(p.tick), (SELECT max(id) FROM outbox.ticks)) FROM outbox.progress AS p)
+               AND id < (SELECT max(id) FROM outbox.ticks)",
+            None,
+            &[],
+        )?;
+        SpiResult::Ok(removed)
+    })
+    .map_err(client_err)
+}
