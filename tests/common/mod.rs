@@ -1,0 +1,66 @@
+//! Support for the end-to-end tests: a real cluster, a real HTTP receiver.
+#![allow(dead_code)] // each test binary uses a different part
+
+pub mod cluster;
+pub mod receiver;
+
+pub use cluster::Cluster;
+pub use receiver::{Receiver, Reply, Request};
+
+use std::time::{Duration, Instant};
+
+/// A cluster with the extension created in database `postgres`.
+pub fn cluster_with_outbox(name: &str) -> (Cluster, postgres::Client) {
+    let cluster = Cluster::start(name, &[]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox").expect("CREATE EXTENSION outbox");
+    (cluster, db)
+}
+
+/// Create a webhook endpoint with fast retries (tests should not wait out
+/// production backoff), merged with `options`.
+pub fn webhook(db: &mut postgres::Client, name: &str, url: &str, topics: &[&str], options: serde_json::Value) {
+    let mut opts = serde_json::json!({"backoff_base_ms": 20, "backoff_max_ms": 200});
+    if let (Some(o), Some(extra)) = (opts.as_object_mut(), options.as_object()) {
+        for (k, v) in extra {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    let topics: Vec<String> = topics.iter().map(|s| s.to_string()).collect();
+    db.execute(
+        "SELECT outbox.create_endpoint($1, $2, 'webhook', $3, $4::text::jsonb)",
+        &[&name, &url, &topics, &opts.to_string()],
+    )
+    .expect("create_endpoint");
+}
+
+/// Emit one event in its own transaction; returns its id as text.
+pub fn emit(db: &mut postgres::Client, topic: &str, payload: serde_json::Value, key: Option<&str>) -> String {
+    db.query_one("SELECT outbox_emit($1, $2::text::jsonb, $3)::text", &[&topic, &payload.to_string(), &key])
+        .expect("outbox_emit")
+        .get(0)
+}
+
+/// Poll `query` (one boolean) until true, or panic after `timeout`.
+pub fn wait_sql(db: &mut postgres::Client, timeout: Duration, query: &str) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ok: bool = db.query_one(query, &[]).expect("wait query").get(0);
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {query}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Group delivered envelopes by key, in arrival order, as (key, data).
+pub fn by_key(requests: &[Request]) -> std::collections::BTreeMap<String, Vec<serde_json::Value>> {
+    let mut out: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
+    for r in requests {
+        let v = r.json();
+        let key = v["key"].as_str().unwrap_or("").to_string();
+        out.entry(key).or_default().push(v["data"].clone());
+    }
+    out
+}

@@ -1,0 +1,186 @@
+//! A real HTTP/1.1 server on 127.0.0.1 that records every request and
+//! answers as the test tells it to: a status, a delay, a hang, a reset.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// Lower-cased names.
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("request body is JSON")
+    }
+}
+
+/// How to answer one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Status(u16),
+    Full { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    /// Wait, then answer.
+    After(Duration, Box<Reply>),
+    /// Never answer (until the client gives up).
+    Hang,
+    /// Close the connection without answering.
+    Close,
+}
+
+type Responder = dyn Fn(&Request, usize) -> Reply + Send + Sync;
+
+struct Shared {
+    requests: Mutex<Vec<Request>>,
+    arrived: Condvar,
+    responder: Mutex<Arc<Responder>>,
+}
+
+pub struct Receiver {
+    pub port: u16,
+    shared: Arc<Shared>,
+}
+
+impl Receiver {
+    /// Start a receiver that answers 200 to everything.
+    pub fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind receiver");
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Shared {
+            requests: Mutex::new(Vec::new()),
+            arrived: Condvar::new(),
+            responder: Mutex::new(Arc::new(|_: &Request, _: usize| Reply::Status(200))),
+        });
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let s = s.clone();
+                std::thread::spawn(move || serve(stream, s));
+            }
+        });
+        Receiver { port, shared }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Decide every following answer; the closure also gets the number of
+    /// requests received before this one.
+    pub fn respond(&self, f: impl Fn(&Request, usize) -> Reply + Send + Sync + 'static) {
+        *self.shared.responder.lock().unwrap() = Arc::new(f);
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// Wait until `pred` holds for the requests received, or panic after
+    /// `timeout` with what arrived.
+    pub fn wait_until(&self, timeout: Duration, what: &str, pred: impl Fn(&[Request]) -> bool) -> Vec<Request> {
+        let deadline = Instant::now() + timeout;
+        let mut requests = self.shared.requests.lock().unwrap();
+        loop {
+            if pred(&requests) {
+                return requests.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                panic!("timed out after {timeout:?} waiting for {what}; {} requests arrived", requests.len());
+            }
+            requests = self.shared.arrived.wait_timeout(requests, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Wait for at least `n` requests.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Request> {
+        self.wait_until(timeout, &format!("{n} requests"), |r| r.len() >= n)
+    }
+}
+
+fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true); // or every answer waits out Nagle + delayed ACK
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let Some(request) = read_request(&mut reader) else { return };
+        let (reply, keep_alive) = {
+            let mut requests = shared.requests.lock().unwrap();
+            let seen = requests.len();
+            let responder = shared.responder.lock().unwrap().clone();
+            let reply = responder(&request, seen);
+            let keep = request.header("connection").is_none_or(|c| !c.eq_ignore_ascii_case("close"));
+            requests.push(request);
+            shared.arrived.notify_all();
+            (reply, keep)
+        };
+        if !answer(&mut writer, reply) || !keep_alive {
+            let _ = writer.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (name, value) = h.split_once(':')?;
+        headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+    }
+    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok()?;
+    Some(Request { method, path, headers, body, at: Instant::now() })
+}
+
+/// Write the reply; false when the connection must be dropped.
+fn answer(writer: &mut TcpStream, reply: Reply) -> bool {
+    match reply {
+        Reply::Status(code) => answer(writer, Reply::Full { status: code, headers: vec![], body: vec![] }),
+        Reply::After(delay, then) => {
+            std::thread::sleep(delay);
+            answer(writer, *then)
+        }
+        Reply::Hang => {
+            std::thread::sleep(Duration::from_secs(3600));
+            false
+        }
+        Reply::Close => false,
+        Reply::Full { status, headers, body } => {
+            let mut head = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
+            for (n, v) in headers {
+                head.push_str(&format!("{n}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            writer.write_all(head.as_bytes()).is_ok() && writer.write_all(&body).is_ok()
+        }
+    }
+}
