@@ -4,7 +4,7 @@
 -- Committed events an endpoint has not finished yet: those its cursor tick
 -- does not cover, minus the part of the next batch already done.
 CREATE FUNCTION outbox._backlog(endpoint_id integer, OUT pending bigint, OUT oldest timestamptz)
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT count(ev.*), min(ev.created_at)

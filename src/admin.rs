@@ -22,22 +22,17 @@ pub mod outbox {
                 PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
                 format!("outbox.{function}: {what} must not be null"),
             )
+            .hint(format!("\\df outbox.{function} shows the arguments; only those with defaults may be left out."))
             .raise()
         })
     }
 
     fn in_function(function: &str) -> impl Fn(ConfigError) -> ConfigError + '_ {
-        move |e| ConfigError {
-            message: format!("outbox.{function}: {}", e.message),
-            hint: e.hint,
-        }
+        move |e| ConfigError { message: format!("outbox.{function}: {}", e.message), hint: e.hint }
     }
 
     fn text_array(values: Vec<Option<String>>, function: &str, what: &str) -> Vec<String> {
-        values
-            .into_iter()
-            .map(|v| required(v, function, &format!("an element of {what}")))
-            .collect()
+        values.into_iter().map(|v| required(v, function, &format!("an element of {what}"))).collect()
     }
 
     fn unknown_endpoint(function: &str, name: &str) -> ! {
@@ -65,9 +60,7 @@ pub mod outbox {
         let kind = required(kind, F, "kind");
         let topics = text_array(required(topics, F, "topics"), F, "topics");
         let options = required(options, F, "options").0;
-        config::Endpoint::parse(name, url, kind, &topics, &options)
-            .map_err(in_function(F))
-            .or_raise();
+        config::Endpoint::parse(name, url, kind, &topics, &options).map_err(in_function(F)).or_raise();
 
         let exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT FROM outbox.endpoints WHERE name = $1)",
@@ -90,13 +83,7 @@ pub mod outbox {
                  VALUES ($1, $2, $3, $4, $5) RETURNING id)
              INSERT INTO outbox.progress (endpoint_id, tick)
              SELECT e.id, (SELECT max(id) FROM outbox.ticks) FROM e",
-            &[
-                name.into(),
-                url.into(),
-                kind.into(),
-                topics.into(),
-                JsonB(options).into(),
-            ],
+            &[name.into(), url.into(), kind.into(), topics.into(), JsonB(options).into()],
         )
         .expect("insert endpoint");
         xact::note_config_changed();
@@ -131,19 +118,11 @@ pub mod outbox {
                 row.get::<JsonB>(4).ok()??.0,
             ))
         });
-        let Some((old_url, kind, old_topics, old_options)) = row else {
-            unknown_endpoint(F, name)
-        };
+        let Some((old_url, kind, old_topics, old_options)) = row else { unknown_endpoint(F, name) };
         let url = url.map(str::to_string).unwrap_or(old_url);
-        let topics = topics
-            .map(|t| text_array(t, F, "topics"))
-            .unwrap_or(old_topics);
-        let merged: Value = config::merge_options(&old_options, &patch)
-            .map_err(in_function(F))
-            .or_raise();
-        config::Endpoint::parse(name, &url, &kind, &topics, &merged)
-            .map_err(in_function(F))
-            .or_raise();
+        let topics = topics.map(|t| text_array(t, F, "topics")).unwrap_or(old_topics);
+        let merged: Value = config::merge_options(&old_options, &patch).map_err(in_function(F)).or_raise();
+        config::Endpoint::parse(name, &url, &kind, &topics, &merged).map_err(in_function(F)).or_raise();
         Spi::run_with_args(
             "UPDATE outbox.endpoints SET url = $2, topics = $3, options = $4, updated_at = now() WHERE name = $1",
             &[name.into(), url.into(), topics.into(), JsonB(merged).into()],
@@ -159,11 +138,7 @@ pub mod outbox {
     fn drop_endpoint(name: Option<&str>) {
         const F: &str = "drop_endpoint";
         let name = required(name, F, "name");
-        update_endpoint(
-            F,
-            name,
-            "DELETE FROM outbox.endpoints WHERE name = $1 RETURNING id",
-        );
+        update_endpoint(F, name, "DELETE FROM outbox.endpoints WHERE name = $1 RETURNING id");
     }
 
     /// Stop delivering to an endpoint; events wait for it.
@@ -194,9 +169,7 @@ pub mod outbox {
     }
 
     fn update_endpoint(function: &str, name: &str, sql: &str) {
-        let id = Spi::get_one_with_args::<i32>(sql, &[name.into()])
-            .ok()
-            .flatten();
+        let id = Spi::get_one_with_args::<i32>(sql, &[name.into()]).ok().flatten();
         if id.is_none() {
             unknown_endpoint(function, name);
         }
@@ -207,8 +180,6 @@ pub mod outbox {
     #[pg_extern(immutable, parallel_safe)]
     fn _check_topic(topic: Option<&str>) {
         let topic = required(topic, "capture", "topic");
-        config::check_topic(topic)
-            .map_err(in_function("capture"))
-            .or_raise();
+        config::check_topic(topic).map_err(in_function("capture")).or_raise();
     }
 }

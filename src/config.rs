@@ -16,10 +16,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(message: impl Into<String>) -> Self {
-        ConfigError {
-            message: message.into(),
-            hint: None,
-        }
+        ConfigError { message: message.into(), hint: None }
     }
 
     fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -51,17 +48,11 @@ pub fn check_topic(topic: &str) -> Result<()> {
         return Err(ConfigError::new("topic must not be empty").hint(TOPIC_CHARS_HINT));
     }
     if topic.len() > MAX_TOPIC_LEN {
-        return Err(ConfigError::new(format!(
-            "topic is {} characters long, longer than {MAX_TOPIC_LEN}",
-            topic.len()
-        ))
-        .hint(TOPIC_CHARS_HINT));
+        return Err(ConfigError::new(format!("topic is {} characters long, longer than {MAX_TOPIC_LEN}", topic.len()))
+            .hint(TOPIC_CHARS_HINT));
     }
     if let Some(bad) = topic.chars().find(|c| !is_topic_char(*c)) {
-        return Err(
-            ConfigError::new(format!("topic {topic:?} contains the character {bad:?}"))
-                .hint(TOPIC_CHARS_HINT),
-        );
+        return Err(ConfigError::new(format!("topic {topic:?} contains the character {bad:?}")).hint(TOPIC_CHARS_HINT));
     }
     Ok(())
 }
@@ -73,14 +64,8 @@ pub fn check_topic_pattern(pattern: &str) -> Result<()> {
     if pattern.is_empty() || pattern.len() > MAX_TOPIC_LEN {
         return Err(ConfigError::new(format!("invalid topic pattern {pattern:?}")).hint(hint));
     }
-    if let Some(bad) = pattern
-        .chars()
-        .find(|c| !is_topic_char(*c) && *c != '*' && *c != '?')
-    {
-        return Err(ConfigError::new(format!(
-            "topic pattern {pattern:?} contains the character {bad:?}"
-        ))
-        .hint(hint));
+    if let Some(bad) = pattern.chars().find(|c| !is_topic_char(*c) && *c != '*' && *c != '?') {
+        return Err(ConfigError::new(format!("topic pattern {pattern:?} contains the character {bad:?}")).hint(hint));
     }
     Ok(())
 }
@@ -89,9 +74,7 @@ pub fn check_topic_pattern(pattern: &str) -> Result<()> {
 pub fn check_endpoint_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if ok {
         Ok(())
     } else {
@@ -110,12 +93,14 @@ impl Kind {
     pub fn parse(kind: &str) -> Result<Kind> {
         match kind {
             "webhook" => Ok(Kind::Webhook),
-            "kafka_rest_v2" | "kafka_rest_v3" => Err(ConfigError::new(format!(
-                "endpoint kind {kind:?} is not supported by this version of outbox"
-            ))
-            .hint("Use kind 'webhook'.")),
-            other => Err(ConfigError::new(format!("unknown endpoint kind {other:?}"))
-                .hint("The endpoint kind is 'webhook'.")),
+            "kafka_rest_v2" | "kafka_rest_v3" => {
+                Err(ConfigError::new(format!("endpoint kind {kind:?} is not supported by this version of outbox"))
+                    .hint("Use kind 'webhook'."))
+            }
+            other => {
+                Err(ConfigError::new(format!("unknown endpoint kind {other:?}"))
+                    .hint("The endpoint kind is 'webhook'."))
+            }
         }
     }
 }
@@ -126,9 +111,7 @@ pub fn parse_url(url: &str) -> Result<reqwest::Url> {
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| ConfigError::new(format!("invalid endpoint URL {url:?}: {e}")).hint(hint))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(
-            ConfigError::new(format!("endpoint URL {url:?} must use http or https")).hint(hint),
-        );
+        return Err(ConfigError::new(format!("endpoint URL {url:?} must use http or https")).hint(hint));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(ConfigError::new(format!("endpoint URL {url:?} has no host")).hint(hint));
@@ -189,49 +172,45 @@ impl Default for Options {
     }
 }
 
-/// Every key `options` may hold; anything else is an error.
-pub const OPTION_KEYS: &[&str] = &[
-    "headers",
-    "timeout_ms",
-    "max_in_flight",
-    "max_attempts",
-    "max_age_s",
-    "backoff_base_ms",
-    "backoff_max_ms",
-    "on_dead",
-    "body",
+/// Every key `options` may hold, with what it means; anything else is an
+/// error.
+pub const OPTIONS: &[(&str, &str)] = &[
+    ("headers", "extra HTTP headers, an object of names to string values"),
+    ("timeout_ms", "request timeout in milliseconds, default 10000"),
+    ("max_in_flight", "requests in flight at once (one per ordering key), default 16"),
+    ("max_attempts", "attempts before an event goes to dead letters, default unlimited"),
+    ("max_age_s", "seconds after emit when a failing event goes to dead letters, default unlimited"),
+    ("backoff_base_ms", "first retry delay ceiling in milliseconds, doubled per attempt, default 500"),
+    ("backoff_max_ms", "largest retry delay in milliseconds, default 60000"),
+    ("on_dead", "'block' or 'skip': what later events of a key do while one of its events is dead"),
+    ("body", "'envelope' (default) or 'data' for the bare payload"),
 ];
 
+fn option_hint(key: &str) -> String {
+    let doc = OPTIONS.iter().find(|(k, _)| *k == key).map_or("", |(_, d)| d);
+    format!("{key}: {doc}.")
+}
+
 /// Headers the worker sets itself; an endpoint may not override them.
-const RESERVED_HEADERS: &[&str] = &[
-    "content-type",
-    "content-length",
-    "host",
-    "transfer-encoding",
-    "connection",
-];
+const RESERVED_HEADERS: &[&str] = &["content-type", "content-length", "host", "transfer-encoding", "connection"];
 const RESERVED_PREFIXES: &[&str] = &["webhook-", "ce-"];
 
 impl Options {
     pub fn parse(options: &Value) -> Result<Options> {
         let Value::Object(map) = options else {
-            return Err(
-                ConfigError::new(format!("options must be a JSON object, got {options}"))
-                    .hint("e.g. options => '{\"timeout_ms\": 5000}'"),
-            );
+            return Err(ConfigError::new(format!("options must be a JSON object, got {options}"))
+                .hint("e.g. options => '{\"timeout_ms\": 5000}'"));
         };
-        if let Some(unknown) = map.keys().find(|k| !OPTION_KEYS.contains(&k.as_str())) {
-            return Err(
-                ConfigError::new(format!("unknown endpoint option {unknown:?}"))
-                    .hint(format!("Known options: {}.", OPTION_KEYS.join(", "))),
-            );
+        if let Some(unknown) = map.keys().find(|k| !OPTIONS.iter().any(|(known, _)| known == k)) {
+            let known: Vec<&str> = OPTIONS.iter().map(|(k, _)| *k).collect();
+            return Err(ConfigError::new(format!("unknown endpoint option {unknown:?}"))
+                .hint(format!("Known options: {}.", known.join(", "))));
         }
         let d = Options::default();
         let opts = Options {
             headers: parse_headers(map)?,
             timeout: millis(map, "timeout_ms", 1, 300_000)?.unwrap_or(d.timeout),
-            max_in_flight: int(map, "max_in_flight", 1, 1024)?
-                .map_or(d.max_in_flight, |v| v as usize),
+            max_in_flight: int(map, "max_in_flight", 1, 1024)?.map_or(d.max_in_flight, |v| v as usize),
             max_attempts: int(map, "max_attempts", 1, 1_000_000)?.map(|v| v as u32),
             max_age: int(map, "max_age_s", 1, 365 * 86_400)?.map(|s| Duration::from_secs(s as u64)),
             backoff_base: millis(map, "backoff_base_ms", 1, 3_600_000)?.unwrap_or(d.backoff_base),
@@ -264,9 +243,8 @@ fn int(map: &Map<String, Value>, key: &str, min: i64, max: i64) -> Result<Option
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_i64() {
             Some(i) if (min..=max).contains(&i) => Ok(Some(i)),
-            _ => Err(ConfigError::new(format!(
-                "option {key} must be an integer from {min} to {max}, got {v}"
-            ))),
+            _ => Err(ConfigError::new(format!("option {key} must be an integer from {min} to {max}, got {v}"))
+                .hint(option_hint(key))),
         },
     }
 }
@@ -279,10 +257,8 @@ fn choice<'a>(map: &'a Map<String, Value>, key: &str, allowed: &[&str]) -> Resul
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if allowed.contains(&s.as_str()) => Ok(Some(s.as_str())),
-        Some(v) => Err(ConfigError::new(format!(
-            "option {key} must be one of {}, got {v}",
-            allowed.join(", ")
-        ))),
+        Some(v) => Err(ConfigError::new(format!("option {key} must be one of {}, got {v}", allowed.join(", ")))
+            .hint(option_hint(key))),
     }
 }
 
@@ -292,10 +268,7 @@ fn parse_headers(map: &Map<String, Value>) -> Result<Vec<(String, String)>> {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Object(h)) => h,
         Some(other) => {
-            return Err(
-                ConfigError::new(format!("option headers must be an object, got {other}"))
-                    .hint(hint),
-            )
+            return Err(ConfigError::new(format!("option headers must be an object, got {other}")).hint(hint))
         }
     };
     let mut out = Vec::with_capacity(headers.len());
@@ -304,23 +277,16 @@ fn parse_headers(map: &Map<String, Value>) -> Result<Vec<(String, String)>> {
         if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
             return Err(ConfigError::new(format!("invalid header name {name:?}")).hint(hint));
         }
-        if RESERVED_HEADERS.contains(&lower.as_str())
-            || RESERVED_PREFIXES.iter().any(|p| lower.starts_with(p))
-        {
-            return Err(
-                ConfigError::new(format!("header {name:?} is set by outbox itself"))
-                    .hint("content-type, webhook-* and ce-* headers cannot be overridden."),
-            );
+        if RESERVED_HEADERS.contains(&lower.as_str()) || RESERVED_PREFIXES.iter().any(|p| lower.starts_with(p)) {
+            return Err(ConfigError::new(format!("header {name:?} is set by outbox itself"))
+                .hint("content-type, webhook-* and ce-* headers cannot be overridden."));
         }
         let Value::String(value) = value else {
-            return Err(
-                ConfigError::new(format!("header {name:?} must have a string value")).hint(hint),
-            );
+            return Err(ConfigError::new(format!("header {name:?} must have a string value")).hint(hint));
         };
         if reqwest::header::HeaderValue::from_str(value).is_err() {
-            return Err(ConfigError::new(format!(
-                "header {name:?} has a value that is not a valid HTTP header value"
-            )));
+            return Err(ConfigError::new(format!("header {name:?} has a value that is not a valid HTTP header value"))
+                .hint("Header values are visible ASCII without line breaks."));
         }
         out.push((lower, value.clone()));
     }
@@ -338,31 +304,18 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn parse(
-        name: &str,
-        url: &str,
-        kind: &str,
-        topics: &[String],
-        options: &Value,
-    ) -> Result<Endpoint> {
+    pub fn parse(name: &str, url: &str, kind: &str, topics: &[String], options: &Value) -> Result<Endpoint> {
         check_endpoint_name(name)?;
         let kind = Kind::parse(kind)?;
         let url = parse_url(url)?;
         if topics.is_empty() {
-            return Err(ConfigError::new("topics must not be empty")
-                .hint("Use '{*}' to receive every topic."));
+            return Err(ConfigError::new("topics must not be empty").hint("Use '{*}' to receive every topic."));
         }
         for pattern in topics {
             check_topic_pattern(pattern)?;
         }
         let options = Options::parse(options)?;
-        Ok(Endpoint {
-            name: name.to_string(),
-            kind,
-            url,
-            topics: topics.to_vec(),
-            options,
-        })
+        Ok(Endpoint { name: name.to_string(), kind, url, topics: topics.to_vec(), options })
     }
 }
 
@@ -370,9 +323,7 @@ impl Endpoint {
 /// keys of `patch` replace those of `base`, a JSON null removes the key.
 pub fn merge_options(base: &Value, patch: &Value) -> Result<Value> {
     let Value::Object(patch) = patch else {
-        return Err(ConfigError::new(format!(
-            "options must be a JSON object, got {patch}"
-        )));
+        return Err(ConfigError::new(format!("options must be a JSON object, got {patch}")));
     };
     let mut merged = match base {
         Value::Object(m) => m.clone(),
@@ -392,16 +343,11 @@ pub fn merge_options(base: &Value, patch: &Value) -> Result<Value> {
 pub fn check_event_headers(headers: &Value) -> Result<()> {
     let hint = "Event headers are a JSON object of string values, e.g. '{\"trace-id\": \"abc\"}'.";
     let Value::Object(map) = headers else {
-        return Err(
-            ConfigError::new(format!("headers must be a JSON object, got {headers}")).hint(hint),
-        );
+        return Err(ConfigError::new(format!("headers must be a JSON object, got {headers}")).hint(hint));
     };
     for (name, value) in map {
         if !value.is_string() {
-            return Err(ConfigError::new(format!(
-                "header {name:?} must have a string value, got {value}"
-            ))
-            .hint(hint));
+            return Err(ConfigError::new(format!("header {name:?} must have a string value, got {value}")).hint(hint));
         }
     }
     Ok(())
@@ -416,19 +362,10 @@ mod tests {
     fn topics() {
         assert!(check_topic("orders").is_ok());
         assert!(check_topic("orders.created-v2/eu:1_x").is_ok());
-        assert_eq!(
-            check_topic("").unwrap_err().message,
-            "topic must not be empty"
-        );
-        assert!(check_topic("has space")
-            .unwrap_err()
-            .message
-            .contains("' '"));
+        assert_eq!(check_topic("").unwrap_err().message, "topic must not be empty");
+        assert!(check_topic("has space").unwrap_err().message.contains("' '"));
         assert!(check_topic("a*").is_err());
-        assert!(check_topic(&"x".repeat(250))
-            .unwrap_err()
-            .message
-            .contains("250"));
+        assert!(check_topic(&"x".repeat(250)).unwrap_err().message.contains("250"));
         assert!(check_topic(&"x".repeat(249)).is_ok());
     }
 
@@ -444,18 +381,9 @@ mod tests {
     fn urls() {
         assert!(parse_url("https://example.com/hook").is_ok());
         assert!(parse_url("http://127.0.0.1:8080").is_ok());
-        assert!(parse_url("ftp://example.com")
-            .unwrap_err()
-            .message
-            .contains("http or https"));
-        assert!(parse_url("not a url")
-            .unwrap_err()
-            .message
-            .contains("invalid endpoint URL"));
-        assert!(parse_url("https://user:pw@example.com")
-            .unwrap_err()
-            .message
-            .contains("credentials"));
+        assert!(parse_url("ftp://example.com").unwrap_err().message.contains("http or https"));
+        assert!(parse_url("not a url").unwrap_err().message.contains("invalid endpoint URL"));
+        assert!(parse_url("https://user:pw@example.com").unwrap_err().message.contains("credentials"));
         assert!(parse_url("/relative").is_err());
     }
 
@@ -474,10 +402,7 @@ mod tests {
         assert_eq!(o.max_age, Some(Duration::from_secs(60)));
         assert_eq!(o.on_dead, OnDead::Skip);
         assert_eq!(o.body, Body::Data);
-        assert_eq!(
-            o.headers,
-            vec![("authorization".to_string(), "Bearer x".to_string())]
-        );
+        assert_eq!(o.headers, vec![("authorization".to_string(), "Bearer x".to_string())]);
     }
 
     #[test]
@@ -485,20 +410,11 @@ mod tests {
         let e = Options::parse(&json!({"timeout": 5})).unwrap_err();
         assert_eq!(e.message, "unknown endpoint option \"timeout\"");
         assert!(e.hint.unwrap().contains("timeout_ms"));
-        assert!(Options::parse(&json!([]))
-            .unwrap_err()
-            .message
-            .contains("JSON object"));
-        assert!(Options::parse(&json!({"timeout_ms": 0}))
-            .unwrap_err()
-            .message
-            .contains("from 1 to 300000"));
+        assert!(Options::parse(&json!([])).unwrap_err().message.contains("JSON object"));
+        assert!(Options::parse(&json!({"timeout_ms": 0})).unwrap_err().message.contains("from 1 to 300000"));
         assert!(Options::parse(&json!({"timeout_ms": "5"})).is_err());
         assert!(Options::parse(&json!({"max_in_flight": 1.5})).is_err());
-        assert!(Options::parse(&json!({"on_dead": "drop"}))
-            .unwrap_err()
-            .message
-            .contains("block, skip"));
+        assert!(Options::parse(&json!({"on_dead": "drop"})).unwrap_err().message.contains("block, skip"));
         assert!(Options::parse(&json!({"headers": []})).is_err());
         assert!(Options::parse(&json!({"headers": {"webhook-id": "x"}}))
             .unwrap_err()
@@ -512,23 +428,9 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        let ok = Endpoint::parse(
-            "hooks",
-            "http://127.0.0.1:1/",
-            "webhook",
-            &["*".into()],
-            &json!({}),
-        )
-        .unwrap();
+        let ok = Endpoint::parse("hooks", "http://127.0.0.1:1/", "webhook", &["*".into()], &json!({})).unwrap();
         assert_eq!(ok.kind, Kind::Webhook);
-        assert!(Endpoint::parse(
-            "bad name",
-            "http://x/",
-            "webhook",
-            &["*".into()],
-            &json!({})
-        )
-        .is_err());
+        assert!(Endpoint::parse("bad name", "http://x/", "webhook", &["*".into()], &json!({})).is_err());
         assert!(Endpoint::parse("a", "http://x/", "smtp", &["*".into()], &json!({})).is_err());
         assert!(Endpoint::parse("a", "http://x/", "webhook", &[], &json!({})).is_err());
         assert!(Endpoint::parse("a", "http://x/", "webhook", &["".into()], &json!({})).is_err());
@@ -546,9 +448,6 @@ mod tests {
         assert!(check_event_headers(&json!({})).is_ok());
         assert!(check_event_headers(&json!({"a": "b"})).is_ok());
         assert!(check_event_headers(&json!([1])).is_err());
-        assert!(check_event_headers(&json!({"a": 1}))
-            .unwrap_err()
-            .message
-            .contains("string value"));
+        assert!(check_event_headers(&json!({"a": 1})).unwrap_err().message.contains("string value"));
     }
 }

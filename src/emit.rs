@@ -55,33 +55,22 @@ pub extern "C" fn pg_finfo_outbox_emit() -> &'static pg_sys::Pg_finfo_record {
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     if !shmem::available() {
-        SqlError::new(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "outbox is not loaded at server start",
-        )
-        .hint("Add 'outbox' to shared_preload_libraries in postgresql.conf and restart the server.")
-        .raise();
+        SqlError::new(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "outbox is not loaded at server start")
+            .hint("Add 'outbox' to shared_preload_libraries in postgresql.conf and restart the server.")
+            .raise();
     }
 
     let topic: &str = unsafe { pg_getarg(fcinfo, 0) }.unwrap_or_else(|| {
-        SqlError::new(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "outbox_emit: topic must not be null",
-        )
-        .hint("Pass the event's topic, e.g. outbox_emit('orders.created', payload).")
-        .raise()
+        SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "outbox_emit: topic must not be null")
+            .hint("Pass the event's topic, e.g. outbox_emit('orders.created', payload).")
+            .raise()
     });
-    config::check_topic(topic)
-        .map_err(|e| prefixed(e, "outbox_emit"))
-        .or_raise();
+    config::check_topic(topic).map_err(|e| prefixed(e, "outbox_emit")).or_raise();
 
     if unsafe { pg_arg_is_null(fcinfo, 1) } {
-        SqlError::new(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "outbox_emit: payload must not be null",
-        )
-        .hint("Pass 'null'::jsonb to send a JSON null.")
-        .raise();
+        SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "outbox_emit: payload must not be null")
+            .hint("Pass 'null'::jsonb to send a JSON null.")
+            .raise();
     }
     let payload = unsafe { pg_getarg_datum_raw(fcinfo, 1) };
     let size = unsafe { pg_sys::toast_raw_datum_size(payload) };
@@ -100,9 +89,7 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
     } else {
         // Headers are small; reading them through serde is fine.
         let value: pgrx::JsonB = unsafe { pg_getarg(fcinfo, 4) }.expect("checked for null above");
-        config::check_event_headers(&value.0)
-            .map_err(|e| prefixed(e, "outbox_emit"))
-            .or_raise();
+        config::check_event_headers(&value.0).map_err(|e| prefixed(e, "outbox_emit")).or_raise();
         Some(unsafe { pg_getarg_datum_raw(fcinfo, 4) })
     };
 
@@ -150,17 +137,12 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
                         PgOid::from(pg_sys::JSONBOID),
                         PgOid::from(pg_sys::JSONBOID),
                     ];
-                    let prepared = client
-                        .prepare_mut(INSERT, &oids)
-                        .expect("the outbox INSERT prepares")
-                        .keep();
+                    let prepared = client.prepare_mut(INSERT, &oids).expect("the outbox INSERT prepares").keep();
                     let _ = plan.set(prepared);
                     plan.get().expect("just set")
                 }
             };
-            client
-                .update(plan, None, &args)
-                .expect("insert into outbox.events");
+            client.update(plan, None, &args).expect("insert into outbox.events");
         })
     });
 
@@ -168,8 +150,5 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
 }
 
 fn prefixed(e: config::ConfigError, function: &str) -> config::ConfigError {
-    config::ConfigError {
-        message: format!("{function}: {}", e.message),
-        hint: e.hint,
-    }
+    config::ConfigError { message: format!("{function}: {}", e.message), hint: e.hint }
 }

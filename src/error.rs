@@ -14,11 +14,7 @@ pub struct SqlError {
 
 impl SqlError {
     pub fn new(code: PgSqlErrorCode, message: impl Into<String>) -> Self {
-        SqlError {
-            code,
-            message: message.into(),
-            hint: None,
-        }
+        SqlError { code, message: message.into(), hint: None }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Self {

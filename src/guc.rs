@@ -4,8 +4,7 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
 /// Databases that get a worker, comma-separated. Fixed at server start.
-pub static DATABASES: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
 /// Fallback wake-up interval of the worker; commits wake it immediately.
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -73,10 +72,7 @@ pub fn init() {
 /// The databases named by `outbox.databases`, trimmed, without empties or
 /// repeats, in the order given.
 pub fn databases() -> Vec<String> {
-    let raw = DATABASES
-        .get()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let raw = DATABASES.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let mut out: Vec<String> = Vec::new();
     for name in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if !out.iter().any(|n| n == name) {

@@ -32,11 +32,7 @@ mod xact;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/views.sql", name = "views", requires = ["schema"]);
-extension_sql_file!(
-    "../sql/capture.sql",
-    name = "capture",
-    requires = ["schema", "emit", admin::outbox::_check_topic]
-);
+extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["schema", "emit", admin::outbox::_check_topic]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
@@ -58,11 +54,10 @@ mod tests {
 
     #[pg_test]
     fn emit_writes_one_row_in_the_callers_transaction() {
-        let id = Spi::get_one::<pgrx::Uuid>(
-            "SELECT outbox_emit('orders', '{\"a\":1}', 'k1', 'created', '{\"x\":\"y\"}')",
-        )
-        .unwrap()
-        .unwrap();
+        let id =
+            Spi::get_one::<pgrx::Uuid>("SELECT outbox_emit('orders', '{\"a\":1}', 'k1', 'created', '{\"x\":\"y\"}')")
+                .unwrap()
+                .unwrap();
         let (topic, key) = Spi::get_two_with_args::<String, String>(
             "SELECT topic, key FROM outbox.events WHERE id = $1",
             &[id.into()],
@@ -90,8 +85,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(distinct, Some(100));
-        let version =
-            Spi::get_one::<String>("SELECT substr(outbox_emit('t', '{}')::text, 15, 1)").unwrap();
+        let version = Spi::get_one::<String>("SELECT substr(outbox_emit('t', '{}')::text, 15, 1)").unwrap();
         assert_eq!(version.as_deref(), Some("7"));
     }
 }

@@ -91,21 +91,13 @@ impl<T: Clone> Scheduler<T> {
         debug_assert!(self.unfinished.last().is_none_or(|last| *last < position));
         self.unfinished.insert(position);
         self.bytes += bytes;
-        let entry = Entry {
-            position,
-            item,
-            bytes,
-        };
+        let entry = Entry { position, item, bytes };
         match self.lanes.get_mut(&lane) {
             Some(l) => l.queue.push_back(entry),
             None => {
                 self.lanes.insert(
                     lane.clone(),
-                    Lane {
-                        queue: VecDeque::from([entry]),
-                        state: LaneState::Ready,
-                        attempts: 0,
-                    },
+                    Lane { queue: VecDeque::from([entry]), state: LaneState::Ready, attempts: 0 },
                 );
                 self.ready.push_back(lane);
             }
@@ -171,10 +163,7 @@ impl<T: Clone> Scheduler<T> {
 
     /// The event at the head of `lane`.
     pub fn head(&self, lane_id: &LaneId) -> Option<T> {
-        self.lanes
-            .get(lane_id)
-            .and_then(|l| l.queue.front())
-            .map(|e| e.item.clone())
+        self.lanes.get(lane_id).and_then(|l| l.queue.front()).map(|e| e.item.clone())
     }
 
     /// Failed attempts of the head of `lane` so far.
@@ -231,10 +220,7 @@ impl<T: Clone> Scheduler<T> {
 
     /// Lanes whose head failed and waits for its next attempt.
     pub fn retrying(&self) -> usize {
-        self.lanes
-            .values()
-            .filter(|l| matches!(l.state, LaneState::Backoff(_)))
-            .count()
+        self.lanes.values().filter(|l| matches!(l.state, LaneState::Backoff(_))).count()
     }
 }
 
@@ -244,11 +230,7 @@ mod tests {
     use std::time::Duration;
 
     fn pos(n: i32) -> Position {
-        Position {
-            batch: 1,
-            txid: 100,
-            n,
-        }
+        Position { batch: 1, txid: 100, n }
     }
 
     fn key(k: &str) -> LaneId {

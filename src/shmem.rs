@@ -22,8 +22,7 @@ pub struct WorkerSlot {
 // SAFETY: plain atomics, no pointers.
 unsafe impl PGRXSharedMemory for WorkerSlot {}
 
-static SLOTS: PgAtomic<[WorkerSlot; MAX_DATABASES]> =
-    unsafe { PgAtomic::new(c"outbox_worker_slots") };
+static SLOTS: PgAtomic<[WorkerSlot; MAX_DATABASES]> = unsafe { PgAtomic::new(c"outbox_worker_slots") };
 
 /// Set in the postmaster during preload and inherited by every child.
 static AVAILABLE: AtomicBool = AtomicBool::new(false);
@@ -68,10 +67,7 @@ pub fn config_generation(index: usize) -> u64 {
 /// configuration changed. Runs in commit callbacks: must not fail.
 pub fn wake_worker(db_oid: pg_sys::Oid, config_changed: bool) {
     let Some(slots) = slots() else { return };
-    for slot in slots
-        .iter()
-        .filter(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32())
-    {
+    for slot in slots.iter().filter(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32()) {
         if config_changed {
             slot.config_generation.fetch_add(1, Ordering::AcqRel);
         }
@@ -83,9 +79,7 @@ pub fn wake_worker(db_oid: pg_sys::Oid, config_changed: bool) {
         // live for the whole life of shared memory, so even a stale index
         // points at a valid latch (waking the wrong process is harmless).
         unsafe {
-            let proc = (*pg_sys::ProcGlobal)
-                .allProcs
-                .add((proc_plus_one - 1) as usize);
+            let proc = (*pg_sys::ProcGlobal).allProcs.add((proc_plus_one - 1) as usize);
             pg_sys::SetLatch(&raw mut (*proc).procLatch);
         }
     }

@@ -128,8 +128,10 @@ fn concurrent_writers_keep_commit_order_per_key() {
                 for i in 0..50 {
                     let key = format!("key-{}", (w * 7 + i * 3) % 10);
                     let mut tx = c.transaction().unwrap();
-                    let n: i32 =
-                        tx.query_one("UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n", &[&key]).unwrap().get(0);
+                    let n: i32 = tx
+                        .query_one("UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n", &[&key])
+                        .unwrap()
+                        .get(0);
                     tx.execute(
                         "SELECT outbox_emit('orders', jsonb_build_object('n', $2::int, 'writer', $3::int), $1)",
                         &[&key, &n, &w],
@@ -236,7 +238,10 @@ fn rejected_events_go_to_dead_letters_and_others_flow() {
     emit(&mut db, "t", json!({"bad": false}), Some("b"));
     wait_sql(&mut db, WAIT, "SELECT dead = 1 AND delivered = 1 FROM outbox.stats");
     let row = db
-        .query_one("SELECT event_id::text, endpoint, last_status, last_error, payload::text FROM outbox.dead_letters", &[])
+        .query_one(
+            "SELECT event_id::text, endpoint, last_status, last_error, payload::text FROM outbox.dead_letters",
+            &[],
+        )
         .unwrap();
     assert_eq!(row.get::<_, String>(0), bad);
     assert_eq!(row.get::<_, String>(1), "strict");

@@ -27,19 +27,11 @@ impl Target {
         let mut headers = HeaderMap::new();
         for (name, value) in &endpoint.options.headers {
             // Validated by config::Options::parse.
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
                 headers.insert(n, v);
             }
         }
-        Target {
-            url: endpoint.url.clone(),
-            headers,
-            timeout: endpoint.options.timeout,
-            body: endpoint.options.body,
-        }
+        Target { url: endpoint.url.clone(), headers, timeout: endpoint.options.timeout, body: endpoint.options.body }
     }
 }
 
@@ -56,30 +48,16 @@ pub fn client() -> reqwest::Result<reqwest::Client> {
 }
 
 /// Send one event; Ok when the endpoint acknowledged it.
-pub async fn deliver(
-    client: &reqwest::Client,
-    target: &Target,
-    event: &Event,
-) -> Result<(), Failure> {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+pub async fn deliver(client: &reqwest::Client, target: &Target, event: &Event) -> Result<(), Failure> {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
     let request = webhook::request(client, target, event, now);
     let response = match request.send().await {
         Ok(r) => r,
         Err(e) => return Err(transport_failure(e, target.timeout)),
     };
     let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| parse_retry_after(v, now));
-    let location = response
-        .headers()
-        .get(reqwest::header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(v, now));
+    let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     if status.is_success() {
         // Drain (bounded) so the connection can be reused.
         let _ = read_capped(response).await;
@@ -90,12 +68,7 @@ pub async fn deliver(
 }
 
 /// What a non-2xx answer means.
-pub fn classify(
-    status: StatusCode,
-    retry_after: Option<Duration>,
-    body: &[u8],
-    location: Option<&str>,
-) -> Failure {
+pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8], location: Option<&str>) -> Failure {
     let code = status.as_u16();
     let mut message = format!("HTTP {code}");
     if let Some(reason) = status.canonical_reason() {
@@ -105,10 +78,7 @@ pub fn classify(
     if let Some(to) = location.filter(|_| status.is_redirection()) {
         message.push_str(&format!(" (redirect to {to} not followed)"));
     }
-    let snippet: String = String::from_utf8_lossy(body)
-        .chars()
-        .take(ERROR_SNIPPET_CHARS)
-        .collect();
+    let snippet: String = String::from_utf8_lossy(body).chars().take(ERROR_SNIPPET_CHARS).collect();
     let snippet = snippet.trim();
     if !snippet.is_empty() {
         message.push_str(": ");
@@ -120,11 +90,7 @@ pub fn classify(
         300..=499 => Verdict::Reject,
         _ => Verdict::Retry { after: retry_after },
     };
-    Failure {
-        verdict,
-        status: Some(code),
-        message,
-    }
+    Failure { verdict, status: Some(code), message }
 }
 
 fn transport_failure(e: reqwest::Error, timeout: Duration) -> Failure {
@@ -137,11 +103,7 @@ fn transport_failure(e: reqwest::Error, timeout: Duration) -> Failure {
     } else {
         format!("request failed: {}", error_chain(&e))
     };
-    Failure {
-        verdict: Verdict::Retry { after: None },
-        status: None,
-        message,
-    }
+    Failure { verdict: Verdict::Retry { after: None }, status: None, message }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -202,35 +164,19 @@ mod tests {
     #[test]
     fn messages_carry_status_and_a_bounded_snippet() {
         let body = "x".repeat(10_000);
-        let f = classify(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            None,
-            body.as_bytes(),
-            None,
-        );
+        let f = classify(StatusCode::INTERNAL_SERVER_ERROR, None, body.as_bytes(), None);
         assert!(f.message.starts_with("HTTP 500 Internal Server Error: xxx"));
         assert!(f.message.len() < 300);
         let r = classify(StatusCode::FOUND, None, b"", Some("http://elsewhere/"));
-        assert!(r
-            .message
-            .contains("redirect to http://elsewhere/ not followed"));
+        assert!(r.message.contains("redirect to http://elsewhere/ not followed"));
     }
 
     #[test]
     fn retry_after_forms() {
         let now = 1_700_000_000;
-        assert_eq!(
-            parse_retry_after(&HeaderValue::from_static("7"), now),
-            Some(Duration::from_secs(7))
-        );
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("7"), now), Some(Duration::from_secs(7)));
         let date = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(now + 30));
-        assert_eq!(
-            parse_retry_after(&HeaderValue::from_str(&date).unwrap(), now),
-            Some(Duration::from_secs(30))
-        );
-        assert_eq!(
-            parse_retry_after(&HeaderValue::from_static("soon"), now),
-            None
-        );
+        assert_eq!(parse_retry_after(&HeaderValue::from_str(&date).unwrap(), now), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon"), now), None);
     }
 }

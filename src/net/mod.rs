@@ -78,8 +78,7 @@ pub struct Network {
 impl Network {
     /// Start the runtime. `wake` is called after every outcome is queued.
     pub fn start(threads: usize, wake: Waker) -> Result<Network, NetError> {
-        let client =
-            http::client().map_err(|e| NetError(format!("building the HTTP client: {e}")))?;
+        let client = http::client().map_err(|e| NetError(format!("building the HTTP client: {e}")))?;
         let runtime = with_signals_blocked(|| {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads.max(1))
@@ -112,11 +111,7 @@ impl Network {
                 });
             }
         });
-        Ok(Network {
-            runtime: Some(runtime),
-            jobs,
-            outcomes,
-        })
+        Ok(Network { runtime: Some(runtime), jobs, outcomes })
     }
 
     pub fn submit(&self, job: Job) {

@@ -21,8 +21,7 @@ struct Envelope<'a> {
 
 fn raw(json: &str) -> &RawValue {
     // Postgres produced this text from a jsonb value: it is valid JSON.
-    serde_json::from_str(json)
-        .unwrap_or_else(|_| serde_json::from_str("null").expect("null is JSON"))
+    serde_json::from_str(json).unwrap_or_else(|_| serde_json::from_str("null").expect("null is JSON"))
 }
 
 /// The JSON envelope of an event.
@@ -48,12 +47,7 @@ pub fn body(target: &Target, event: &Event) -> String {
 }
 
 /// Build the POST for one event. `now_unix` becomes `webhook-timestamp`.
-pub fn request(
-    client: &reqwest::Client,
-    target: &Target,
-    event: &Event,
-    now_unix: u64,
-) -> reqwest::RequestBuilder {
+pub fn request(client: &reqwest::Client, target: &Target, event: &Event, now_unix: u64) -> reqwest::RequestBuilder {
     let mut request = client
         .post(target.url.clone())
         .timeout(target.timeout)
@@ -86,11 +80,7 @@ mod tests {
 
     pub fn sample() -> Event {
         Event {
-            position: Position {
-                batch: 1,
-                txid: 10,
-                n: 1,
-            },
+            position: Position { batch: 1, txid: 10, n: 1 },
             id: "0190a0a0-0000-7000-8000-000000000001".into(),
             topic: "orders".into(),
             key: Some("o-1".into()),

@@ -118,19 +118,12 @@ impl EndpointState {
     }
 
     pub fn next_wake(&self) -> Option<Instant> {
-        [self.sched.next_wake(), self.hold_until]
-            .into_iter()
-            .flatten()
-            .min()
+        [self.sched.next_wake(), self.hold_until].into_iter().flatten().min()
     }
 
     pub fn on_success(&mut self, lane: &LaneId, now: SystemTime) {
         if let Some((_, event)) = self.sched.finish_head(lane) {
-            let ms = now
-                .duration_since(event.created)
-                .unwrap_or_default()
-                .as_secs_f64()
-                * 1000.0;
+            let ms = now.duration_since(event.created).unwrap_or_default().as_secs_f64() * 1000.0;
             if self.latencies.len() == LATENCY_SAMPLES {
                 self.latencies.pop_front();
             }
@@ -153,11 +146,9 @@ impl EndpointState {
         self.consecutive_failures += 1;
         let attempts = self.sched.attempts(lane) + 1;
         let opts = &self.config.options;
-        let age = SystemTime::now()
-            .duration_since(event.created)
-            .unwrap_or_default();
-        let exhausted = opts.max_attempts.is_some_and(|max| attempts >= max)
-            || opts.max_age.is_some_and(|max| age >= max);
+        let age = SystemTime::now().duration_since(event.created).unwrap_or_default();
+        let exhausted =
+            opts.max_attempts.is_some_and(|max| attempts >= max) || opts.max_age.is_some_and(|max| age >= max);
         self.last_error = Some(failure.message.clone());
         match failure.verdict {
             Verdict::Gone => {
@@ -169,12 +160,7 @@ impl EndpointState {
             Verdict::Reject => self.give_up(lane, event, attempts, failure),
             Verdict::Retry { .. } if exhausted => self.give_up(lane, event, attempts, failure),
             Verdict::Retry { after } => {
-                let delay = backoff(
-                    attempts,
-                    opts.backoff_base,
-                    opts.backoff_max,
-                    rand::random::<f64>(),
-                );
+                let delay = backoff(attempts, opts.backoff_base, opts.backoff_max, rand::random::<f64>());
                 let delay = after.map_or(delay, |a| a.max(delay));
                 if let Some(a) = after {
                     self.hold_until = Some(now + a);
@@ -199,10 +185,7 @@ impl EndpointState {
     /// where reading stopped when everything loaded is finished.
     pub fn cursor(&self) -> Cursor {
         match self.sched.first_unfinished() {
-            Some(p) => Cursor {
-                tick: p.batch - 1,
-                after: Some((p.txid, p.n - 1)),
-            },
+            Some(p) => Cursor { tick: p.batch - 1, after: Some((p.txid, p.n - 1)) },
             None => self.read,
         }
     }

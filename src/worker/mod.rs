@@ -14,9 +14,7 @@ use crate::guc;
 use crate::net::{self, Job, Network, Outcome};
 use crate::shmem;
 use endpoint::EndpointState;
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
-};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
@@ -87,8 +85,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     }
 
     let latch = unsafe { pg_sys::MyLatch } as usize;
-    let wake: net::Waker =
-        Arc::new(move || unsafe { set_latch_from_any_thread(latch as *mut pg_sys::Latch) });
+    let wake: net::Waker = Arc::new(move || unsafe { set_latch_from_any_thread(latch as *mut pg_sys::Latch) });
     let network = match Network::start(2, wake) {
         Ok(n) => n,
         Err(e) => {
@@ -153,9 +150,7 @@ impl Worker {
         if let Some(t) = self.error_pause_until {
             until = until.max(t);
         }
-        until
-            .saturating_duration_since(now)
-            .max(Duration::from_millis(1))
+        until.saturating_duration_since(now).max(Duration::from_millis(1))
     }
 
     fn step(&mut self) {
@@ -188,10 +183,7 @@ impl Worker {
         let now = Instant::now();
         let wall = SystemTime::now();
         for o in outcomes {
-            let Some(ep) = self
-                .endpoints
-                .iter_mut()
-                .find(|e| e.id == o.endpoint_id && e.generation == o.generation)
+            let Some(ep) = self.endpoints.iter_mut().find(|e| e.id == o.endpoint_id && e.generation == o.generation)
             else {
                 continue; // from state that was rebuilt since; the event is read again
             };
@@ -218,8 +210,7 @@ impl Worker {
         self.save_progress()?;
 
         let generation = shmem::config_generation(self.slot);
-        if self.config_generation != Some(generation) || self.last_reload.elapsed() >= RELOAD_EVERY
-        {
+        if self.config_generation != Some(generation) || self.last_reload.elapsed() >= RELOAD_EVERY {
             self.reload_endpoints()?;
             self.config_generation = Some(generation);
             self.last_reload = Instant::now();
@@ -259,11 +250,7 @@ impl Worker {
         // Marked saved now; if the commit fails the step's error path
         // drops all state and reloads it from the tables.
         for update in &updates {
-            if let Some(ep) = self
-                .endpoints
-                .iter_mut()
-                .find(|e| e.id == update.endpoint_id)
-            {
+            if let Some(ep) = self.endpoints.iter_mut().find(|e| e.id == update.endpoint_id) {
                 ep.saved(update);
             }
         }
@@ -274,13 +261,7 @@ impl Worker {
         let rows = store::load_endpoints()?;
         let mut next = Vec::with_capacity(rows.len());
         for row in rows {
-            let config = match config::Endpoint::parse(
-                &row.name,
-                &row.url,
-                &row.kind,
-                &row.topics,
-                &row.options,
-            ) {
+            let config = match config::Endpoint::parse(&row.name, &row.url, &row.kind, &row.topics, &row.options) {
                 Ok(c) => c,
                 Err(e) => {
                     pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name);
@@ -312,11 +293,7 @@ impl Worker {
         let max_bytes = guc::WINDOW_KB.get().max(1) as usize * 1024;
         // Make sure the ticks every endpoint reads between are at hand.
         let mut wanted: Vec<i64> = Vec::new();
-        for ep in self
-            .endpoints
-            .iter()
-            .filter(|e| e.read.tick < self.latest_tick)
-        {
+        for ep in self.endpoints.iter().filter(|e| e.read.tick < self.latest_tick) {
             for id in [ep.read.tick, ep.read.tick + 1] {
                 if !self.ticks.contains_key(&id) && !wanted.contains(&id) {
                     wanted.push(id);
@@ -339,9 +316,7 @@ impl Worker {
                     break;
                 }
                 let (lo_id, after) = (ep.read.tick, ep.read.after);
-                let (Some(lo), Some(hi)) =
-                    (self.tick(lo_id).cloned(), self.tick(lo_id + 1).cloned())
-                else {
+                let (Some(lo), Some(hi)) = (self.tick(lo_id).cloned(), self.tick(lo_id + 1).cloned()) else {
                     // Ticks are loaded above and only removed behind every
                     // cursor; a missing one means the tables changed under
                     // us: start over.
@@ -355,10 +330,7 @@ impl Worker {
                     ep.push(event);
                 }
                 if complete {
-                    ep.read = store::Cursor {
-                        tick: lo_id + 1,
-                        after: None,
-                    };
+                    ep.read = store::Cursor { tick: lo_id + 1, after: None };
                     if ep.read.tick + 1 > latest {
                         break;
                     }
@@ -372,12 +344,7 @@ impl Worker {
             }
         }
         // Forget ticks no endpoint reads from anymore.
-        let oldest = self
-            .endpoints
-            .iter()
-            .map(|e| e.read.tick)
-            .min()
-            .unwrap_or(latest);
+        let oldest = self.endpoints.iter().map(|e| e.read.tick).min().unwrap_or(latest);
         self.ticks.retain(|id, _| *id >= oldest);
         Ok(())
     }
@@ -420,11 +387,10 @@ fn transaction<R>(f: AssertUnwindSafe<impl FnOnce() -> R>) -> Result<R, String> 
     PgTryBuilder::new(body)
         .catch_others(|e| {
             let message = match &e {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
-                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
-                    ereport.message().to_string()
+                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                    r.message().to_string()
                 }
+                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
             };
             unsafe { pg_sys::AbortCurrentTransaction() };
             Err(message)

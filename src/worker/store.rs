@@ -67,11 +67,9 @@ fn client_err(e: pgrx::spi::SpiError) -> String {
 
 /// Whether `CREATE EXTENSION outbox` was run in this database.
 pub fn extension_installed() -> Result<bool, String> {
-    Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'outbox')",
-    )
-    .map(|b| b.unwrap_or(false))
-    .map_err(client_err)
+    Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'outbox')")
+        .map(|b| b.unwrap_or(false))
+        .map_err(client_err)
 }
 
 pub fn load_endpoints() -> Result<Vec<EndpointRow>, String> {
@@ -191,7 +189,11 @@ pub fn read_batch(
         for row in rows {
             let epoch: f64 = row.get(10)?.unwrap_or_default();
             out.push(Event {
-                position: Position { batch: hi.id, txid: row.get(1)?.unwrap_or_default(), n: row.get(2)?.unwrap_or_default() },
+                position: Position {
+                    batch: hi.id,
+                    txid: row.get(1)?.unwrap_or_default(),
+                    n: row.get(2)?.unwrap_or_default(),
+                },
                 id: row.get(3)?.unwrap_or_default(),
                 topic: row.get(4)?.unwrap_or_default(),
                 key: row.get(5)?,
@@ -276,11 +278,7 @@ pub fn insert_dead_letter(client: &mut SpiClient<'_>, d: &DeadLetter) -> SpiResu
     Ok(())
 }
 
-pub fn disable_endpoint(
-    client: &mut SpiClient<'_>,
-    endpoint_id: i32,
-    reason: &str,
-) -> SpiResult<()> {
+pub fn disable_endpoint(client: &mut SpiClient<'_>, endpoint_id: i32, reason: &str) -> SpiResult<()> {
     client.update(
         "UPDATE outbox.endpoints SET disabled_reason = $2, updated_at = now() WHERE id = $1",
         None,

@@ -126,10 +126,7 @@ impl Cluster {
 
     /// Stop with the given mode (`fast`, `immediate`, `smart`).
     pub fn stop(&self, mode: &str) {
-        check(
-            "pg_ctl stop",
-            self.pg_ctl().args(["-w", "-t", "60", "-m", mode, "stop"]).output().expect("pg_ctl runs"),
-        );
+        check("pg_ctl stop", self.pg_ctl().args(["-w", "-t", "60", "-m", mode, "stop"]).output().expect("pg_ctl runs"));
     }
 
     pub fn start_again(&self) {

@@ -31,7 +31,11 @@ impl Request {
 #[derive(Debug, Clone)]
 pub enum Reply {
     Status(u16),
-    Full { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    Full {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
     /// Wait, then answer.
     After(Duration, Box<Reply>),
     /// Never answer (until the client gives up).
