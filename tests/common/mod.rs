@@ -1,5 +1,5 @@
 //! Support for the end-to-end tests: a real cluster, a real HTTP receiver.
-#![allow(dead_code)] // each test binary uses a different part
+#![allow(dead_code, unused_imports)] // each test binary uses a different part
 
 pub mod cluster;
 pub mod receiver;

@@ -1,0 +1,54 @@
+# outbox: the two commands a person needs are `make demo` and `make test`.
+# Both install what is missing first (Debian packages, cargo-pgrx, pgrx's
+# pg_config registration); each step is a quick no-op when already done.
+
+PG_CONFIG    ?= /usr/lib/postgresql/15/bin/pg_config
+PGRX_VERSION := 0.18.0
+PACKAGES     := postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo
+
+ROOT  := $(shell [ "$$(id -u)" = 0 ] && echo yes)
+SUDO  := $(if $(ROOT),,sudo)
+# cargo pgrx test needs a user to run its test cluster as (Postgres refuses
+# root) and a data directory that user can write.
+RUNAS := $(if $(ROOT),postgres,$(shell id -un))
+PGRX_TEST_DATA ?= /tmp/outbox-pgrx-test-$(RUNAS)
+
+.PHONY: demo test setup install lint unit e2e
+
+demo: install
+	cargo run --quiet --example demo
+
+test: install lint unit e2e
+
+setup:
+	@missing=""; for p in $(PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "== installing Debian packages:$$missing"; \
+	    $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@cargo pgrx --version 2>/dev/null | grep -q "$(PGRX_VERSION)" || \
+	    { echo "== installing cargo-pgrx $(PGRX_VERSION) (a few minutes, once)"; \
+	      cargo install cargo-pgrx --version $(PGRX_VERSION) --locked; }
+	@grep -qs '^pg15 = "$(PG_CONFIG)"' $$HOME/.pgrx/config.toml || cargo pgrx init --pg15 $(PG_CONFIG)
+
+# Build and install the extension into the system PostgreSQL 15.
+install: setup
+	cargo pgrx install --pg-config $(PG_CONFIG) $(if $(ROOT),,--sudo)
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+# Unit tests and #[pg_test]s. cargo pgrx test installs a test build of the
+# extension; `install` puts the real one back for the end-to-end tests.
+unit: setup
+	@mkdir -p $(PGRX_TEST_DATA) && $(if $(ROOT),chown postgres:postgres $(PGRX_TEST_DATA),true)
+	cargo pgrx test pg15 --runas $(RUNAS) --pgdata $(PGRX_TEST_DATA)/data
+	$(MAKE) --no-print-directory install
+
+# pgrx-tests/ (pg_regress) and tests/ (real clusters, real HTTP receivers).
+e2e: install
+	cargo test --test '*'
