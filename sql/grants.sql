@@ -20,3 +20,5 @@ GRANT SELECT ON outbox.endpoints, outbox.progress, outbox.captures, outbox.stats
 -- outbox.capture runs with the caller's rights (creating a trigger needs
 -- ownership of the table), so it records its configuration itself.
 GRANT INSERT, UPDATE, DELETE ON outbox.captures TO outbox_admin;
+
+SELECT outbox._installed();

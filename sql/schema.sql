@@ -24,7 +24,12 @@ $roles$;
 
 CREATE SCHEMA IF NOT EXISTS outbox;
 
-CREATE TABLE outbox.events (
+-- Events live in two tables used in turn: outbox_emit writes into the
+-- current one; once every endpoint is past everything the other one holds,
+-- the worker empties it with TRUNCATE and later makes it current again
+-- (PgQ's table rotation). No event row is ever updated or deleted one by
+-- one, and the space comes back at once.
+CREATE TABLE outbox.events_0 (
     txid       bigint      NOT NULL,  -- top-level xid8 of the emitting transaction
     n          integer     NOT NULL,  -- emit order inside that transaction
     id         uuid        NOT NULL,  -- stable identity, sent with every delivery
@@ -36,6 +41,24 @@ CREATE TABLE outbox.events (
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (txid, n)
 );
+CREATE TABLE outbox.events_1 (LIKE outbox.events_0 INCLUDING ALL);
+
+CREATE VIEW outbox.events AS
+    SELECT * FROM outbox.events_0
+    UNION ALL
+    SELECT * FROM outbox.events_1;
+
+-- Which events table is current, and what the other one may still hold.
+CREATE TABLE outbox.rotation (
+    slot        smallint    PRIMARY KEY CHECK (slot IN (0, 1)),
+    current     boolean     NOT NULL,
+    since       timestamptz NOT NULL DEFAULT pg_catalog.now(),  -- became current
+    -- For the table that is not current: every event it holds has a txid
+    -- below this (a transaction id taken after the switch was published).
+    left_txid   bigint,
+    empty       boolean     NOT NULL DEFAULT true
+);
+INSERT INTO outbox.rotation (slot, current, empty) VALUES (0, true, false), (1, false, true);
 
 -- A tick is a snapshot taken by the worker: xmin, xmax and the in-progress
 -- list, as 64-bit transaction ids.
@@ -44,6 +67,9 @@ CREATE TABLE outbox.ticks (
     snap_xmin  bigint      NOT NULL,
     snap_xmax  bigint      NOT NULL,
     snap_xip   bigint[]    NOT NULL,
+    -- The batch's transactions in commit order; NULL for batches too large
+    -- to order (then txid order is used).
+    commit_order bigint[],
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
@@ -71,8 +97,8 @@ CREATE TABLE outbox.endpoints (
 CREATE TABLE outbox.progress (
     endpoint_id     integer     PRIMARY KEY REFERENCES outbox.endpoints (id) ON DELETE CASCADE,
     tick            bigint      NOT NULL,  -- batches up to this tick are finished
-    after_txid      bigint,                -- inside batch tick+1: finished up to (after_txid, after_n)
-    after_n         integer,
+    after_rank      bigint,                -- inside batch tick+1: finished up to (after_rank, after_n),
+    after_n         integer,               -- rank as in ticks.commit_order (or the txid)
     delivered       bigint      NOT NULL DEFAULT 0,
     failed_attempts bigint      NOT NULL DEFAULT 0,
     in_flight       integer     NOT NULL DEFAULT 0,

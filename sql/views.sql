@@ -16,7 +16,8 @@ AS $$
       ON (ev.txid >= lo.snap_xmax OR ev.txid = ANY (lo.snap_xip))
      AND ev.topic LIKE ANY (outbox._like_patterns(e.topics))
      AND NOT coalesce(ev.txid < hi.snap_xmax AND NOT ev.txid = ANY (hi.snap_xip)
-                      AND (ev.txid, ev.n) <= (p.after_txid, p.after_n), false)
+                      AND (coalesce(array_position(hi.commit_order, ev.txid)::bigint, ev.txid), ev.n)
+                          <= (p.after_rank, p.after_n), false)
     WHERE p.endpoint_id = _backlog.endpoint_id
 $$;
 

@@ -176,6 +176,15 @@ pub mod outbox {
         xact::note_config_changed();
     }
 
+    /// Run by CREATE EXTENSION: a worker that served an earlier
+    /// installation in this database must not steer emitters to its table.
+    #[pg_extern]
+    fn _installed() {
+        crate::shmem::forget_events_table(unsafe { pg_sys::MyDatabaseId });
+        // ...and make the worker look again once this commits.
+        xact::note_config_changed();
+    }
+
     /// Raise an error unless `topic` is a valid topic (used by capture()).
     #[pg_extern(immutable, parallel_safe)]
     fn _check_topic(topic: Option<&str>) {

@@ -34,12 +34,36 @@ COMMENT ON FUNCTION outbox_emit(text, jsonb, text, text, jsonb) IS
     requires = ["schema"]
 );
 
-const INSERT: &str = "INSERT INTO outbox.events (txid, n, id, topic, key, type, payload, headers) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+/// One INSERT per events table (see the rotation in sql/schema.sql).
+const INSERTS: [&str; 2] = [
+    "INSERT INTO outbox.events_0 (txid, n, id, topic, key, type, payload, headers) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    "INSERT INTO outbox.events_1 (txid, n, id, topic, key, type, payload, headers) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+];
+const CURRENT_TABLE: &str = "SELECT slot::int4 FROM outbox.rotation WHERE current";
+
+/// Statements planned once per backend.
+struct Plans {
+    current_table: OnceCell<OwnedPreparedStatement>,
+    inserts: [OnceCell<OwnedPreparedStatement>; 2],
+}
 
 thread_local! {
-    /// The INSERT, planned once per backend.
-    static PLAN: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    static PLANS: Plans = const {
+        Plans { current_table: OnceCell::new(), inserts: [OnceCell::new(), OnceCell::new()] }
+    };
+}
+
+fn kept<'a>(
+    client: &pgrx::spi::SpiClient<'_>,
+    cell: &'a OnceCell<OwnedPreparedStatement>,
+    sql: &str,
+    args: &[PgOid],
+) -> &'a OwnedPreparedStatement {
+    if cell.get().is_none() {
+        let plan = client.prepare_mut(sql, args).unwrap_or_else(|e| panic!("preparing {sql:?}: {e}")).keep();
+        let _ = cell.set(plan);
+    }
+    cell.get().expect("just set")
 }
 
 #[unsafe(no_mangle)]
@@ -95,8 +119,9 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
 
     // SAFETY: assigns a transaction id if the caller had none yet; the event
     // belongs to the caller's top-level transaction.
-    let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
-    let n = xact::next_event_number();
+    let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
+    let n = xact::next_event_number(txid);
+    let txid = txid as i64;
     let id = pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes());
 
     let text_arg = |i: usize| unsafe {
@@ -123,26 +148,29 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
     };
 
     Spi::connect_mut(|client| {
-        PLAN.with(|plan| {
-            let plan = match plan.get() {
-                Some(p) => p,
-                None => {
-                    let oids = [
-                        PgOid::from(pg_sys::INT8OID),
-                        PgOid::from(pg_sys::INT4OID),
-                        PgOid::from(pg_sys::UUIDOID),
-                        PgOid::from(pg_sys::TEXTOID),
-                        PgOid::from(pg_sys::TEXTOID),
-                        PgOid::from(pg_sys::TEXTOID),
-                        PgOid::from(pg_sys::JSONBOID),
-                        PgOid::from(pg_sys::JSONBOID),
-                    ];
-                    let prepared = client.prepare_mut(INSERT, &oids).expect("the outbox INSERT prepares").keep();
-                    let _ = plan.set(prepared);
-                    plan.get().expect("just set")
-                }
-            };
-            client.update(plan, None, &args).expect("insert into outbox.events");
+        PLANS.with(|plans| {
+            // The worker publishes the current table in shared memory;
+            // without a worker (or right after CREATE EXTENSION) ask the
+            // table. The transaction id was taken before this read: the
+            // rotation relies on that order.
+            let table = shmem::events_table(unsafe { pg_sys::MyDatabaseId }).unwrap_or_else(|| {
+                let plan = kept(client, &plans.current_table, CURRENT_TABLE, &[]);
+                let found = client.update(plan, Some(1), &[]).and_then(|t| t.first().get_one::<i32>());
+                found.ok().flatten().unwrap_or(0) as usize
+            });
+            let oids = [
+                PgOid::from(pg_sys::INT8OID),
+                PgOid::from(pg_sys::INT4OID),
+                PgOid::from(pg_sys::UUIDOID),
+                PgOid::from(pg_sys::TEXTOID),
+                PgOid::from(pg_sys::TEXTOID),
+                PgOid::from(pg_sys::TEXTOID),
+                PgOid::from(pg_sys::JSONBOID),
+                PgOid::from(pg_sys::JSONBOID),
+            ];
+            let table = table.min(1);
+            let plan = kept(client, &plans.inserts[table], INSERTS[table], &oids);
+            client.update(plan, None, &args).expect("insert into outbox events");
         })
     });
 

@@ -3,10 +3,15 @@
 use std::time::SystemTime;
 
 /// Where an event sits in the delivery order: its batch (the tick in which
-/// its transaction became visible), then its transaction and emit number.
+/// its transaction became visible), its transaction's rank in the batch's
+/// commit order, then its emit number in the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
     pub batch: i64,
+    /// Place in the batch's commit order (1, 2, ...), or the txid when the
+    /// batch was too large to order (see worker/commit_order.rs).
+    pub rank: i64,
+    /// Identifies the event together with `n`.
     pub txid: i64,
     pub n: i32,
 }

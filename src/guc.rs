@@ -18,6 +18,10 @@ pub static WINDOW_EVENTS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// Payload bytes one endpoint may hold in the worker's memory at once (kB).
 pub static WINDOW_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
+/// Delivered events are kept at least this long (seconds), then removed by
+/// table rotation.
+pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+
 pub fn init() {
     GucRegistry::define_string_guc(
         c"outbox.databases",
@@ -46,6 +50,16 @@ pub fn init() {
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.retention",
+        c"How long delivered events are kept before table rotation removes them.",
+        c"The worker switches events tables this often; the table it left is emptied once every endpoint is past it.",
+        &RETENTION_S,
+        1,
+        7 * 86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"outbox.window_events",

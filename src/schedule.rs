@@ -230,7 +230,7 @@ mod tests {
     use std::time::Duration;
 
     fn pos(n: i32) -> Position {
-        Position { batch: 1, txid: 100, n }
+        Position { batch: 1, rank: 1, txid: 100, n }
     }
 
     fn key(k: &str) -> LaneId {

@@ -3,7 +3,8 @@
 //! One slot per configured database. The worker publishes its PGPROC index
 //! in its slot; backends set that process's latch when they commit events or
 //! change endpoints (see xact.rs). A bumped `config_generation` tells the
-//! worker to reload endpoints.
+//! worker to reload endpoints. The worker also publishes which events table
+//! is current, so outbox_emit need not look it up (see worker/rotation.rs).
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
@@ -11,12 +12,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 pub const MAX_DATABASES: usize = 16;
 
-/// `procno + 1` of the running worker, 0 when none runs.
 #[derive(Default)]
 pub struct WorkerSlot {
     db_oid: AtomicU32,
+    /// `procno + 1` of the running worker, 0 when none runs.
     proc_plus_one: AtomicU32,
     config_generation: AtomicU64,
+    /// `1 + ` the events table outbox_emit writes into, 0 when unknown.
+    events_table_plus_one: AtomicU32,
 }
 
 // SAFETY: plain atomics, no pointers.
@@ -29,6 +32,7 @@ static AVAILABLE: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
     pg_shmem_init!(SLOTS);
+    pg_shmem_init!(COMMITS);
     AVAILABLE.store(true, Ordering::Relaxed);
 }
 
@@ -59,6 +63,31 @@ pub fn retract_worker(index: usize) {
     }
 }
 
+fn slot_of(db_oid: pg_sys::Oid) -> Option<&'static WorkerSlot> {
+    slots()?.iter().find(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32())
+}
+
+/// The events table outbox_emit writes into in `db_oid`, if a worker
+/// published it.
+pub fn events_table(db_oid: pg_sys::Oid) -> Option<usize> {
+    let v = slot_of(db_oid)?.events_table_plus_one.load(Ordering::Acquire);
+    (v > 0).then(|| v as usize - 1)
+}
+
+pub fn publish_events_table(index: usize, table: Option<usize>) {
+    if let Some(slots) = slots() {
+        slots[index].events_table_plus_one.store(table.map_or(0, |t| t as u32 + 1), Ordering::Release);
+    }
+}
+
+/// Forget the published table of `db_oid` (the extension was created anew:
+/// until its worker looks again, outbox_emit asks the table).
+pub fn forget_events_table(db_oid: pg_sys::Oid) {
+    if let Some(slot) = slot_of(db_oid) {
+        slot.events_table_plus_one.store(0, Ordering::Release);
+    }
+}
+
 pub fn config_generation(index: usize) -> u64 {
     slots().map_or(0, |s| s[index].config_generation.load(Ordering::Acquire))
 }
@@ -83,4 +112,56 @@ pub fn wake_worker(db_oid: pg_sys::Oid, config_changed: bool) {
             pg_sys::SetLatch(&raw mut (*proc).procLatch);
         }
     }
+}
+
+/// Commit order, as seen just before each commit.
+///
+/// Every transaction that emitted events takes the next sequence number in
+/// its pre-commit callback and writes its txid into the ring. Transactions
+/// that conflict (one waits for the other's row lock) reach pre-commit in
+/// their commit order, so the worker uses these numbers to order the
+/// transactions that became visible in the same tick (worker/commit_order.rs).
+pub const COMMIT_RING: usize = 16_384;
+
+#[derive(Default)]
+pub struct CommitSlot {
+    /// `seq + 1` of the entry written here, 0 when never written.
+    pub seq_plus_one: AtomicU64,
+    pub txid: AtomicU64,
+}
+
+// SAFETY: plain atomics.
+unsafe impl PGRXSharedMemory for CommitSlot {}
+
+pub struct CommitRing {
+    pub next: AtomicU64,
+    pub slots: [CommitSlot; COMMIT_RING],
+}
+
+// SAFETY: plain atomics.
+unsafe impl PGRXSharedMemory for CommitRing {}
+
+impl Default for CommitRing {
+    fn default() -> Self {
+        CommitRing { next: AtomicU64::new(0), slots: std::array::from_fn(|_| CommitSlot::default()) }
+    }
+}
+
+static COMMITS: PgAtomic<CommitRing> = unsafe { PgAtomic::new(c"outbox_commit_ring") };
+
+/// Record that `txid` is about to commit (pre-commit callback; must not fail).
+pub fn note_commit(txid: u64) {
+    if !available() {
+        return;
+    }
+    let ring = COMMITS.get();
+    let seq = ring.next.fetch_add(1, Ordering::AcqRel);
+    let slot = &ring.slots[(seq % COMMIT_RING as u64) as usize];
+    slot.txid.store(txid, Ordering::Relaxed);
+    slot.seq_plus_one.store(seq + 1, Ordering::Release);
+}
+
+/// The ring, for the worker to read (None when not preloaded).
+pub fn commit_ring() -> Option<&'static CommitRing> {
+    available().then(|| COMMITS.get())
 }

@@ -2,9 +2,10 @@
 //! worker.
 //!
 //! One raw transaction callback is registered per backend, the first time it
-//! emits an event or changes an endpoint. On commit it sets the worker's
-//! latch (after the commit is visible, so the worker finds the rows); on
-//! abort it only forgets. A rolled-back transaction wakes nobody.
+//! emits an event or changes an endpoint. Just before commit it records the
+//! transaction's place in the commit order; after commit it sets the
+//! worker's latch (the commit is visible by then, so the worker finds the
+//! rows); on abort it only forgets. A rolled-back transaction wakes nobody.
 
 use crate::shmem;
 use pgrx::pg_sys;
@@ -17,6 +18,8 @@ thread_local! {
     /// of each event's sequence number inside its transaction.
     static EMITTED: Cell<i32> = const { Cell::new(0) };
     static CONFIG_CHANGED: Cell<bool> = const { Cell::new(false) };
+    /// The top-level transaction id the events were emitted under.
+    static TXID: Cell<u64> = const { Cell::new(0) };
 }
 
 fn ensure_registered() {
@@ -27,10 +30,11 @@ fn ensure_registered() {
     }
 }
 
-/// Record one more event in this transaction; returns its sequence number
-/// (1, 2, ...) inside the transaction.
-pub fn next_event_number() -> i32 {
+/// Record one more event of transaction `txid`; returns its sequence
+/// number (1, 2, ...) inside the transaction.
+pub fn next_event_number(txid: u64) -> i32 {
     ensure_registered();
+    TXID.set(txid);
     let n = EMITTED.get().checked_add(1).unwrap_or_else(|| {
         crate::error::SqlError::new(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
@@ -53,6 +57,9 @@ pub fn note_config_changed() {
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
+        // Last moment before the commit record: take a place in the commit
+        // order (see shmem::note_commit).
+        XACT_EVENT_PRE_COMMIT if EMITTED.get() > 0 => shmem::note_commit(TXID.get()),
         XACT_EVENT_COMMIT => {
             let emitted = EMITTED.replace(0) > 0;
             let changed = CONFIG_CHANGED.replace(false);

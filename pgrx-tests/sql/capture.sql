@@ -2,7 +2,7 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
 CREATE EXTENSION IF NOT EXISTS outbox;
-TRUNCATE outbox.events;
+TRUNCATE outbox.events_0, outbox.events_1;
 
 CREATE TABLE orders (id int PRIMARY KEY, customer text, total numeric, note text);
 SELECT outbox.capture('orders');
@@ -16,7 +16,7 @@ BEGIN;
 INSERT INTO orders VALUES (3, 'rolled', 0, NULL);
 ROLLBACK;
 SELECT topic, key, type, payload FROM outbox.events ORDER BY txid, n;
-TRUNCATE outbox.events;
+TRUNCATE outbox.events_0, outbox.events_1;
 
 -- Chosen columns, operations, a condition and a composite key.
 SELECT outbox.capture('orders', topic => 'orders.big', key_columns => '{customer,id}',
@@ -27,7 +27,7 @@ UPDATE orders SET note = 'only note changed', total = 500 WHERE id = 5;
 UPDATE orders SET total = 600 WHERE id = 5;
 DELETE FROM orders WHERE id = 5;
 SELECT topic, key, type, payload FROM outbox.events ORDER BY txid, n;
-TRUNCATE outbox.events;
+TRUNCATE outbox.events_0, outbox.events_1;
 
 SELECT outbox.uncapture('orders');
 INSERT INTO orders VALUES (6, 'ed', 1000, NULL);

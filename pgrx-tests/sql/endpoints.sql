@@ -36,7 +36,7 @@ SELECT outbox.drop_endpoint('billing');
 SELECT count(*) FROM outbox.endpoints;
 SELECT count(*) FROM outbox.events;
 SELECT count(*) FROM outbox.stats;
-INSERT INTO outbox.events (txid, n, id, topic, payload, headers) VALUES (1, 1, gen_random_uuid(), 'x', '{}', '{}');
+INSERT INTO outbox.events_0 (txid, n, id, topic, payload, headers) VALUES (1, 1, gen_random_uuid(), 'x', '{}', '{}');
 RESET ROLE;
 
 SET ROLE regress_nobody;

@@ -80,7 +80,7 @@ mod tests {
 
     pub fn sample() -> Event {
         Event {
-            position: Position { batch: 1, txid: 10, n: 1 },
+            position: Position { batch: 1, rank: 1, txid: 10, n: 1 },
             id: "0190a0a0-0000-7000-8000-000000000001".into(),
             topic: "orders".into(),
             key: Some("o-1".into()),

@@ -101,7 +101,7 @@ impl EndpointState {
         let lane = LaneId::of(event.key.as_deref(), event.position);
         let position = event.position;
         let size = event.size();
-        self.read.after = Some((position.txid, position.n));
+        self.read.after = Some((position.rank, position.n));
         self.sched.push(lane, position, Arc::new(event), size);
     }
 
@@ -185,7 +185,7 @@ impl EndpointState {
     /// where reading stopped when everything loaded is finished.
     pub fn cursor(&self) -> Cursor {
         match self.sched.first_unfinished() {
-            Some(p) => Cursor { tick: p.batch - 1, after: Some((p.txid, p.n - 1)) },
+            Some(p) => Cursor { tick: p.batch - 1, after: Some((p.rank, p.n - 1)) },
             None => self.read,
         }
     }

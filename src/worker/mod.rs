@@ -6,7 +6,9 @@
 //! and finally hands ready events to the network side. It never holds a
 //! transaction or snapshot while requests are in flight.
 
+mod commit_order;
 mod endpoint;
+mod rotation;
 mod store;
 
 use crate::config;
@@ -27,9 +29,10 @@ use store::Tick;
 const READ_PER_STEP: usize = 5_000;
 /// Rows per read query.
 const PAGE: usize = 1_000;
-/// How often delivered events are cleaned up.
-const CLEANUP_EVERY: Duration = Duration::from_secs(1);
-const CLEANUP_BATCH: i64 = 50_000;
+/// Ticks held in memory beyond the oldest one an endpoint reads from.
+const MAX_TICKS_LOADED: i64 = 10_000;
+/// How often rotation and tick cleanup run.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 /// Endpoint rows are re-read at least this often, even unasked.
 const RELOAD_EVERY: Duration = Duration::from_secs(10);
 
@@ -113,11 +116,13 @@ struct Worker {
     endpoints: Vec<EndpointState>,
     ticks: HashMap<i64, Tick>,
     latest_tick: i64,
+    last_tick: Instant,
+    commit_order: commit_order::CommitOrder,
     installed: bool,
     config_generation: Option<u64>,
     next_generation: u64,
     last_reload: Instant,
-    last_cleanup: Instant,
+    last_maintenance: Instant,
     /// After an error, wait this long before trying again.
     error_pause_until: Option<Instant>,
 }
@@ -130,11 +135,13 @@ impl Worker {
             endpoints: Vec::new(),
             ticks: HashMap::new(),
             latest_tick: 0,
+            last_tick: Instant::now(),
+            commit_order: commit_order::CommitOrder::default(),
             installed: false,
             config_generation: None,
             next_generation: 1,
             last_reload: Instant::now(),
-            last_cleanup: Instant::now(),
+            last_maintenance: Instant::now(),
             error_pause_until: None,
         }
     }
@@ -176,6 +183,21 @@ impl Worker {
             }
         }
         self.dispatch(Instant::now());
+
+        if self.installed && self.last_maintenance.elapsed() >= MAINTAIN_EVERY {
+            self.last_maintenance = Instant::now();
+            let retention = guc::RETENTION_S.get().max(1) as f64;
+            let slot = self.slot;
+            match transaction(AssertUnwindSafe(|| {
+                rotation::drop_old_ticks()?;
+                rotation::maintain(slot, retention)
+            })) {
+                Ok(Ok(Some(what))) => pgrx::debug1!("outbox worker: {what}"),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => pgrx::warning!("outbox worker: table maintenance: {e}"),
+                Err(e) => pgrx::warning!("outbox worker: table maintenance: {e}"),
+            }
+        }
     }
 
     fn apply_outcomes(&mut self) {
@@ -206,23 +228,20 @@ impl Worker {
             }
             self.installed = true;
             self.config_generation = None;
+            self.latest_tick = store::latest_tick()?;
         }
         self.save_progress()?;
 
         let generation = shmem::config_generation(self.slot);
         if self.config_generation != Some(generation) || self.last_reload.elapsed() >= RELOAD_EVERY {
+            rotation::publish_current(self.slot).map_err(|e| e.to_string())?;
             self.reload_endpoints()?;
             self.config_generation = Some(generation);
             self.last_reload = Instant::now();
         }
 
-        self.latest_tick = store::take_tick()?;
+        self.tick()?;
         self.read_events()?;
-
-        if self.last_cleanup.elapsed() >= CLEANUP_EVERY {
-            self.last_cleanup = Instant::now();
-            store::cleanup(CLEANUP_BATCH)?;
-        }
         Ok(())
     }
 
@@ -284,67 +303,72 @@ impl Worker {
         Ok(())
     }
 
-    fn tick(&self, id: i64) -> Option<&Tick> {
-        self.ticks.get(&id)
+    /// Take a tick when an endpoint has read everything up to the latest
+    /// one (more ticks would only cut the backlog into smaller batches), or
+    /// now and then so rotation's horizon moves even without endpoints.
+    fn tick(&mut self) -> Result<(), String> {
+        let poll = Duration::from_millis(guc::POLL_INTERVAL_MS.get().max(10) as u64);
+        let caught_up = self.endpoints.iter().any(|e| e.active && e.read.tick >= self.latest_tick);
+        if !caught_up && self.last_tick.elapsed() < poll {
+            return Ok(());
+        }
+        let order = &mut self.commit_order;
+        let latest = store::take_tick(|txids| {
+            if txids.len() > commit_order::MAX_ORDERED {
+                return false;
+            }
+            if let Some(ring) = shmem::commit_ring() {
+                order.read(ring);
+            }
+            order.sort(txids);
+            true
+        })?;
+        self.latest_tick = latest;
+        self.last_tick = Instant::now();
+        Ok(())
     }
 
     fn read_events(&mut self) -> Result<(), String> {
         let max_events = guc::WINDOW_EVENTS.get().max(1) as usize;
         let max_bytes = guc::WINDOW_KB.get().max(1) as usize * 1024;
-        // Make sure the ticks every endpoint reads between are at hand.
-        let mut wanted: Vec<i64> = Vec::new();
-        for ep in self.endpoints.iter().filter(|e| e.read.tick < self.latest_tick) {
-            for id in [ep.read.tick, ep.read.tick + 1] {
-                if !self.ticks.contains_key(&id) && !wanted.contains(&id) {
-                    wanted.push(id);
-                }
-            }
-        }
-        if !wanted.is_empty() {
-            for t in store::load_ticks(&wanted)? {
+        let latest = self.latest_tick;
+        let Some(oldest) = self.endpoints.iter().filter(|e| e.active).map(|e| e.read.tick).min() else {
+            return Ok(());
+        };
+        // The ticks endpoints read between, from the oldest position on
+        // (bounded: an endpoint far behind catches up step by step).
+        let missing: Vec<i64> =
+            (oldest..=latest.min(oldest + MAX_TICKS_LOADED)).filter(|id| !self.ticks.contains_key(id)).collect();
+        if !missing.is_empty() {
+            for t in store::load_ticks(&missing)? {
                 self.ticks.insert(t.id, t);
             }
         }
 
-        let latest = self.latest_tick;
-        for i in 0..self.endpoints.len() {
+        for ep in self.endpoints.iter_mut().filter(|e| e.active) {
             let mut budget = READ_PER_STEP;
             loop {
-                let ep = &self.endpoints[i];
                 let room = ep.window_room(max_events, max_bytes).min(budget).min(PAGE);
-                if !ep.active || room == 0 || ep.read.tick >= latest {
+                if room == 0 || ep.read.tick >= latest {
                     break;
                 }
-                let (lo_id, after) = (ep.read.tick, ep.read.after);
-                let (Some(lo), Some(hi)) = (self.tick(lo_id).cloned(), self.tick(lo_id + 1).cloned()) else {
-                    // Ticks are loaded above and only removed behind every
-                    // cursor; a missing one means the tables changed under
-                    // us: start over.
-                    return Err(format!("tick {lo_id} or {} is missing", lo_id + 1));
+                let lo_id = ep.read.tick;
+                let (Some(lo), Some(hi)) = (self.ticks.get(&lo_id), self.ticks.get(&(lo_id + 1))) else {
+                    break; // beyond what is loaded: next step
                 };
-                let events = store::read_batch(&lo, &hi, after, &ep.like, room as i64)?;
+                let events = store::read_batch(lo, hi, ep.read.after, &ep.like, room as i64)?;
                 let complete = events.len() < room;
                 budget -= events.len();
-                let ep = &mut self.endpoints[i];
                 for event in events {
                     ep.push(event);
                 }
                 if complete {
                     ep.read = store::Cursor { tick: lo_id + 1, after: None };
-                    if ep.read.tick + 1 > latest {
-                        break;
-                    }
-                    if !self.ticks.contains_key(&(ep.read.tick + 1)) {
-                        let next = ep.read.tick + 1;
-                        for t in store::load_ticks(&[next])? {
-                            self.ticks.insert(t.id, t);
-                        }
-                    }
                 }
             }
         }
         // Forget ticks no endpoint reads from anymore.
-        let oldest = self.endpoints.iter().map(|e| e.read.tick).min().unwrap_or(latest);
+        let oldest = self.endpoints.iter().filter(|e| e.active).map(|e| e.read.tick).min().unwrap_or(latest);
         self.ticks.retain(|id, _| *id >= oldest);
         Ok(())
     }

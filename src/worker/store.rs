@@ -8,16 +8,18 @@ use pgrx::spi::{SpiClient, SpiResult};
 use pgrx::JsonB;
 use std::time::{Duration, SystemTime};
 
-/// A tick: which transactions had committed when the worker looked.
+/// A tick: which transactions had committed when the worker looked, and
+/// the commit order of those that became visible since the previous tick.
 #[derive(Debug, Clone)]
 pub struct Tick {
     pub id: i64,
     pub xmax: i64,
     pub xip: Vec<i64>,
+    pub order: Option<Vec<i64>>,
 }
 
 /// "Batches up to `tick` are done; inside batch `tick + 1`, everything up
-/// to and including `after` is done."
+/// to and including position `after` = (rank, n) is done."
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     pub tick: i64,
@@ -77,7 +79,7 @@ pub fn load_endpoints() -> Result<Vec<EndpointRow>, String> {
         let rows = client.select(
             "SELECT e.id, e.name, e.url, e.kind, e.topics, outbox._like_patterns(e.topics), e.options,
                     NOT e.paused AND e.disabled_reason IS NULL,
-                    p.tick, p.after_txid, p.after_n
+                    p.tick, p.after_rank, p.after_n
              FROM outbox.endpoints AS e JOIN outbox.progress AS p ON p.endpoint_id = e.id
              ORDER BY e.id",
             None,
@@ -106,33 +108,75 @@ pub fn load_endpoints() -> Result<Vec<EndpointRow>, String> {
     .map_err(client_err)
 }
 
-/// Take a new tick when events committed since the last one; returns the
-/// latest tick id either way.
-pub fn take_tick() -> Result<i64, String> {
-    Spi::get_one::<i64>(
-        "WITH last AS (SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER BY id DESC LIMIT 1),
-              cur AS (SELECT pg_snapshot_xmin(s)::text::bigint AS xmin,
-                             pg_snapshot_xmax(s)::text::bigint AS xmax,
-                             ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(s) AS x) AS xip
-                      FROM pg_current_snapshot() AS s),
-              new AS (
-                 INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, snap_xip)
-                 SELECT last.id + 1, cur.xmin, cur.xmax, cur.xip FROM last, cur
-                 WHERE EXISTS (SELECT FROM outbox.events AS e
-                               WHERE e.txid >= last.snap_xmax AND e.txid < cur.xmax AND NOT e.txid = ANY (cur.xip))
-                    OR EXISTS (SELECT FROM outbox.events AS e
-                               WHERE e.txid = ANY (last.snap_xip) AND NOT e.txid = ANY (cur.xip))
-                 RETURNING id)
-         SELECT coalesce((SELECT id FROM new), (SELECT id FROM last))",
-    )
-    .map(|id| id.unwrap_or(0))
+/// The latest tick's id.
+pub fn latest_tick() -> Result<i64, String> {
+    Spi::get_one::<i64>("SELECT max(id) FROM outbox.ticks").map(|id| id.unwrap_or(0)).map_err(client_err)
+}
+
+/// Take a new tick if events committed since the last one; returns the
+/// latest tick id either way. `order` sorts the new batch's transactions
+/// into commit order; it is consulted after the snapshot is taken, so it
+/// knows every transaction the snapshot sees as committed.
+pub fn take_tick(order: impl FnOnce(&mut Vec<i64>) -> bool) -> Result<i64, String> {
+    Spi::connect_mut(|client| {
+        let row = client
+            .select(
+                "SELECT last.id, last.snap_xmax, last.snap_xip,
+                        pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
+                        ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(s) AS x)
+                 FROM (SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER BY id DESC LIMIT 1) AS last,
+                      pg_current_snapshot() AS s",
+                Some(1),
+                &[],
+            )?
+            .first();
+        let last_id: i64 = row.get(1)?.unwrap_or(0);
+        let last_xmax: i64 = row.get(2)?.unwrap_or(0);
+        let last_xip: Vec<i64> = row.get(3)?.unwrap_or_default();
+        let (xmin, xmax, xip): (i64, i64, Vec<i64>) =
+            (row.get(4)?.unwrap_or(0), row.get(5)?.unwrap_or(0), row.get(6)?.unwrap_or_default());
+        // Transactions whose events became visible since the last tick
+        // (one more than we order, to know when there are too many).
+        let mut txids: Vec<i64> = client
+            .select(
+                "SELECT ARRAY(
+                     SELECT DISTINCT txid FROM (
+                         SELECT txid FROM outbox.events WHERE txid = ANY ($2)
+                         UNION ALL
+                         SELECT txid FROM outbox.events WHERE txid >= $1 AND txid < $3) AS e
+                     WHERE NOT txid = ANY ($4)
+                     LIMIT $5)",
+                Some(1),
+                &[
+                    last_xmax.into(),
+                    last_xip.into(),
+                    xmax.into(),
+                    xip.clone().into(),
+                    (super::commit_order::MAX_ORDERED as i64 + 1).into(),
+                ],
+            )?
+            .first()
+            .get_one()?
+            .unwrap_or_default();
+        if txids.is_empty() {
+            return Ok(last_id);
+        }
+        let ordered = order(&mut txids);
+        let commit_order: Option<Vec<i64>> = ordered.then_some(txids);
+        client.update(
+            "INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, snap_xip, commit_order) VALUES ($1, $2, $3, $4, $5)",
+            None,
+            &[(last_id + 1).into(), xmin.into(), xmax.into(), xip.into(), commit_order.into()],
+        )?;
+        SpiResult::Ok(last_id + 1)
+    })
     .map_err(client_err)
 }
 
 pub fn load_ticks(ids: &[i64]) -> Result<Vec<Tick>, String> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT id, snap_xmax, snap_xip FROM outbox.ticks WHERE id = ANY ($1)",
+            "SELECT id, snap_xmax, snap_xip, commit_order FROM outbox.ticks WHERE id = ANY ($1)",
             None,
             &[ids.to_vec().into()],
         )?;
@@ -142,6 +186,7 @@ pub fn load_ticks(ids: &[i64]) -> Result<Vec<Tick>, String> {
                 id: row.get(1)?.unwrap_or_default(),
                 xmax: row.get(2)?.unwrap_or_default(),
                 xip: row.get(3)?.unwrap_or_default(),
+                order: row.get(4)?,
             });
         }
         SpiResult::Ok(out)
@@ -149,8 +194,13 @@ pub fn load_ticks(ids: &[i64]) -> Result<Vec<Tick>, String> {
     .map_err(client_err)
 }
 
+const EVENT_COLUMNS: &str = "e.txid, e.n, e.id::text, e.topic, e.key, e.type, e.payload::text, e.headers::text,
+    to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+    extract(epoch FROM e.created_at)::float8";
+
 /// Events of the batch between ticks `lo` and `hi` (committed after `lo`,
-/// visible at `hi`) that match `like`, after position `after`, in order.
+/// visible at `hi`) that match `like`, after position `after` = (rank, n),
+/// in order.
 pub fn read_batch(
     lo: &Tick,
     hi: &Tick,
@@ -158,49 +208,66 @@ pub fn read_batch(
     like: &[String],
     limit: i64,
 ) -> Result<Vec<Event>, String> {
-    let (after_txid, after_n) = after.unwrap_or((-1, 0));
+    let (after_rank, after_n) = after.unwrap_or((-1, 0));
     Spi::connect(|client| {
-        let rows = client.select(
-            // Two index ranges: transactions in progress at `lo`, and those
-            // that started after it. Neither scans events `lo` already saw,
-            // however long ago an open transaction elsewhere began.
-            "SELECT e.txid, e.n, e.id::text, e.topic, e.key, e.type, e.payload::text, e.headers::text,
-                    to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                    extract(epoch FROM e.created_at)::float8
-             FROM (SELECT * FROM outbox.events WHERE txid = ANY ($1) AND (txid, n) > ($4, $5)
-                   UNION ALL
-                   SELECT * FROM outbox.events WHERE txid >= $2 AND txid < $3 AND (txid, n) > ($4, $5)) AS e
-             WHERE NOT e.txid = ANY ($6) AND e.topic LIKE ANY ($7)
-             ORDER BY e.txid, e.n
-             LIMIT $8",
-            None,
-            &[
-                lo.xip.clone().into(),
-                lo.xmax.into(),
-                hi.xmax.into(),
-                after_txid.into(),
-                after_n.into(),
-                hi.xip.clone().into(),
-                like.to_vec().into(),
-                limit.into(),
-            ],
-        )?;
+        let rows = match &hi.order {
+            // The batch's transactions in commit order, each read by index.
+            Some(order) => client.select(
+                &format!(
+                    "SELECT o.rank, {EVENT_COLUMNS}
+                     FROM unnest($1::bigint[]) WITH ORDINALITY AS o(txid, rank)
+                     JOIN outbox.events AS e ON e.txid = o.txid
+                     WHERE (o.rank, e.n) > ($2, $3) AND e.topic LIKE ANY ($4)
+                     ORDER BY o.rank, e.n
+                     LIMIT $5"
+                ),
+                None,
+                &[order.clone().into(), after_rank.into(), after_n.into(), like.to_vec().into(), limit.into()],
+            )?,
+            // Too large to order: txid order. Two index ranges, transactions
+            // in progress at `lo` and those that started after it; neither
+            // scans events `lo` already saw, however long ago an open
+            // transaction elsewhere began.
+            None => client.select(
+                &format!(
+                    "SELECT e.txid, {EVENT_COLUMNS}
+                     FROM (SELECT * FROM outbox.events WHERE txid = ANY ($1) AND (txid, n) > ($4, $5)
+                           UNION ALL
+                           SELECT * FROM outbox.events WHERE txid >= $2 AND txid < $3 AND (txid, n) > ($4, $5)) AS e
+                     WHERE NOT e.txid = ANY ($6) AND e.topic LIKE ANY ($7)
+                     ORDER BY e.txid, e.n
+                     LIMIT $8"
+                ),
+                None,
+                &[
+                    lo.xip.clone().into(),
+                    lo.xmax.into(),
+                    hi.xmax.into(),
+                    after_rank.into(),
+                    after_n.into(),
+                    hi.xip.clone().into(),
+                    like.to_vec().into(),
+                    limit.into(),
+                ],
+            )?,
+        };
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let epoch: f64 = row.get(10)?.unwrap_or_default();
+            let epoch: f64 = row.get(11)?.unwrap_or_default();
             out.push(Event {
                 position: Position {
                     batch: hi.id,
-                    txid: row.get(1)?.unwrap_or_default(),
-                    n: row.get(2)?.unwrap_or_default(),
+                    rank: row.get(1)?.unwrap_or_default(),
+                    txid: row.get(2)?.unwrap_or_default(),
+                    n: row.get(3)?.unwrap_or_default(),
                 },
-                id: row.get(3)?.unwrap_or_default(),
-                topic: row.get(4)?.unwrap_or_default(),
-                key: row.get(5)?,
-                event_type: row.get(6)?,
-                payload: row.get(7)?.unwrap_or_else(|| "null".into()),
-                headers: row.get(8)?.unwrap_or_else(|| "{}".into()),
-                timestamp: row.get(9)?.unwrap_or_default(),
+                id: row.get(4)?.unwrap_or_default(),
+                topic: row.get(5)?.unwrap_or_default(),
+                key: row.get(6)?,
+                event_type: row.get(7)?,
+                payload: row.get(8)?.unwrap_or_else(|| "null".into()),
+                headers: row.get(9)?.unwrap_or_else(|| "{}".into()),
+                timestamp: row.get(10)?.unwrap_or_default(),
                 created: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0)),
             });
         }
@@ -210,7 +277,7 @@ pub fn read_batch(
 }
 
 pub fn save_progress(client: &mut SpiClient<'_>, u: &ProgressUpdate) -> SpiResult<()> {
-    let (tick, after_txid, after_n) = match u.cursor {
+    let (tick, after_rank, after_n) = match u.cursor {
         Some(c) => (Some(c.tick), c.after.map(|a| a.0), c.after.map(|a| a.1)),
         None => (None, None, None),
     };
@@ -221,7 +288,7 @@ pub fn save_progress(client: &mut SpiClient<'_>, u: &ProgressUpdate) -> SpiResul
     client.update(
         "UPDATE outbox.progress SET
              tick = coalesce($2, tick),
-             after_txid = CASE WHEN $2 IS NULL THEN after_txid ELSE $3 END,
+             after_rank = CASE WHEN $2 IS NULL THEN after_rank ELSE $3 END,
              after_n = CASE WHEN $2 IS NULL THEN after_n ELSE $4 END,
              delivered = delivered + $5,
              failed_attempts = failed_attempts + $6,
@@ -238,7 +305,7 @@ pub fn save_progress(client: &mut SpiClient<'_>, u: &ProgressUpdate) -> SpiResul
         &[
             u.endpoint_id.into(),
             tick.into(),
-            after_txid.into(),
+            after_rank.into(),
             after_n.into(),
             u.delivered.into(),
             u.failed_attempts.into(),
@@ -254,7 +321,7 @@ pub fn save_progress(client: &mut SpiClient<'_>, u: &ProgressUpdate) -> SpiResul
 }
 
 /// Copy a dead event into `outbox.parked` (it is still in outbox.events:
-/// cleanup only removes what every persisted cursor has passed).
+/// rotation only empties a table every persisted cursor has passed).
 pub fn insert_dead_letter(client: &mut SpiClient<'_>, d: &DeadLetter) -> SpiResult<()> {
     client.update(
         "INSERT INTO outbox.parked (endpoint_id, event_id, txid, n, topic, key, type, payload, headers,
@@ -285,41 +352,4 @@ pub fn disable_endpoint(client: &mut SpiClient<'_>, endpoint_id: i32, reason: &s
         &[endpoint_id.into(), reason.into()],
     )?;
     Ok(())
-}
-
-/// Remove events every endpoint has finished, and ticks no cursor needs.
-/// Bounded work per call; returns the number of events removed.
-pub fn cleanup(batch: i64) -> Result<i64, String> {
-    Spi::connect_mut(|client| {
-        // Events below the xmin of the oldest tick any endpoint still
-        // reads from are committed-and-seen (or aborted) for all of them.
-        let removed = client
-            .update(
-                "WITH horizon AS (
-                     SELECT min(t.snap_xmin) AS xmin
-                     FROM outbox.ticks AS t
-                     WHERE t.id = (SELECT coalesce(min(p.tick), (SELECT max(id) FROM outbox.ticks))
-                                   FROM outbox.progress AS p)),
-                 gone AS (
-                     DELETE FROM outbox.events
-                     WHERE ctid = ANY (ARRAY(SELECT ctid FROM outbox.events, horizon
-                                             WHERE txid < horizon.xmin LIMIT $1))
-                     RETURNING 1)
-                 SELECT count(*) FROM gone",
-                None,
-                &[batch.into()],
-            )?
-            .first()
-            .get_one::<i64>()?
-            .unwrap_or(0);
-        client.update(
-            "DELETE FROM outbox.ticks
-             WHERE id < (SELECT coalesce(min(p.tick), (SELECT max(id) FROM outbox.ticks)) FROM outbox.progress AS p)
-               AND id < (SELECT max(id) FROM outbox.ticks)",
-            None,
-            &[],
-        )?;
-        SpiResult::Ok(removed)
-    })
-    .map_err(client_err)
 }
