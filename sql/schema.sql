@@ -135,23 +135,34 @@ AS $$
     FROM unnest(globs) WITH ORDINALITY AS u(g, ord)
 $$;
 
--- Events an endpoint could not take: a copy of the event with what went
--- wrong. Shown by the outbox.dead_letters view.
+-- Events taken out of the stream for one endpoint: those that failed for
+-- a while and held up the worker's window, the events of their key queued
+-- behind them, and dead letters. A copy of the event, so table rotation
+-- never has to wait for them. Rows of one key are delivered in `seq` order.
+CREATE SEQUENCE outbox.parked_seq;
 CREATE TABLE outbox.parked (
-    endpoint_id  integer     NOT NULL REFERENCES outbox.endpoints (id) ON DELETE CASCADE,
-    event_id     uuid        NOT NULL,
-    txid         bigint      NOT NULL,
-    n            integer     NOT NULL,
-    topic        text        NOT NULL,
-    key          text,
-    type         text,
-    payload      jsonb       NOT NULL,
-    headers      jsonb       NOT NULL,
-    created_at   timestamptz NOT NULL,
-    state        text        NOT NULL CHECK (state IN ('dead')),
-    attempts     integer     NOT NULL,
-    last_status  integer,
-    last_error   text,
-    failed_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    endpoint_id     integer     NOT NULL REFERENCES outbox.endpoints (id) ON DELETE CASCADE,
+    event_id        uuid        NOT NULL,
+    seq             bigint      NOT NULL DEFAULT nextval('outbox.parked_seq'),
+    batch           bigint      NOT NULL,  -- original position in the stream
+    rank            bigint      NOT NULL,
+    txid            bigint      NOT NULL,
+    n               integer     NOT NULL,
+    topic           text        NOT NULL,
+    key             text,
+    type            text,
+    payload         jsonb       NOT NULL,
+    headers         jsonb       NOT NULL,
+    created_at      timestamptz NOT NULL,
+    -- pending: to be delivered (its lane's first row is tried at
+    -- next_attempt_at); dead: given up, see outbox.dead_letters.
+    state           text        NOT NULL CHECK (state IN ('pending', 'dead')),
+    attempts        integer     NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz,
+    last_status     integer,
+    last_error      text,
+    parked_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    failed_at       timestamptz,
     PRIMARY KEY (endpoint_id, event_id)
 );
+CREATE INDEX parked_lane ON outbox.parked (endpoint_id, key, seq);

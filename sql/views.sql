@@ -28,22 +28,28 @@ SELECT e.name AS endpoint,
        CASE WHEN e.disabled_reason IS NOT NULL THEN 'disabled'
             WHEN e.paused THEN 'paused'
             ELSE 'active' END AS state,
-       b.pending,
+       b.pending + k.pending AS pending,
        p.in_flight,
        p.delivered,
-       p.retrying AS failing,
+       p.retrying + k.retrying AS retrying,
        p.failed_attempts,
-       now() - b.oldest AS oldest_pending_age,
+       now() - least(b.oldest, k.oldest) AS oldest_pending_age,
        p.last_success_at,
        p.last_error,
        p.last_error_at,
-       (SELECT count(*) FROM outbox.parked AS d WHERE d.endpoint_id = e.id AND d.state = 'dead') AS dead,
+       k.dead,
        p.latency_p50_ms,
        p.latency_p99_ms,
        e.disabled_reason
 FROM outbox.endpoints AS e
 JOIN outbox.progress AS p ON p.endpoint_id = e.id
 CROSS JOIN LATERAL outbox._backlog(e.id) AS b
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE d.state = 'pending') AS pending,
+           count(*) FILTER (WHERE d.state = 'pending' AND d.attempts > 0) AS retrying,
+           count(*) FILTER (WHERE d.state = 'dead') AS dead,
+           min(d.created_at) FILTER (WHERE d.state = 'pending') AS oldest
+    FROM outbox.parked AS d WHERE d.endpoint_id = e.id) AS k
 ORDER BY e.name;
 
 CREATE VIEW outbox.dead_letters AS

@@ -12,6 +12,7 @@ pub mod outbox {
     use crate::config::{self, ConfigError};
     use crate::error::{OrRaise, SqlError};
     use crate::xact;
+    use pgrx::datum::TimestampWithTimeZone;
     use pgrx::prelude::*;
     use pgrx::JsonB;
     use serde_json::Value;
@@ -174,6 +175,96 @@ pub mod outbox {
             unknown_endpoint(function, name);
         }
         xact::note_config_changed();
+    }
+
+    /// Which dead letters a replay or discard is about.
+    struct DeadFilter<'a> {
+        event_id: Option<pgrx::Uuid>,
+        endpoint: Option<&'a str>,
+        since: Option<TimestampWithTimeZone>,
+        until: Option<TimestampWithTimeZone>,
+    }
+
+    const DEAD_MATCH: &str = "p.state = 'dead'
+          AND ($1::uuid IS NULL OR p.event_id = $1)
+          AND ($2::text IS NULL OR p.endpoint_id = (SELECT id FROM outbox.endpoints WHERE name = $2))
+          AND ($3::timestamptz IS NULL OR p.failed_at >= $3)
+          AND ($4::timestamptz IS NULL OR p.failed_at < $4)";
+
+    /// Run `sql` (which uses DEAD_MATCH) for the dead letters `f` selects;
+    /// returns how many rows it touched.
+    fn on_dead_letters(function: &str, f: DeadFilter, sql: &str) -> i64 {
+        if f.event_id.is_none() && f.endpoint.is_none() && f.since.is_none() && f.until.is_none() {
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("outbox.{function}: say which dead letters"),
+            )
+            .hint(format!(
+                "Pass event_id, endpoint, since and/or until, e.g. outbox.{function}(endpoint => 'billing')."
+            ))
+            .raise();
+        }
+        if let Some(name) = f.endpoint {
+            let exists = Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT FROM outbox.endpoints WHERE name = $1)",
+                &[name.into()],
+            )
+            .ok()
+            .flatten();
+            if exists != Some(true) {
+                unknown_endpoint(function, name);
+            }
+        }
+        let count = Spi::get_one_with_args::<i64>(
+            &sql.replace("{MATCH}", DEAD_MATCH),
+            &[f.event_id.into(), f.endpoint.into(), f.since.into(), f.until.into()],
+        )
+        .expect("dead letter statement")
+        .unwrap_or(0);
+        if count > 0 {
+            xact::note_config_changed();
+        }
+        count
+    }
+
+    /// Deliver dead letters again (from the start of their key's queue).
+    /// Select them by event id, endpoint and/or when they died
+    /// (`since <= failed_at < until`). Returns how many.
+    #[pg_extern(security_definer)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn replay(
+        event_id: default!(Option<pgrx::Uuid>, "NULL"),
+        endpoint: default!(Option<&str>, "NULL"),
+        since: default!(Option<TimestampWithTimeZone>, "NULL"),
+        until: default!(Option<TimestampWithTimeZone>, "NULL"),
+    ) -> i64 {
+        on_dead_letters(
+            "replay",
+            DeadFilter { event_id, endpoint, since, until },
+            "WITH done AS (
+                 UPDATE outbox.parked AS p
+                 SET state = 'pending', attempts = 0, next_attempt_at = now(), failed_at = NULL
+                 WHERE {MATCH}
+                 RETURNING 1)
+             SELECT count(*) FROM done",
+        )
+    }
+
+    /// Drop dead letters for good; with on_dead = 'block' this lets their
+    /// keys go on. Same selection as replay. Returns how many.
+    #[pg_extern(security_definer)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn discard(
+        event_id: default!(Option<pgrx::Uuid>, "NULL"),
+        endpoint: default!(Option<&str>, "NULL"),
+        since: default!(Option<TimestampWithTimeZone>, "NULL"),
+        until: default!(Option<TimestampWithTimeZone>, "NULL"),
+    ) -> i64 {
+        on_dead_letters(
+            "discard",
+            DeadFilter { event_id, endpoint, since, until },
+            "WITH done AS (DELETE FROM outbox.parked AS p WHERE {MATCH} RETURNING 1) SELECT count(*) FROM done",
+        )
     }
 
     /// Run by CREATE EXTENSION: a worker that served an earlier

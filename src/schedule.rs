@@ -10,7 +10,7 @@
 
 use crate::event::Position;
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::time::Instant;
 
 /// The ordering lane of an event.
@@ -62,11 +62,18 @@ pub struct Dispatch<T> {
     pub attempt: u32,
 }
 
+/// A lane removed from the scheduler (see `take_lane`).
+pub struct TakenLane<T> {
+    pub attempts: u32,
+    pub due: Option<Instant>,
+    pub events: Vec<(Position, T)>,
+}
+
 pub struct Scheduler<T> {
     lanes: HashMap<LaneId, Lane<T>>,
     ready: VecDeque<LaneId>,
     backoff: BinaryHeap<Reverse<(Instant, LaneId)>>,
-    unfinished: BTreeSet<Position>,
+    unfinished: BTreeMap<Position, LaneId>,
     in_flight: usize,
     bytes: usize,
 }
@@ -77,7 +84,7 @@ impl<T: Clone> Default for Scheduler<T> {
             lanes: HashMap::new(),
             ready: VecDeque::new(),
             backoff: BinaryHeap::new(),
-            unfinished: BTreeSet::new(),
+            unfinished: BTreeMap::new(),
             in_flight: 0,
             bytes: 0,
         }
@@ -88,8 +95,8 @@ impl<T: Clone> Scheduler<T> {
     /// Add an event at the end of its lane. Events must be pushed in
     /// position order.
     pub fn push(&mut self, lane: LaneId, position: Position, item: T, bytes: usize) {
-        debug_assert!(self.unfinished.last().is_none_or(|last| *last < position));
-        self.unfinished.insert(position);
+        debug_assert!(self.unfinished.last_key_value().is_none_or(|(last, _)| *last < position));
+        self.unfinished.insert(position, lane.clone());
         self.bytes += bytes;
         let entry = Entry { position, item, bytes };
         match self.lanes.get_mut(&lane) {
@@ -202,7 +209,40 @@ impl<T: Clone> Scheduler<T> {
 
     /// The first loaded event that is not finished.
     pub fn first_unfinished(&self) -> Option<Position> {
-        self.unfinished.first().copied()
+        self.unfinished.first_key_value().map(|(p, _)| *p)
+    }
+
+    /// The lane of the first unfinished event, when that lane is waiting
+    /// out a backoff (the one to move out when the window is full).
+    pub fn stuck_lane(&self) -> Option<LaneId> {
+        let (_, lane) = self.unfinished.first_key_value()?;
+        let state = self.lanes.get(lane)?.state;
+        matches!(state, LaneState::Backoff(_)).then(|| lane.clone())
+    }
+
+    /// Whether `lane` has loaded events.
+    pub fn has_lane(&self, lane: &LaneId) -> bool {
+        self.lanes.contains_key(lane)
+    }
+
+    /// Remove a lane that is not in flight, with all its events in order,
+    /// the failed attempts of its head and when that one is due again.
+    pub fn take_lane(&mut self, lane_id: &LaneId) -> Option<TakenLane<T>> {
+        if self.lanes.get(lane_id)?.state == LaneState::InFlight {
+            return None;
+        }
+        let lane = self.lanes.remove(lane_id)?;
+        let due = match lane.state {
+            LaneState::Backoff(at) => Some(at),
+            _ => None,
+        };
+        let mut events = Vec::with_capacity(lane.queue.len());
+        for e in lane.queue {
+            self.unfinished.remove(&e.position);
+            self.bytes -= e.bytes;
+            events.push((e.position, e.item));
+        }
+        Some(TakenLane { attempts: lane.attempts, due, events })
     }
 
     /// Loaded, unfinished events.
@@ -300,6 +340,29 @@ mod tests {
         s.finish_head(&a.lane);
         assert_eq!(s.first_unfinished(), None);
         assert_eq!((s.len(), s.bytes(), s.in_flight()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_lane_in_backoff_can_be_taken_out_whole() {
+        let mut s = Scheduler::default();
+        let later = Instant::now() + Duration::from_secs(60);
+        s.push(key("a"), pos(1), "a1", 1);
+        s.push(key("b"), pos(2), "b1", 1);
+        s.push(key("a"), pos(3), "a2", 1);
+        let a = s.next().unwrap();
+        let b = s.next().unwrap();
+        assert_eq!(s.stuck_lane(), None, "a is in flight");
+        assert!(s.take_lane(&a.lane).is_none(), "in flight lanes stay");
+        s.retry_head(&a.lane, later);
+        assert_eq!(s.stuck_lane(), Some(key("a")));
+        let taken = s.take_lane(&key("a")).unwrap();
+        assert_eq!((taken.attempts, taken.due), (1, Some(later)));
+        assert_eq!(taken.events.iter().map(|(_, e)| *e).collect::<Vec<_>>(), ["a1", "a2"]);
+        assert_eq!(s.first_unfinished(), Some(pos(2)));
+        assert!(!s.has_lane(&key("a")));
+        s.wake_due(later);
+        s.finish_head(&b.lane);
+        assert!(s.next().is_none() && s.len() == 0 && s.bytes() == 0);
     }
 
     #[test]

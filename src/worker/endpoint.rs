@@ -1,10 +1,12 @@
 //! One endpoint as the worker sees it: its configuration, the window of
-//! loaded events (through the scheduler), read position, health and the
-//! figures not yet written to `outbox.progress`.
+//! events read from the stream (the scheduler), its parked lanes, its read
+//! position and health, and the figures not yet written to
+//! `outbox.progress`.
 
-use super::store::{Cursor, DeadLetter, EndpointRow, ProgressUpdate};
-use crate::config;
-use crate::event::Event;
+use super::parked::{self, Parked};
+use super::store::{Cursor, EndpointRow, ParkRow, ParkedHead, ProgressUpdate};
+use crate::config::{self, OnDead};
+use crate::event::{Event, Position};
 use crate::net::{Failure, Target, Verdict};
 use crate::schedule::{LaneId, Scheduler};
 use std::collections::VecDeque;
@@ -12,7 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Consecutive failures after which the endpoint is treated as down: one
-/// request at a time probes it instead of every lane hammering it.
+/// request at a time probes it instead of every lane hammering it, and no
+/// lane is parked (the endpoint is the problem, not the lane).
 const DOWN_AFTER_FAILURES: u32 = 3;
 /// Latency samples kept for the p50/p99 in outbox.stats.
 const LATENCY_SAMPLES: usize = 1024;
@@ -25,6 +28,11 @@ pub struct EndpointState {
     pub like: Vec<String>,
     pub active: bool,
     pub sched: Scheduler<Arc<Event>>,
+    pub parked: Parked,
+    /// Parked lanes must be (re)read from the table.
+    pub parked_stale: bool,
+    /// Events to copy into outbox.parked in the next transaction.
+    pub to_park: Vec<ParkRow>,
     /// Where reading continues.
     pub read: Cursor,
     /// What `outbox.progress` says.
@@ -40,7 +48,7 @@ pub struct EndpointState {
     last_error: Option<String>,
     latency_changed: bool,
     reported: (i32, i32),
-    pub dead: Vec<DeadLetter>,
+    /// Set when the endpoint answered 410 Gone; written as disabled_reason.
     pub gone: Option<String>,
 }
 
@@ -54,6 +62,9 @@ impl EndpointState {
             like: row.like.clone(),
             active: row.active,
             sched: Scheduler::default(),
+            parked: Parked::default(),
+            parked_stale: true,
+            to_park: Vec::new(),
             read: row.cursor,
             saved: row.cursor,
             consecutive_failures: 0,
@@ -65,7 +76,6 @@ impl EndpointState {
             last_error: None,
             latency_changed: false,
             reported: (0, 0),
-            dead: Vec::new(),
             gone: None,
         }
     }
@@ -83,13 +93,96 @@ impl EndpointState {
         if row.active && !self.active {
             // Resumed (also after 410 Gone): try waiting lanes right away.
             self.gone = None;
+            self.hold_until = None;
             self.sched.wake_all();
         }
         self.active = row.active;
+        // Replay, discard and on_dead changes show in the parked table.
+        self.parked_stale = true;
         true
     }
 
-    /// Whether the window has room for more events.
+    fn block_on_dead(&self) -> bool {
+        self.config.options.on_dead == OnDead::Block
+    }
+
+    /// Take in the parked lanes as the table has them, keeping lanes that
+    /// have an event loaded or in flight.
+    pub fn load_parked(&mut self, heads: Vec<ParkedHead>, now: Instant) {
+        let mut lanes = std::mem::take(&mut self.parked.lanes);
+        for head in heads {
+            let lane = lane_of(head.key.as_deref(), head.position);
+            let busy = lanes
+                .get(&lane)
+                .is_some_and(|l| matches!(l.status, parked::Status::InFlight(_) | parked::Status::Ready(_)));
+            if busy {
+                let l = lanes.remove(&lane).expect("checked");
+                self.parked.lanes.insert(lane, l);
+                continue;
+            }
+            let status = if head.dead {
+                parked::Status::Blocked
+            } else {
+                parked::Status::Due(now + Duration::from_secs_f64(head.due_in_s.max(0.0)))
+            };
+            let event_id = head.key.is_none().then_some(head.event_id);
+            self.parked
+                .lanes
+                .insert(lane, parked::Lane { status, attempts: head.attempts, event_id, behind_window: false });
+        }
+        // Lanes gone from the table stay only while busy.
+        for (id, l) in lanes {
+            if matches!(l.status, parked::Status::InFlight(_) | parked::Status::Ready(_)) {
+                self.parked.lanes.insert(id, l);
+            }
+        }
+        self.parked_stale = false;
+    }
+
+    /// Lanes and unkeyed events whose first parked row to read now.
+    pub fn parked_to_load(&mut self, now: Instant) -> (Vec<String>, Vec<String>, Vec<LaneId>) {
+        for (id, lane) in self.parked.lanes.iter_mut() {
+            lane.behind_window = self.sched.has_lane(id);
+        }
+        let room = self.send_limit(now).saturating_sub(self.in_flight());
+        let (next, due) = self.parked.to_load(now, room);
+        let mut keys = Vec::new();
+        let mut solo = Vec::new();
+        let asked: Vec<LaneId> = next.into_iter().chain(due).collect();
+        for id in &asked {
+            match id {
+                LaneId::Key(k) => keys.push(k.clone()),
+                LaneId::Solo(_) => {
+                    if let Some(eid) = self.parked.lanes.get(id).and_then(|l| l.event_id.clone()) {
+                        solo.push(eid);
+                    }
+                }
+            }
+        }
+        (keys, solo, asked)
+    }
+
+    /// The first rows read for the lanes in `asked`.
+    pub fn parked_loaded(&mut self, asked: Vec<LaneId>, heads: Vec<ParkedHead>, now: Instant) {
+        let mut found = std::collections::HashSet::new();
+        for head in heads {
+            let lane_id = lane_of(head.key.as_deref(), head.position);
+            found.insert(lane_id.clone());
+            let Some(lane) = self.parked.lanes.get_mut(&lane_id) else { continue };
+            lane.attempts = head.attempts;
+            lane.status = match head.event {
+                _ if head.dead => parked::Status::Blocked,
+                Some(event) if head.due_in_s <= 0.0 => parked::Status::Ready(Arc::new(event)),
+                _ => parked::Status::Due(now + Duration::from_secs_f64(head.due_in_s.max(0.0))),
+            };
+        }
+        // No rows left: the lane returns to the stream.
+        for id in asked.into_iter().filter(|id| !found.contains(id)) {
+            self.parked.lanes.remove(&id);
+        }
+    }
+
+    /// How many more events the window takes.
     pub fn window_room(&self, max_events: usize, max_bytes: usize) -> usize {
         if self.sched.bytes() >= max_bytes {
             return 0;
@@ -97,12 +190,67 @@ impl EndpointState {
         max_events.saturating_sub(self.sched.len())
     }
 
+    /// Events read from the stream: queued, or parked behind their lane.
     pub fn push(&mut self, event: Event) {
         let lane = LaneId::of(event.key.as_deref(), event.position);
         let position = event.position;
-        let size = event.size();
         self.read.after = Some((position.rank, position.n));
+        if self.parked.contains(&lane) {
+            self.to_park.push(ParkRow {
+                position,
+                dead: false,
+                attempts: 0,
+                retry_in: None,
+                status: None,
+                error: None,
+            });
+            return;
+        }
+        let size = event.size();
         self.sched.push(lane, position, Arc::new(event), size);
+    }
+
+    /// When the window is full and its oldest event's lane is waiting out
+    /// a backoff, move that lane to outbox.parked so other lanes go on.
+    pub fn park_stuck_lanes(&mut self, max_events: usize, max_bytes: usize, now: Instant) {
+        if self.is_down() {
+            return;
+        }
+        while self.sched.len() >= max_events || self.sched.bytes() >= max_bytes {
+            let Some(lane) = self.sched.stuck_lane() else { break };
+            let Some(taken) = self.sched.take_lane(&lane) else { break };
+            let due = taken.due.unwrap_or(now);
+            let event_id = matches!(lane, LaneId::Solo(_)).then(|| taken.events[0].1.id.clone());
+            for (i, (position, _)) in taken.events.iter().enumerate() {
+                let first = i == 0;
+                self.to_park.push(ParkRow {
+                    position: *position,
+                    dead: false,
+                    attempts: if first { taken.attempts } else { 0 },
+                    retry_in: first.then(|| due.saturating_duration_since(now)),
+                    status: None,
+                    error: if first { self.last_error.clone() } else { None },
+                });
+            }
+            self.parked.lanes.insert(
+                lane,
+                parked::Lane {
+                    status: parked::Status::Due(due),
+                    attempts: taken.attempts,
+                    event_id,
+                    behind_window: false,
+                },
+            );
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        self.consecutive_failures >= DOWN_AFTER_FAILURES
+    }
+
+    /// Requests in flight, from the window and from parked lanes.
+    pub fn in_flight(&self) -> usize {
+        self.sched.in_flight() + self.parked.in_flight()
     }
 
     /// How many requests may be in flight now.
@@ -110,7 +258,7 @@ impl EndpointState {
         if !self.active || self.gone.is_some() || self.hold_until.is_some_and(|t| t > now) {
             return 0;
         }
-        if self.consecutive_failures >= DOWN_AFTER_FAILURES {
+        if self.is_down() {
             1
         } else {
             self.config.options.max_in_flight
@@ -118,19 +266,51 @@ impl EndpointState {
     }
 
     pub fn next_wake(&self) -> Option<Instant> {
-        [self.sched.next_wake(), self.hold_until].into_iter().flatten().min()
+        [self.sched.next_wake(), self.parked.next_wake(), self.hold_until].into_iter().flatten().min()
     }
 
-    pub fn on_success(&mut self, lane: &LaneId, now: SystemTime) {
-        if let Some((_, event)) = self.sched.finish_head(lane) {
-            let ms = now.duration_since(event.created).unwrap_or_default().as_secs_f64() * 1000.0;
-            if self.latencies.len() == LATENCY_SAMPLES {
-                self.latencies.pop_front();
-            }
-            self.latencies.push_back(ms);
-            self.latency_changed = true;
+    /// Events to send now: parked lanes first (they are older), then the
+    /// window.
+    pub fn take_sendable(&mut self, now: Instant) -> Vec<(LaneId, Arc<Event>)> {
+        self.sched.wake_due(now);
+        let limit = self.send_limit(now);
+        let mut out = self.parked.take_ready(limit.saturating_sub(self.in_flight()));
+        while self.in_flight() < limit {
+            let Some(d) = self.sched.next() else { break };
+            out.push((d.lane, d.item));
         }
-        if self.consecutive_failures >= DOWN_AFTER_FAILURES {
+        out
+    }
+
+    /// An outcome from the network side.
+    pub fn on_outcome(&mut self, lane: &LaneId, position: Position, result: Result<(), Failure>, now: Instant) {
+        let (event, parked) = match self.parked.in_flight_event(lane, position) {
+            Some(e) => (e, true),
+            None => match self.sched.head(lane).filter(|e| e.position == position) {
+                Some(e) => (e, false),
+                // From state rebuilt since: the event is read again.
+                None => return,
+            },
+        };
+        match result {
+            Ok(()) => self.on_success(lane, &event, parked),
+            Err(failure) => self.on_failure(lane, &event, parked, failure, now),
+        }
+    }
+
+    fn on_success(&mut self, lane: &LaneId, event: &Event, parked: bool) {
+        if parked {
+            self.parked.delivered(lane, event);
+        } else {
+            self.sched.finish_head(lane);
+        }
+        let ms = SystemTime::now().duration_since(event.created).unwrap_or_default().as_secs_f64() * 1000.0;
+        if self.latencies.len() == LATENCY_SAMPLES {
+            self.latencies.pop_front();
+        }
+        self.latencies.push_back(ms);
+        self.latency_changed = true;
+        if self.is_down() {
             // The endpoint is back: lanes waiting out their backoff because
             // of the outage need not wait any longer.
             self.sched.wake_all();
@@ -141,44 +321,78 @@ impl EndpointState {
         self.succeeded = true;
     }
 
-    pub fn on_failure(&mut self, lane: &LaneId, event: &Event, failure: Failure, now: Instant) {
+    fn on_failure(&mut self, lane: &LaneId, event: &Event, parked: bool, failure: Failure, now: Instant) {
         self.failed_attempts += 1;
         self.consecutive_failures += 1;
-        let attempts = self.sched.attempts(lane) + 1;
+        self.last_error = Some(failure.message.clone());
+        let attempts =
+            1 + if parked { self.parked.lanes.get(lane).map_or(0, |l| l.attempts) } else { self.sched.attempts(lane) };
         let opts = &self.config.options;
         let age = SystemTime::now().duration_since(event.created).unwrap_or_default();
         let exhausted =
             opts.max_attempts.is_some_and(|max| attempts >= max) || opts.max_age.is_some_and(|max| age >= max);
-        self.last_error = Some(failure.message.clone());
-        match failure.verdict {
+        let retry_at = match failure.verdict {
             Verdict::Gone => {
-                self.gone = Some(failure.message);
-                // The event stays unfinished: it goes out when the endpoint
-                // is resumed.
-                self.sched.retry_head(lane, now);
+                // The event stays: it goes out when the endpoint is resumed.
+                self.gone = Some(failure.message.clone());
+                Some(now)
             }
-            Verdict::Reject => self.give_up(lane, event, attempts, failure),
-            Verdict::Retry { .. } if exhausted => self.give_up(lane, event, attempts, failure),
+            Verdict::Retry { .. } if exhausted => None,
+            Verdict::Reject => None,
             Verdict::Retry { after } => {
                 let delay = backoff(attempts, opts.backoff_base, opts.backoff_max, rand::random::<f64>());
-                let delay = after.map_or(delay, |a| a.max(delay));
                 if let Some(a) = after {
                     self.hold_until = Some(now + a);
                 }
-                self.sched.retry_head(lane, now + delay);
+                Some(now + after.map_or(delay, |a| a.max(delay)))
             }
+        };
+        match (retry_at, parked) {
+            (Some(at), true) => self.parked.retry(lane, event, at, now, failure.status, failure.message),
+            (Some(at), false) => {
+                self.sched.retry_head(lane, at);
+            }
+            (None, true) => {
+                let block = self.block_on_dead();
+                self.parked.dead(lane, event, block, failure.status, failure.message);
+            }
+            (None, false) => self.dead_from_window(lane, event, attempts, failure),
         }
     }
 
-    fn give_up(&mut self, lane: &LaneId, event: &Event, attempts: u32, failure: Failure) {
-        self.dead.push(DeadLetter {
-            endpoint_id: self.id,
+    /// The head of a window lane goes to dead letters. With on_dead=block
+    /// its key's later events are parked behind it; otherwise they go on.
+    fn dead_from_window(&mut self, lane: &LaneId, event: &Event, attempts: u32, failure: Failure) {
+        self.to_park.push(ParkRow {
             position: event.position,
-            attempts: attempts as i32,
-            status: failure.status.map(i32::from),
-            error: failure.message,
+            dead: true,
+            attempts,
+            retry_in: None,
+            status: failure.status,
+            error: Some(failure.message),
         });
-        self.sched.finish_head(lane);
+        if self.block_on_dead() && matches!(lane, LaneId::Key(_)) {
+            // Out of flight, then out of the window with everything behind it.
+            self.sched.retry_head(lane, Instant::now());
+            if let Some(taken) = self.sched.take_lane(lane) {
+                for (position, _) in taken.events.into_iter().skip(1) {
+                    self.to_park.push(ParkRow {
+                        position,
+                        dead: false,
+                        attempts: 0,
+                        retry_in: None,
+                        status: None,
+                        error: None,
+                    });
+                }
+            }
+            self.parked.lanes.insert(
+                lane.clone(),
+                parked::Lane { status: parked::Status::Blocked, attempts, event_id: None, behind_window: false },
+            );
+        } else {
+            self.sched.finish_head(lane);
+        }
     }
 
     /// The cursor to persist: just before the first unfinished event, or
@@ -193,7 +407,7 @@ impl EndpointState {
     /// What to write to outbox.progress, if anything changed.
     pub fn progress(&self) -> Option<ProgressUpdate> {
         let cursor = self.cursor();
-        let gauges = (self.sched.in_flight() as i32, self.sched.retrying() as i32);
+        let gauges = (self.in_flight() as i32, self.sched.retrying() as i32);
         let changed = cursor != self.saved
             || self.delivered != 0
             || self.failed_attempts != 0
@@ -227,6 +441,10 @@ impl EndpointState {
         self.latency_changed = false;
         self.reported = (update.in_flight, update.retrying);
     }
+}
+
+fn lane_of(key: Option<&str>, position: Position) -> LaneId {
+    LaneId::of(key, position)
 }
 
 /// Exponential backoff with full jitter: a uniformly random delay between

@@ -8,6 +8,7 @@
 
 mod commit_order;
 mod endpoint;
+mod parked;
 mod rotation;
 mod store;
 
@@ -22,7 +23,7 @@ use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use store::Tick;
 
 /// Events read per endpoint per step, so one step stays short.
@@ -203,19 +204,12 @@ impl Worker {
     fn apply_outcomes(&mut self) {
         let outcomes: Vec<Outcome> = self.network.outcomes().collect();
         let now = Instant::now();
-        let wall = SystemTime::now();
         for o in outcomes {
-            let Some(ep) = self.endpoints.iter_mut().find(|e| e.id == o.endpoint_id && e.generation == o.generation)
-            else {
-                continue; // from state that was rebuilt since; the event is read again
-            };
-            // The lane's head must still be the event this outcome is about.
-            let Some(event) = ep.sched.head(&o.lane).filter(|e| e.position == o.position) else {
-                continue;
-            };
-            match o.result {
-                Ok(()) => ep.on_success(&o.lane, wall),
-                Err(failure) => ep.on_failure(&o.lane, &event, failure, now),
+            // Outcomes of state rebuilt since are dropped: the event is read
+            // again from the tables.
+            if let Some(ep) = self.endpoints.iter_mut().find(|e| e.id == o.endpoint_id && e.generation == o.generation)
+            {
+                ep.on_outcome(&o.lane, o.position, o.result, now);
             }
         }
     }
@@ -230,7 +224,7 @@ impl Worker {
             self.config_generation = None;
             self.latest_tick = store::latest_tick()?;
         }
-        self.save_progress()?;
+        self.write_back()?;
 
         let generation = shmem::config_generation(self.slot);
         if self.config_generation != Some(generation) || self.last_reload.elapsed() >= RELOAD_EVERY {
@@ -239,19 +233,33 @@ impl Worker {
             self.config_generation = Some(generation);
             self.last_reload = Instant::now();
         }
+        let now = Instant::now();
+        for ep in self.endpoints.iter_mut().filter(|e| e.parked_stale) {
+            let heads = store::parked_lanes(ep.id, ep.config.options.on_dead == config::OnDead::Block)?;
+            ep.load_parked(heads, now);
+        }
 
+        let (max_events, max_bytes) = window();
+        for ep in &mut self.endpoints {
+            ep.park_stuck_lanes(max_events, max_bytes, now);
+        }
+        self.flush_parks()?;
         self.tick()?;
         self.read_events()?;
+        self.flush_parks()?;
+        self.load_parked_heads(now)?;
         Ok(())
     }
 
-    fn save_progress(&mut self) -> Result<(), String> {
+    /// Write what the worker learned since the last step: parked and dead
+    /// events, outcomes of parked events, disabled endpoints, progress.
+    fn write_back(&mut self) -> Result<(), String> {
+        self.flush_parks()?;
         let mut updates = Vec::new();
         Spi::connect_mut(|client| {
             for ep in &mut self.endpoints {
-                for dead in ep.dead.drain(..) {
-                    store::insert_dead_letter(client, &dead)?;
-                }
+                store::write_parked(client, ep.id, &ep.parked.writes)?;
+                ep.parked.writes.clear();
                 if let Some(reason) = &ep.gone {
                     if ep.active {
                         store::disable_endpoint(client, ep.id, reason)?;
@@ -272,6 +280,33 @@ impl Worker {
             if let Some(ep) = self.endpoints.iter_mut().find(|e| e.id == update.endpoint_id) {
                 ep.saved(update);
             }
+        }
+        Ok(())
+    }
+
+    /// Copy the events endpoints moved out of their windows into
+    /// outbox.parked. Must commit no later than the cursors that pass them.
+    fn flush_parks(&mut self) -> Result<(), String> {
+        Spi::connect_mut(|client| {
+            for ep in self.endpoints.iter_mut().filter(|e| !e.to_park.is_empty()) {
+                store::park(client, ep.id, &ep.to_park)?;
+                ep.to_park.clear();
+            }
+            pgrx::spi::SpiResult::Ok(())
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// Read the first rows of parked lanes that are due or moved on.
+    fn load_parked_heads(&mut self, now: Instant) -> Result<(), String> {
+        for ep in self.endpoints.iter_mut().filter(|e| e.active) {
+            let (keys, solo, asked) = ep.parked_to_load(now);
+            if asked.is_empty() {
+                continue;
+            }
+            let block = ep.config.options.on_dead == config::OnDead::Block;
+            let heads = store::parked_heads(ep.id, &keys, &solo, block)?;
+            ep.parked_loaded(asked, heads, now);
         }
         Ok(())
     }
@@ -304,16 +339,19 @@ impl Worker {
     }
 
     /// Take a tick when an endpoint has read everything up to the latest
-    /// one (more ticks would only cut the backlog into smaller batches), or
-    /// now and then so rotation's horizon moves even without endpoints.
+    /// one (more ticks would only cut the backlog into smaller batches). At
+    /// least once per poll interval a tick is taken even without new
+    /// events: the oldest tick in use decides what rotation may remove, so
+    /// it must move on when all is quiet.
     fn tick(&mut self) -> Result<(), String> {
         let poll = Duration::from_millis(guc::POLL_INTERVAL_MS.get().max(10) as u64);
         let caught_up = self.endpoints.iter().any(|e| e.active && e.read.tick >= self.latest_tick);
-        if !caught_up && self.last_tick.elapsed() < poll {
+        let overdue = self.last_tick.elapsed() >= poll;
+        if !caught_up && !overdue {
             return Ok(());
         }
         let order = &mut self.commit_order;
-        let latest = store::take_tick(|txids| {
+        let latest = store::take_tick(overdue, |txids| {
             if txids.len() > commit_order::MAX_ORDERED {
                 return false;
             }
@@ -323,14 +361,15 @@ impl Worker {
             order.sort(txids);
             true
         })?;
-        self.latest_tick = latest;
-        self.last_tick = Instant::now();
+        if latest != self.latest_tick {
+            self.latest_tick = latest;
+            self.last_tick = Instant::now();
+        }
         Ok(())
     }
 
     fn read_events(&mut self) -> Result<(), String> {
-        let max_events = guc::WINDOW_EVENTS.get().max(1) as usize;
-        let max_bytes = guc::WINDOW_KB.get().max(1) as usize * 1024;
+        let (max_events, max_bytes) = window();
         let latest = self.latest_tick;
         let Some(oldest) = self.endpoints.iter().filter(|e| e.active).map(|e| e.read.tick).min() else {
             return Ok(());
@@ -375,21 +414,23 @@ impl Worker {
 
     fn dispatch(&mut self, now: Instant) {
         for ep in &mut self.endpoints {
-            ep.sched.wake_due(now);
-            let limit = ep.send_limit(now);
-            while ep.sched.in_flight() < limit {
-                let Some(d) = ep.sched.next() else { break };
+            for (lane, event) in ep.take_sendable(now) {
                 self.network.submit(Job {
                     endpoint_id: ep.id,
                     generation: ep.generation,
                     target: ep.target.clone(),
-                    lane: d.lane,
-                    position: d.position,
-                    event: d.item,
+                    lane,
+                    position: event.position,
+                    event,
                 });
             }
         }
     }
+}
+
+/// The per-endpoint window: events and payload bytes held in memory.
+fn window() -> (usize, usize) {
+    (guc::WINDOW_EVENTS.get().max(1) as usize, guc::WINDOW_KB.get().max(1) as usize * 1024)
 }
 
 /// Run `f` in its own transaction. A Postgres error inside aborts the

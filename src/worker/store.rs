@@ -2,6 +2,7 @@
 //! tables. Every function runs inside a transaction opened by the caller
 //! (see `transaction` in mod.rs) and never waits on the network.
 
+use super::parked;
 use crate::event::{Event, Position};
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
@@ -53,14 +54,29 @@ pub struct ProgressUpdate {
     pub latency_ms: Option<(f64, f64)>,
 }
 
-/// An event to copy into dead letters.
+/// An event to copy into outbox.parked.
 #[derive(Debug)]
-pub struct DeadLetter {
-    pub endpoint_id: i32,
+pub struct ParkRow {
     pub position: Position,
-    pub attempts: i32,
-    pub status: Option<i32>,
-    pub error: String,
+    pub dead: bool,
+    pub attempts: u32,
+    /// When a pending row's first attempt from the table is due.
+    pub retry_in: Option<Duration>,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+/// A parked lane's first row, as loaded for the worker.
+pub struct ParkedHead {
+    pub key: Option<String>,
+    pub event_id: String,
+    pub position: Position,
+    pub dead: bool,
+    pub attempts: u32,
+    /// Seconds until due (negative: overdue).
+    pub due_in_s: f64,
+    /// The event itself, when asked for.
+    pub event: Option<Event>,
 }
 
 fn client_err(e: pgrx::spi::SpiError) -> String {
@@ -113,11 +129,11 @@ pub fn latest_tick() -> Result<i64, String> {
     Spi::get_one::<i64>("SELECT max(id) FROM outbox.ticks").map(|id| id.unwrap_or(0)).map_err(client_err)
 }
 
-/// Take a new tick if events committed since the last one; returns the
-/// latest tick id either way. `order` sorts the new batch's transactions
-/// into commit order; it is consulted after the snapshot is taken, so it
-/// knows every transaction the snapshot sees as committed.
-pub fn take_tick(order: impl FnOnce(&mut Vec<i64>) -> bool) -> Result<i64, String> {
+/// Take a new tick if events committed since the last one, or `always`;
+/// returns the latest tick id either way. `order` sorts the new batch's
+/// transactions into commit order; it is consulted after the snapshot is
+/// taken, so it knows every transaction the snapshot sees as committed.
+pub fn take_tick(always: bool, order: impl FnOnce(&mut Vec<i64>) -> bool) -> Result<i64, String> {
     Spi::connect_mut(|client| {
         let row = client
             .select(
@@ -158,7 +174,7 @@ pub fn take_tick(order: impl FnOnce(&mut Vec<i64>) -> bool) -> Result<i64, Strin
             .first()
             .get_one()?
             .unwrap_or_default();
-        if txids.is_empty() {
+        if txids.is_empty() && !always {
             return Ok(last_id);
         }
         let ordered = order(&mut txids);
@@ -320,29 +336,177 @@ pub fn save_progress(client: &mut SpiClient<'_>, u: &ProgressUpdate) -> SpiResul
     Ok(())
 }
 
-/// Copy a dead event into `outbox.parked` (it is still in outbox.events:
-/// rotation only empties a table every persisted cursor has passed).
-pub fn insert_dead_letter(client: &mut SpiClient<'_>, d: &DeadLetter) -> SpiResult<()> {
+/// Copy events from the stream into outbox.parked, in the given order
+/// (which becomes their order inside each lane). They are still in the
+/// events tables: rotation only empties a table every persisted cursor has
+/// passed, and these are not passed yet.
+pub fn park(client: &mut SpiClient<'_>, endpoint_id: i32, rows: &[ParkRow]) -> SpiResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let col = |f: &dyn Fn(&ParkRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
+    // Volatile nextval() is evaluated after the sort (PostgreSQL postpones
+    // volatile target expressions past ORDER BY), so seq follows u.ord.
     client.update(
-        "INSERT INTO outbox.parked (endpoint_id, event_id, txid, n, topic, key, type, payload, headers,
-                                    created_at, state, attempts, last_status, last_error)
-         SELECT $1, e.id, e.txid, e.n, e.topic, e.key, e.type, e.payload, e.headers, e.created_at,
-                'dead', $4, $5, $6
-         FROM outbox.events AS e WHERE e.txid = $2 AND e.n = $3
-         ON CONFLICT (endpoint_id, event_id) DO UPDATE
-             SET attempts = excluded.attempts, last_status = excluded.last_status,
-                 last_error = excluded.last_error, failed_at = now(), state = 'dead'",
+        "INSERT INTO outbox.parked (endpoint_id, event_id, seq, batch, rank, txid, n, topic, key, type, payload,
+                                    headers, created_at, state, attempts, next_attempt_at, last_status, last_error,
+                                    failed_at)
+         SELECT $1, e.id, nextval('outbox.parked_seq'), u.batch, u.rank, e.txid, e.n, e.topic, e.key, e.type,
+                e.payload, e.headers, e.created_at,
+                CASE WHEN u.dead THEN 'dead' ELSE 'pending' END, u.attempts,
+                CASE WHEN NOT u.dead THEN now() + u.retry_ms * interval '1 millisecond' END,
+                u.status, u.error, CASE WHEN u.dead THEN now() END
+         FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::int[], $6::bool[], $7::int[], $8::float8[],
+                     $9::int[], $10::text[]) WITH ORDINALITY
+                  AS u(batch, rank, txid, n, dead, attempts, retry_ms, status, error, ord)
+         JOIN outbox.events AS e ON e.txid = u.txid AND e.n = u.n
+         ORDER BY u.ord
+         ON CONFLICT (endpoint_id, event_id) DO NOTHING",
         None,
         &[
-            d.endpoint_id.into(),
-            d.position.txid.into(),
-            d.position.n.into(),
-            d.attempts.into(),
-            d.status.into(),
-            d.error.clone().into(),
+            endpoint_id.into(),
+            col(&|r| r.position.batch).into(),
+            col(&|r| r.position.rank).into(),
+            col(&|r| r.position.txid).into(),
+            rows.iter().map(|r| r.position.n).collect::<Vec<i32>>().into(),
+            rows.iter().map(|r| r.dead).collect::<Vec<bool>>().into(),
+            rows.iter().map(|r| r.attempts as i32).collect::<Vec<i32>>().into(),
+            rows.iter().map(|r| r.retry_in.unwrap_or_default().as_secs_f64() * 1000.0).collect::<Vec<f64>>().into(),
+            rows.iter().map(|r| r.status.map(i32::from)).collect::<Vec<Option<i32>>>().into(),
+            rows.iter().map(|r| r.error.clone()).collect::<Vec<Option<String>>>().into(),
         ],
     )?;
     Ok(())
+}
+
+/// Record what happened to parked events.
+pub fn write_parked(client: &mut SpiClient<'_>, endpoint_id: i32, writes: &[parked::Write]) -> SpiResult<()> {
+    for w in writes {
+        match w {
+            parked::Write::Delivered { event_id } => client.update(
+                "DELETE FROM outbox.parked WHERE endpoint_id = $1 AND event_id = $2::uuid",
+                None,
+                &[endpoint_id.into(), event_id.as_str().into()],
+            )?,
+            parked::Write::Failed { event_id, attempts, retry_in, status, error } => client.update(
+                "UPDATE outbox.parked SET attempts = $3, next_attempt_at = now() + $4 * interval '1 millisecond',
+                        last_status = $5, last_error = $6
+                 WHERE endpoint_id = $1 AND event_id = $2::uuid",
+                None,
+                &[
+                    endpoint_id.into(),
+                    event_id.as_str().into(),
+                    (*attempts as i32).into(),
+                    (retry_in.as_secs_f64() * 1000.0).into(),
+                    status.map(i32::from).into(),
+                    error.as_str().into(),
+                ],
+            )?,
+            parked::Write::Dead { event_id, attempts, status, error } => client.update(
+                "UPDATE outbox.parked SET state = 'dead', attempts = $3, next_attempt_at = NULL,
+                        last_status = $4, last_error = $5, failed_at = now()
+                 WHERE endpoint_id = $1 AND event_id = $2::uuid",
+                None,
+                &[
+                    endpoint_id.into(),
+                    event_id.as_str().into(),
+                    (*attempts as i32).into(),
+                    status.map(i32::from).into(),
+                    error.as_str().into(),
+                ],
+            )?,
+        };
+    }
+    Ok(())
+}
+
+/// The first row of every parked lane of an endpoint. With `block`, a
+/// keyed lane whose first row is dead is listed too (it blocks its key).
+pub fn parked_lanes(endpoint_id: i32, block: bool) -> Result<Vec<ParkedHead>, String> {
+    parked_query(
+        "SELECT DISTINCT ON (key, CASE WHEN key IS NULL THEN event_id END) {COLUMNS}
+         FROM outbox.parked
+         WHERE endpoint_id = $1 AND (state = 'pending' OR ($2 AND key IS NOT NULL))
+         ORDER BY key, CASE WHEN key IS NULL THEN event_id END, seq",
+        false,
+        &[endpoint_id.into(), block.into()],
+    )
+}
+
+/// The first rows, with their events, of the given keyed lanes and
+/// unkeyed events.
+pub fn parked_heads(
+    endpoint_id: i32,
+    keys: &[String],
+    solo_ids: &[String],
+    block: bool,
+) -> Result<Vec<ParkedHead>, String> {
+    parked_query(
+        "(SELECT DISTINCT ON (key) {COLUMNS} FROM outbox.parked
+          WHERE endpoint_id = $1 AND key = ANY ($2) AND (state = 'pending' OR $4)
+          ORDER BY key, seq)
+         UNION ALL
+         SELECT {COLUMNS} FROM outbox.parked
+         WHERE endpoint_id = $1 AND key IS NULL AND event_id = ANY ($3::uuid[]) AND state = 'pending'",
+        true,
+        &[endpoint_id.into(), keys.to_vec().into(), solo_ids.to_vec().into(), block.into()],
+    )
+}
+
+fn parked_query(
+    sql: &str,
+    with_event: bool,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Result<Vec<ParkedHead>, String> {
+    let sql = sql.replace(
+        "{COLUMNS}",
+        "key, event_id::text, batch, rank, txid, n, state = 'dead', attempts,
+         coalesce(extract(epoch FROM next_attempt_at - now()), 0)::float8,
+         topic, type, payload::text, headers::text,
+         to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+         extract(epoch FROM created_at)::float8",
+    );
+    Spi::connect(|client| {
+        let rows = client.select(&sql, None, args)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let position = Position {
+                batch: row.get(3)?.unwrap_or_default(),
+                rank: row.get(4)?.unwrap_or_default(),
+                txid: row.get(5)?.unwrap_or_default(),
+                n: row.get(6)?.unwrap_or_default(),
+            };
+            let key: Option<String> = row.get(1)?;
+            let event_id: String = row.get(2)?.unwrap_or_default();
+            let event = if with_event {
+                let epoch: f64 = row.get(15)?.unwrap_or_default();
+                Some(Event {
+                    position,
+                    id: event_id.clone(),
+                    topic: row.get(10)?.unwrap_or_default(),
+                    key: key.clone(),
+                    event_type: row.get(11)?,
+                    payload: row.get(12)?.unwrap_or_else(|| "null".into()),
+                    headers: row.get(13)?.unwrap_or_else(|| "{}".into()),
+                    timestamp: row.get(14)?.unwrap_or_default(),
+                    created: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0)),
+                })
+            } else {
+                None
+            };
+            out.push(ParkedHead {
+                key,
+                event_id,
+                position,
+                dead: row.get(7)?.unwrap_or(false),
+                attempts: row.get::<i32>(8)?.unwrap_or(0).max(0) as u32,
+                due_in_s: row.get(9)?.unwrap_or(0.0),
+                event,
+            });
+        }
+        SpiResult::Ok(out)
+    })
+    .map_err(client_err)
 }
 
 pub fn disable_endpoint(client: &mut SpiClient<'_>, endpoint_id: i32, reason: &str) -> SpiResult<()> {

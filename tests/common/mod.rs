@@ -64,3 +64,9 @@ pub fn by_key(requests: &[Request]) -> std::collections::BTreeMap<String, Vec<se
     }
     out
 }
+
+/// Change a server setting and reload (the worker sees it on SIGHUP).
+pub fn set_and_reload(db: &mut postgres::Client, setting: &str, value: &str) {
+    db.batch_execute(&format!("ALTER SYSTEM SET {setting} = '{value}'")).expect("ALTER SYSTEM");
+    db.batch_execute("SELECT pg_reload_conf()").expect("reload");
+}

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,9 @@ struct Shared {
     requests: Mutex<Vec<Request>>,
     arrived: Condvar,
     responder: Mutex<Arc<Responder>>,
+    connections: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 pub struct Receiver {
@@ -66,10 +70,14 @@ impl Receiver {
             requests: Mutex::new(Vec::new()),
             arrived: Condvar::new(),
             responder: Mutex::new(Arc::new(|_: &Request, _: usize| Reply::Status(200))),
+            connections: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         });
         let s = shared.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
+                s.connections.fetch_add(1, Ordering::SeqCst);
                 let s = s.clone();
                 std::thread::spawn(move || serve(stream, s));
             }
@@ -108,6 +116,16 @@ impl Receiver {
         }
     }
 
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// The most requests that were being answered at the same time.
+    pub fn max_concurrent(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
     /// Wait for at least `n` requests.
     pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Request> {
         self.wait_until(timeout, &format!("{n} requests"), |r| r.len() >= n)
@@ -123,6 +141,8 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let mut reader = BufReader::new(stream);
     loop {
         let Some(request) = read_request(&mut reader) else { return };
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let (reply, keep_alive) = {
             let mut requests = shared.requests.lock().unwrap();
             let seen = requests.len();
@@ -133,7 +153,9 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
             shared.arrived.notify_all();
             (reply, keep)
         };
-        if !answer(&mut writer, reply) || !keep_alive {
+        let answered = answer(&mut writer, reply);
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if !answered || !keep_alive {
             let _ = writer.shutdown(Shutdown::Both);
             return;
         }
