@@ -17,6 +17,11 @@ use std::time::{Duration, Instant, SystemTime};
 /// request at a time probes it instead of every lane hammering it, and no
 /// lane is parked (the endpoint is the problem, not the lane).
 const DOWN_AFTER_FAILURES: u32 = 3;
+/// A lane whose head failed this often while holding back the cursor is
+/// parked even when the window has room: a stuck cursor would keep the
+/// events tables from being rotated (and a restart would resend all that
+/// followed).
+const PARK_AFTER_ATTEMPTS: u32 = 3;
 /// Latency samples kept for the p50/p99 in outbox.stats.
 const LATENCY_SAMPLES: usize = 1024;
 
@@ -210,14 +215,19 @@ impl EndpointState {
         self.sched.push(lane, position, Arc::new(event), size);
     }
 
-    /// When the window is full and its oldest event's lane is waiting out
-    /// a backoff, move that lane to outbox.parked so other lanes go on.
+    /// When the oldest event of the window is waiting out a backoff, and
+    /// the window is full or that event failed a few times, move its lane
+    /// to outbox.parked so other lanes and the cursor go on.
     pub fn park_stuck_lanes(&mut self, max_events: usize, max_bytes: usize, now: Instant) {
         if self.is_down() {
             return;
         }
-        while self.sched.len() >= max_events || self.sched.bytes() >= max_bytes {
+        loop {
             let Some(lane) = self.sched.stuck_lane() else { break };
+            let full = self.sched.len() >= max_events || self.sched.bytes() >= max_bytes;
+            if !full && self.sched.attempts(&lane) < PARK_AFTER_ATTEMPTS {
+                break;
+            }
             let Some(taken) = self.sched.take_lane(&lane) else { break };
             let due = taken.due.unwrap_or(now);
             let event_id = matches!(lane, LaneId::Solo(_)).then(|| taken.events[0].1.id.clone());
