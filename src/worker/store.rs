@@ -4,9 +4,13 @@
 
 use super::parked;
 use crate::event::{Event, Position};
+use pgrx::pg_sys::{self, PgOid};
 use pgrx::prelude::*;
-use pgrx::spi::{SpiClient, SpiResult};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData, SpiResult};
 use pgrx::JsonB;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 /// A tick: which transactions had committed when the worker looked, and
@@ -210,13 +214,92 @@ pub fn load_ticks(ids: &[i64]) -> Result<Vec<Tick>, String> {
     .map_err(client_err)
 }
 
-const EVENT_COLUMNS: &str = "e.txid, e.n, e.id::text, e.topic, e.key, e.type, e.payload::text, e.headers::text,
-    to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-    extract(epoch FROM e.created_at)::float8";
+/// The columns an Event is built from (see `event_from`), of table alias e.
+macro_rules! event_columns {
+    () => {
+        "e.txid, e.n, e.id::text, e.topic, e.key, e.type, e.payload::text, e.headers::text,
+         to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+         extract(epoch FROM e.created_at)::float8"
+    };
+}
+
+thread_local! {
+    /// The worker's hot statements, planned once per process.
+    static PREPARED: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+fn prepared(
+    client: &SpiClient<'_>,
+    sql: &'static str,
+    types: &[pg_sys::Oid],
+    mutating: bool,
+) -> SpiResult<Rc<OwnedPreparedStatement>> {
+    if let Some(plan) = PREPARED.with(|m| m.borrow().get(sql).cloned()) {
+        return Ok(plan);
+    }
+    let types: Vec<PgOid> = types.iter().map(|t| PgOid::from(*t)).collect();
+    let plan = if mutating { client.prepare_mut(sql, &types)? } else { client.prepare(sql, &types)? };
+    let plan = Rc::new(plan.keep());
+    PREPARED.with(|m| m.borrow_mut().insert(sql, plan.clone()));
+    Ok(plan)
+}
+
+/// Build an Event from a row whose first column is the rank, followed by
+/// `event_columns!()`.
+fn event_from(row: &SpiHeapTupleData<'_>, batch: i64, rank: i64) -> SpiResult<Event> {
+    let epoch: f64 = row.get(11)?.unwrap_or_default();
+    Ok(Event {
+        position: Position { batch, rank, txid: row.get(2)?.unwrap_or_default(), n: row.get(3)?.unwrap_or_default() },
+        id: row.get(4)?.unwrap_or_default(),
+        topic: row.get(5)?.unwrap_or_default(),
+        key: row.get(6)?,
+        event_type: row.get(7)?,
+        payload: row.get(8)?.unwrap_or_else(|| "null".into()),
+        headers: row.get(9)?.unwrap_or_else(|| "{}".into()),
+        timestamp: row.get(10)?.unwrap_or_default(),
+        created: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0)),
+    })
+}
+
+/// Rest of one transaction's events after emit number `after_n`, by index.
+const READ_TRANSACTION: &str = concat!(
+    "SELECT 0::bigint, ",
+    event_columns!(),
+    " FROM outbox.events AS e WHERE e.txid = $1 AND e.n > $2 AND e.topic LIKE ANY ($3) ORDER BY e.n LIMIT $4"
+);
+
+/// Events of the next transactions in commit order (ordinal in the slice
+/// first). Each transaction contributes at most $3 rows, and the text
+/// columns are built after the LIMIT, so a page costs what it returns.
+const READ_TRANSACTIONS: &str = concat!(
+    "SELECT e.i, ",
+    event_columns!(),
+    " FROM (SELECT o.i, x.* FROM unnest($1::bigint[]) WITH ORDINALITY AS o(txid, i)
+            CROSS JOIN LATERAL (SELECT * FROM outbox.events AS y
+                                WHERE y.txid = o.txid AND y.topic LIKE ANY ($2) ORDER BY y.n LIMIT $3) AS x
+            ORDER BY o.i, x.n LIMIT $3) AS e
+      ORDER BY e.i, e.n"
+);
+
+/// Batches too large to order: txid order, over two index ranges
+/// (transactions in progress at `lo`, and those that started after it), so
+/// that events `lo` already saw are never scanned, however long ago an
+/// open transaction elsewhere began.
+const READ_UNORDERED: &str = concat!(
+    "SELECT e.txid, ",
+    event_columns!(),
+    " FROM (SELECT * FROM (SELECT * FROM outbox.events WHERE txid = ANY ($1) AND (txid, n) > ($4, $5)
+                          UNION ALL
+                          SELECT * FROM outbox.events WHERE txid >= $2 AND txid < $3 AND (txid, n) > ($4, $5)) AS u
+            WHERE NOT u.txid = ANY ($6) AND u.topic LIKE ANY ($7)
+            ORDER BY u.txid, u.n
+            LIMIT $8) AS e
+      ORDER BY e.txid, e.n"
+);
 
 /// Events of the batch between ticks `lo` and `hi` (committed after `lo`,
 /// visible at `hi`) that match `like`, after position `after` = (rank, n),
-/// in order.
+/// in order, at most `limit`.
 pub fn read_batch(
     lo: &Tick,
     hi: &Tick,
@@ -224,36 +307,19 @@ pub fn read_batch(
     like: &[String],
     limit: i64,
 ) -> Result<Vec<Event>, String> {
-    let (after_rank, after_n) = after.unwrap_or((-1, 0));
-    Spi::connect(|client| {
-        let rows = match &hi.order {
-            // The batch's transactions in commit order, each read by index.
-            Some(order) => client.select(
-                &format!(
-                    "SELECT o.rank, {EVENT_COLUMNS}
-                     FROM unnest($1::bigint[]) WITH ORDINALITY AS o(txid, rank)
-                     JOIN outbox.events AS e ON e.txid = o.txid
-                     WHERE (o.rank, e.n) > ($2, $3) AND e.topic LIKE ANY ($4)
-                     ORDER BY o.rank, e.n
-                     LIMIT $5"
-                ),
-                None,
-                &[order.clone().into(), after_rank.into(), after_n.into(), like.to_vec().into(), limit.into()],
-            )?,
-            // Too large to order: txid order. Two index ranges, transactions
-            // in progress at `lo` and those that started after it; neither
-            // scans events `lo` already saw, however long ago an open
-            // transaction elsewhere began.
-            None => client.select(
-                &format!(
-                    "SELECT e.txid, {EVENT_COLUMNS}
-                     FROM (SELECT * FROM outbox.events WHERE txid = ANY ($1) AND (txid, n) > ($4, $5)
-                           UNION ALL
-                           SELECT * FROM outbox.events WHERE txid >= $2 AND txid < $3 AND (txid, n) > ($4, $5)) AS e
-                     WHERE NOT e.txid = ANY ($6) AND e.topic LIKE ANY ($7)
-                     ORDER BY e.txid, e.n
-                     LIMIT $8"
-                ),
+    Spi::connect(|client| match &hi.order {
+        Some(order) => read_ordered(client, hi.id, order, after, like, limit),
+        None => {
+            use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID, TEXTARRAYOID};
+            let (after_rank, after_n) = after.unwrap_or((-1, 0));
+            let plan = prepared(
+                client,
+                READ_UNORDERED,
+                &[INT8ARRAYOID, INT8OID, INT8OID, INT8OID, INT4OID, INT8ARRAYOID, TEXTARRAYOID, INT8OID],
+                false,
+            )?;
+            let rows = client.select(
+                &*plan,
                 None,
                 &[
                     lo.xip.clone().into(),
@@ -265,31 +331,59 @@ pub fn read_batch(
                     like.to_vec().into(),
                     limit.into(),
                 ],
-            )?,
-        };
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let epoch: f64 = row.get(11)?.unwrap_or_default();
-            out.push(Event {
-                position: Position {
-                    batch: hi.id,
-                    rank: row.get(1)?.unwrap_or_default(),
-                    txid: row.get(2)?.unwrap_or_default(),
-                    n: row.get(3)?.unwrap_or_default(),
-                },
-                id: row.get(4)?.unwrap_or_default(),
-                topic: row.get(5)?.unwrap_or_default(),
-                key: row.get(6)?,
-                event_type: row.get(7)?,
-                payload: row.get(8)?.unwrap_or_else(|| "null".into()),
-                headers: row.get(9)?.unwrap_or_else(|| "{}".into()),
-                timestamp: row.get(10)?.unwrap_or_default(),
-                created: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0)),
-            });
+            )?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let rank: i64 = row.get(1)?.unwrap_or_default();
+                out.push(event_from(&row, hi.id, rank)?);
+            }
+            Ok(out)
         }
-        SpiResult::Ok(out)
     })
     .map_err(client_err)
+}
+
+fn read_ordered(
+    client: &SpiClient<'_>,
+    batch: i64,
+    order: &[i64],
+    after: Option<(i64, i32)>,
+    like: &[String],
+    limit: i64,
+) -> SpiResult<Vec<Event>> {
+    use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID, TEXTARRAYOID};
+    let mut out = Vec::new();
+    let (rank, after_n) = after.unwrap_or((0, 0));
+    // The transaction we stopped in (ranks are 1-based).
+    if rank >= 1 && rank as usize <= order.len() {
+        let plan = prepared(client, READ_TRANSACTION, &[INT8OID, INT4OID, TEXTARRAYOID, INT8OID], false)?;
+        let rows = client.select(
+            &*plan,
+            None,
+            &[order[rank as usize - 1].into(), after_n.into(), like.to_vec().into(), limit.into()],
+        )?;
+        for row in rows {
+            out.push(event_from(&row, batch, rank)?);
+        }
+    }
+    // Then the following transactions, a few at first, more when they turn
+    // out small: rows scanned stay near the rows returned.
+    let mut next = rank.max(0) as usize;
+    let mut width = 4;
+    while (out.len() as i64) < limit && next < order.len() {
+        let end = (next + width).min(order.len());
+        let remaining = limit - out.len() as i64;
+        let plan = prepared(client, READ_TRANSACTIONS, &[INT8ARRAYOID, TEXTARRAYOID, INT8OID], false)?;
+        let rows =
+            client.select(&*plan, None, &[order[next..end].to_vec().into(), like.to_vec().into(), remaining.into()])?;
+        for row in rows {
+            let i: i64 = row.get(1)?.unwrap_or_default();
+            out.push(event_from(&row, batch, next as i64 + i)?);
+        }
+        next = end;
+        width = (width * 4).min(1024);
+    }
+    Ok(out)
 }
 
 pub fn save_progress(client: &mut SpiClient<'_>, u: &ProgressUpdate) -> SpiResult<()> {
