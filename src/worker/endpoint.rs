@@ -222,8 +222,7 @@ impl EndpointState {
         if self.is_down() {
             return;
         }
-        loop {
-            let Some(lane) = self.sched.stuck_lane() else { break };
+        while let Some(lane) = self.sched.stuck_lane() {
             let full = self.sched.len() >= max_events || self.sched.bytes() >= max_bytes;
             if !full && self.sched.attempts(&lane) < PARK_AFTER_ATTEMPTS {
                 break;
