@@ -219,6 +219,7 @@ fn retry_after_timeouts_and_attempt_limits() {
     webhook(&mut db, "retry", &rx.url("/"), &["retry"], json!({}));
     webhook(&mut db, "slow", &rx.url("/slow"), &["slow"], json!({"timeout_ms": 300, "max_attempts": 2}));
     webhook(&mut db, "limited", &rx.url("/limited"), &["limited"], json!({"max_attempts": 3}));
+    webhook(&mut db, "aged", &rx.url("/aged"), &["aged"], json!({"max_age_s": 1, "backoff_max_ms": 100}));
 
     emit(&mut db, "retry", json!({"case": "retry-after"}), Some("a"));
     let got = rx.wait_until(WAIT, "two attempts", |r| r.iter().filter(|x| x.path == "/").count() >= 2);
