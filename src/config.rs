@@ -57,6 +57,20 @@ pub fn check_topic(topic: &str) -> Result<()> {
     Ok(())
 }
 
+/// Kafka's own topic rule, checked when events go to a Kafka endpoint.
+pub fn check_kafka_topic(topic: &str) -> Result<()> {
+    let ok = !topic.is_empty()
+        && topic != "."
+        && topic != ".."
+        && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(format!("{topic:?} is not a valid Kafka topic"))
+            .hint("Kafka topics use letters, digits, . _ and - only."))
+    }
+}
+
 /// Check a topic pattern: a topic in which `*` matches any run of
 /// characters and `?` exactly one.
 pub fn check_topic_pattern(pattern: &str) -> Result<()> {
@@ -87,21 +101,25 @@ pub fn check_endpoint_name(name: &str) -> Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Webhook,
+    /// Confluent REST Proxy API v2 (or Redpanda's HTTP Proxy).
+    KafkaRestV2,
+    /// Confluent REST Proxy API v3.
+    KafkaRestV3,
 }
 
 impl Kind {
     pub fn parse(kind: &str) -> Result<Kind> {
         match kind {
             "webhook" => Ok(Kind::Webhook),
-            "kafka_rest_v2" | "kafka_rest_v3" => {
-                Err(ConfigError::new(format!("endpoint kind {kind:?} is not supported by this version of outbox"))
-                    .hint("Use kind 'webhook'."))
-            }
-            other => {
-                Err(ConfigError::new(format!("unknown endpoint kind {other:?}"))
-                    .hint("The endpoint kind is 'webhook'."))
-            }
+            "kafka_rest_v2" => Ok(Kind::KafkaRestV2),
+            "kafka_rest_v3" => Ok(Kind::KafkaRestV3),
+            other => Err(ConfigError::new(format!("unknown endpoint kind {other:?}"))
+                .hint("Endpoint kinds are 'webhook', 'kafka_rest_v2' and 'kafka_rest_v3'.")),
         }
+    }
+
+    pub fn is_kafka(self) -> bool {
+        matches!(self, Kind::KafkaRestV2 | Kind::KafkaRestV3)
     }
 }
 
@@ -133,7 +151,7 @@ pub enum OnDead {
     Skip,
 }
 
-/// What a webhook body carries.
+/// What a webhook body (or Kafka record value) carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body {
     /// The JSON envelope with id, topic, key, type, timestamp, data, headers.
@@ -142,18 +160,56 @@ pub enum Body {
     Data,
 }
 
+/// CloudEvents 1.0 HTTP binding mode of a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudEvents {
+    /// Attributes in ce-* headers, the payload as body.
+    Binary,
+    /// One application/cloudevents+json document (or a batch of them).
+    Structured,
+}
+
+/// Which Kafka REST v2 implementation an endpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Confluent,
+    /// Redpanda's HTTP Proxy: v2 paths, but only partition/key/value fields
+    /// and one response entry per partition.
+    Redpanda,
+}
+
+/// A Standard Webhooks signing key. Never printed.
+#[derive(Clone, PartialEq)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 /// The validated `options` of an endpoint, with defaults filled in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
+    pub connect_timeout: Duration,
     pub max_in_flight: usize,
+    pub batch_size: usize,
+    pub linger: Duration,
     pub max_attempts: Option<u32>,
     pub max_age: Option<Duration>,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub on_dead: OnDead,
     pub body: Body,
+    /// Signing keys, newest first; several while a key is being rotated.
+    pub secrets: Vec<Secret>,
+    pub cloudevents: Option<CloudEvents>,
+    pub cluster_id: Option<String>,
+    pub flavor: Flavor,
+    /// PEM certificates trusted for HTTPS besides the usual roots.
+    pub ca_cert: Option<String>,
 }
 
 impl Default for Options {
@@ -161,13 +217,21 @@ impl Default for Options {
         Options {
             headers: Vec::new(),
             timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
             max_in_flight: 16,
+            batch_size: 1,
+            linger: Duration::from_millis(5),
             max_attempts: None,
             max_age: None,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
             on_dead: OnDead::Block,
             body: Body::Envelope,
+            secrets: Vec::new(),
+            cloudevents: None,
+            cluster_id: None,
+            flavor: Flavor::Confluent,
+            ca_cert: None,
         }
     }
 }
@@ -176,14 +240,25 @@ impl Default for Options {
 /// error.
 pub const OPTIONS: &[(&str, &str)] = &[
     ("headers", "extra HTTP headers, an object of names to string values"),
-    ("timeout_ms", "request timeout in milliseconds, default 10000"),
+    ("timeout_ms", "timeout of one request in milliseconds, default 10000"),
+    ("connect_timeout_ms", "timeout to establish a connection in milliseconds, default 5000"),
     ("max_in_flight", "requests in flight at once (one per ordering key), default 16"),
+    (
+        "batch_size",
+        "events per request: Kafka REST records, or a CloudEvents batch; default 100 for Kafka, 1 otherwise",
+    ),
+    ("linger_ms", "how long a batch may wait to fill up while a request is in flight, default 5"),
     ("max_attempts", "attempts before an event goes to dead letters, default unlimited"),
-    ("max_age_s", "seconds after emit when a failing event goes to dead letters, default unlimited"),
+    ("max_age_s", "seconds after emit when a failing event goes to dead letters (total time), default unlimited"),
     ("backoff_base_ms", "first retry delay ceiling in milliseconds, doubled per attempt, default 500"),
     ("backoff_max_ms", "largest retry delay in milliseconds, default 60000"),
     ("on_dead", "'block' or 'skip': what later events of a key do while one of its events is dead"),
     ("body", "'envelope' (default) or 'data' for the bare payload"),
+    ("secret", "Standard Webhooks signing secret 'whsec_<base64>', or an array of them while rotating"),
+    ("cloudevents", "'binary' or 'structured': CloudEvents 1.0 HTTP binding for webhooks"),
+    ("cluster_id", "Kafka cluster id, required by kafka_rest_v3"),
+    ("flavor", "'confluent' (default) or 'redpanda' for kafka_rest_v2"),
+    ("ca_cert", "PEM certificate(s) to trust for HTTPS besides the public roots"),
 ];
 
 fn option_hint(key: &str) -> String {
@@ -210,7 +285,10 @@ impl Options {
         let opts = Options {
             headers: parse_headers(map)?,
             timeout: millis(map, "timeout_ms", 1, 300_000)?.unwrap_or(d.timeout),
+            connect_timeout: millis(map, "connect_timeout_ms", 1, 300_000)?.unwrap_or(d.connect_timeout),
             max_in_flight: int(map, "max_in_flight", 1, 1024)?.map_or(d.max_in_flight, |v| v as usize),
+            batch_size: int(map, "batch_size", 1, 10_000)?.map_or(d.batch_size, |v| v as usize),
+            linger: millis(map, "linger_ms", 0, 10_000)?.unwrap_or(d.linger),
             max_attempts: int(map, "max_attempts", 1, 1_000_000)?.map(|v| v as u32),
             max_age: int(map, "max_age_s", 1, 365 * 86_400)?.map(|s| Duration::from_secs(s as u64)),
             backoff_base: millis(map, "backoff_base_ms", 1, 3_600_000)?.unwrap_or(d.backoff_base),
@@ -225,6 +303,27 @@ impl Options {
                 Some(_) => Body::Envelope,
                 None => d.body,
             },
+            secrets: parse_secrets(map)?,
+            cloudevents: match choice(map, "cloudevents", &["binary", "structured"])? {
+                Some("binary") => Some(CloudEvents::Binary),
+                Some(_) => Some(CloudEvents::Structured),
+                None => None,
+            },
+            cluster_id: match map.get("cluster_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(c)) if !c.is_empty() && c.chars().all(|ch| ch.is_ascii_graphic() && ch != '/') => {
+                    Some(c.clone())
+                }
+                Some(v) => {
+                    return Err(ConfigError::new(format!("option cluster_id must be a cluster id string, got {v}"))
+                        .hint(option_hint("cluster_id")))
+                }
+            },
+            flavor: match choice(map, "flavor", &["confluent", "redpanda"])? {
+                Some("redpanda") => Flavor::Redpanda,
+                _ => Flavor::Confluent,
+            },
+            ca_cert: parse_ca_cert(map)?,
         };
         if opts.backoff_max < opts.backoff_base {
             return Err(ConfigError::new(format!(
@@ -235,6 +334,92 @@ impl Options {
             .hint("The retry delay grows from backoff_base_ms up to backoff_max_ms."));
         }
         Ok(opts)
+    }
+
+    /// Check what only makes sense for some kinds, and fill in kind
+    /// defaults (Kafka batches by default).
+    fn for_kind(mut self, kind: Kind, given: &Map<String, Value>) -> Result<Options> {
+        let only = |key: &str, what: &str| -> Result<()> {
+            if given.get(key).is_some_and(|v| !v.is_null()) {
+                return Err(
+                    ConfigError::new(format!("option {key} applies to {what} endpoints only")).hint(option_hint(key))
+                );
+            }
+            Ok(())
+        };
+        match kind {
+            Kind::Webhook => {
+                only("cluster_id", "kafka_rest_v3")?;
+                only("flavor", "kafka_rest_v2")?;
+                if self.batch_size > 1 && self.cloudevents != Some(CloudEvents::Structured) {
+                    return Err(ConfigError::new("a webhook sends one event per request")
+                        .hint("batch_size > 1 needs cloudevents = 'structured' (CloudEvents batch mode)."));
+                }
+            }
+            Kind::KafkaRestV2 | Kind::KafkaRestV3 => {
+                only("secret", "webhook")?;
+                only("cloudevents", "webhook")?;
+                if kind == Kind::KafkaRestV2 {
+                    only("cluster_id", "kafka_rest_v3")?;
+                } else {
+                    only("flavor", "kafka_rest_v2")?;
+                    if self.cluster_id.is_none() {
+                        return Err(ConfigError::new("kafka_rest_v3 needs option cluster_id").hint(
+                            "GET /v3/clusters on the REST proxy lists it; options => '{\"cluster_id\": \"...\"}'.",
+                        ));
+                    }
+                }
+                if given.get("batch_size").is_none_or(Value::is_null) {
+                    self.batch_size = 100;
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
+fn parse_secrets(map: &Map<String, Value>) -> Result<Vec<Secret>> {
+    // Messages here never repeat the secret itself.
+    let one = |v: &Value| -> Result<Secret> {
+        let hint = "Secrets are 'whsec_' followed by the base64 of 16 to 64 random bytes (Standard Webhooks).";
+        let Some(text) = v.as_str() else {
+            return Err(ConfigError::new("option secret must be a string or an array of strings").hint(hint));
+        };
+        let Some(encoded) = text.strip_prefix("whsec_") else {
+            return Err(ConfigError::new("option secret must start with whsec_").hint(hint));
+        };
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| ConfigError::new("option secret is not valid base64 after whsec_").hint(hint))?;
+        if !(16..=64).contains(&key.len()) {
+            return Err(ConfigError::new(format!("option secret decodes to {} bytes", key.len())).hint(hint));
+        }
+        Ok(Secret(key))
+    };
+    match map.get("secret") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(list)) if !list.is_empty() && list.len() <= 10 => list.iter().map(one).collect(),
+        Some(Value::Array(_)) => {
+            Err(ConfigError::new("option secret must list 1 to 10 secrets").hint(option_hint("secret")))
+        }
+        Some(v) => Ok(vec![one(v)?]),
+    }
+}
+
+fn parse_ca_cert(map: &Map<String, Value>) -> Result<Option<String>> {
+    match map.get("ca_cert") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(pem)) => {
+            let ok = pem.contains("-----BEGIN CERTIFICATE-----")
+                && reqwest::Certificate::from_pem_bundle(pem.as_bytes()).is_ok_and(|c| !c.is_empty());
+            if ok {
+                Ok(Some(pem.clone()))
+            } else {
+                Err(ConfigError::new("option ca_cert is not a PEM certificate").hint(option_hint("ca_cert")))
+            }
+        }
+        Some(_) => Err(ConfigError::new("option ca_cert must be a string").hint(option_hint("ca_cert"))),
     }
 }
 
@@ -314,7 +499,13 @@ impl Endpoint {
         for pattern in topics {
             check_topic_pattern(pattern)?;
         }
-        let options = Options::parse(options)?;
+        let given = options.as_object().cloned().unwrap_or_default();
+        let options = Options::parse(options)?.for_kind(kind, &given)?;
+        if kind.is_kafka() {
+            for pattern in topics.iter().filter(|p| !p.contains(['*', '?'])) {
+                check_kafka_topic(pattern)?;
+            }
+        }
         Ok(Endpoint { name: name.to_string(), kind, url, topics: topics.to_vec(), options })
     }
 }
@@ -434,6 +625,50 @@ mod tests {
         assert!(Endpoint::parse("a", "http://x/", "smtp", &["*".into()], &json!({})).is_err());
         assert!(Endpoint::parse("a", "http://x/", "webhook", &[], &json!({})).is_err());
         assert!(Endpoint::parse("a", "http://x/", "webhook", &["".into()], &json!({})).is_err());
+    }
+
+    #[test]
+    fn kinds_and_their_options() {
+        let ep = |kind: &str, opts: serde_json::Value| Endpoint::parse("e", "http://x/", kind, &["*".into()], &opts);
+        let kafka = ep("kafka_rest_v2", json!({})).unwrap();
+        assert_eq!((kafka.kind, kafka.options.batch_size), (Kind::KafkaRestV2, 100));
+        assert_eq!(
+            ep("kafka_rest_v2", json!({"flavor": "redpanda", "batch_size": 7})).unwrap().options.flavor,
+            Flavor::Redpanda
+        );
+        assert!(ep("kafka_rest_v3", json!({})).unwrap_err().message.contains("needs option cluster_id"));
+        assert!(ep("kafka_rest_v3", json!({"cluster_id": "c1"})).is_ok());
+        assert!(ep("kafka_rest_v2", json!({"cluster_id": "c1"})).unwrap_err().message.contains("kafka_rest_v3"));
+        assert!(ep("kafka_rest_v3", json!({"cluster_id": "c1", "flavor": "redpanda"})).is_err());
+        assert!(ep("kafka_rest_v2", json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"})).is_err());
+        assert!(ep("webhook", json!({"batch_size": 5})).unwrap_err().message.contains("one event per request"));
+        assert_eq!(
+            ep("webhook", json!({"cloudevents": "structured", "batch_size": 5})).unwrap().options.cloudevents,
+            Some(CloudEvents::Structured)
+        );
+        assert!(ep("webhook", json!({"cloudevents": "stream"})).is_err());
+        assert!(Endpoint::parse("e", "http://x/", "kafka_rest_v2", &["bad:topic".into()], &json!({})).is_err());
+        assert!(Endpoint::parse("e", "http://x/", "kafka_rest_v2", &["orders.*".into()], &json!({})).is_ok());
+    }
+
+    #[test]
+    fn secrets_are_checked_without_being_repeated() {
+        let parse = |v: serde_json::Value| Options::parse(&json!({ "secret": v }));
+        let one = parse(json!("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")).unwrap();
+        assert_eq!(one.secrets.len(), 1);
+        let two =
+            parse(json!(["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"])).unwrap();
+        assert_eq!(two.secrets.len(), 2);
+        for bad in [json!("hunter2-plain"), json!("whsec_!!!notbase64"), json!("whsec_AAAA"), json!(5), json!([])] {
+            let e = parse(bad.clone()).unwrap_err();
+            assert!(!e.message.contains("hunter2") && !e.message.contains("notbase64"), "{}", e.message);
+        }
+        assert!(!format!("{one:?}").contains("MfKQ"), "Debug must not print secrets");
+    }
+
+    #[test]
+    fn ca_certificates() {
+        assert!(Options::parse(&json!({"ca_cert": "not a certificate"})).unwrap_err().message.contains("PEM"));
     }
 
     #[test]

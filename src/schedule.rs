@@ -75,6 +75,8 @@ pub struct Scheduler<T> {
     backoff: BinaryHeap<Reverse<(Instant, LaneId)>>,
     unfinished: BTreeMap<Position, LaneId>,
     in_flight: usize,
+    /// Lanes in state Ready.
+    ready_lanes: usize,
     bytes: usize,
 }
 
@@ -86,6 +88,7 @@ impl<T: Clone> Default for Scheduler<T> {
             backoff: BinaryHeap::new(),
             unfinished: BTreeMap::new(),
             in_flight: 0,
+            ready_lanes: 0,
             bytes: 0,
         }
     }
@@ -107,6 +110,7 @@ impl<T: Clone> Scheduler<T> {
                     Lane { queue: VecDeque::from([entry]), state: LaneState::Ready, attempts: 0 },
                 );
                 self.ready.push_back(lane);
+                self.ready_lanes += 1;
             }
         }
     }
@@ -123,6 +127,7 @@ impl<T: Clone> Scheduler<T> {
             let head = lane.queue.front().expect("lanes are never empty");
             lane.state = LaneState::InFlight;
             self.in_flight += 1;
+            self.ready_lanes -= 1;
             return Some(Dispatch {
                 position: head.position,
                 item: head.item.clone(),
@@ -137,8 +142,10 @@ impl<T: Clone> Scheduler<T> {
     /// the lane's next event go.
     pub fn finish_head(&mut self, lane_id: &LaneId) -> Option<(Position, T)> {
         let lane = self.lanes.get_mut(lane_id)?;
-        if lane.state == LaneState::InFlight {
-            self.in_flight -= 1;
+        match lane.state {
+            LaneState::InFlight => self.in_flight -= 1,
+            LaneState::Ready => self.ready_lanes -= 1,
+            LaneState::Backoff(_) => {}
         }
         let head = lane.queue.pop_front().expect("lanes are never empty");
         self.unfinished.remove(&head.position);
@@ -149,6 +156,7 @@ impl<T: Clone> Scheduler<T> {
         } else {
             lane.state = LaneState::Ready;
             self.ready.push_back(lane_id.clone());
+            self.ready_lanes += 1;
         }
         Some((head.position, head.item))
     }
@@ -189,6 +197,7 @@ impl<T: Clone> Scheduler<T> {
                 if lane.state == LaneState::Backoff(at) {
                     lane.state = LaneState::Ready;
                     self.ready.push_back(lane_id);
+                    self.ready_lanes += 1;
                 }
             }
         }
@@ -232,6 +241,9 @@ impl<T: Clone> Scheduler<T> {
             return None;
         }
         let lane = self.lanes.remove(lane_id)?;
+        if lane.state == LaneState::Ready {
+            self.ready_lanes -= 1;
+        }
         let due = match lane.state {
             LaneState::Backoff(at) => Some(at),
             _ => None,
@@ -256,6 +268,11 @@ impl<T: Clone> Scheduler<T> {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Lanes whose head could be sent now.
+    pub fn ready_len(&self) -> usize {
+        self.ready_lanes
     }
 
     /// Lanes whose head failed and waits for its next attempt.
@@ -287,9 +304,11 @@ mod tests {
         let d2 = s.next().unwrap();
         assert_eq!((d1.item, d2.item), ("a1", "b1"));
         assert!(s.next().is_none(), "a2 must wait for a1");
-        assert_eq!(s.in_flight(), 2);
+        assert_eq!((s.in_flight(), s.ready_len()), (2, 0));
         s.finish_head(&key("a"));
+        assert_eq!(s.ready_len(), 1);
         assert_eq!(s.next().unwrap().item, "a2");
+        assert_eq!(s.ready_len(), 0);
     }
 
     #[test]

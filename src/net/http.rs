@@ -1,70 +1,146 @@
-//! HTTP transport: the shared client, one delivery, and what an answer means.
+//! HTTP transport: an endpoint's client, one request, and what an answer
+//! means.
 
-use super::{webhook, Failure, Verdict};
-use crate::config::{self, Body};
+use super::{kafka, webhook, Failure, NetError, Verdict};
+use crate::config::{self, Body, CloudEvents, Flavor, Kind, Secret};
 use crate::event::Event;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::StatusCode;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// Response bytes read at most: enough for an error message, and small
-/// enough that a hostile endpoint cannot fill the worker's memory.
-const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Response bytes read at most: enough for an error message or a Kafka
+/// batch's results, and small enough that a hostile endpoint cannot fill
+/// the worker's memory.
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Characters of a response body kept in an error message.
 const ERROR_SNIPPET_CHARS: usize = 200;
 
 /// Everything the network side needs to know about an endpoint.
-#[derive(Debug)]
 pub struct Target {
+    pub kind: Kind,
     pub url: reqwest::Url,
     pub headers: HeaderMap,
     pub timeout: Duration,
     pub body: Body,
+    pub secrets: Vec<Secret>,
+    pub cloudevents: Option<CloudEvents>,
+    pub cluster_id: Option<String>,
+    pub flavor: Flavor,
+    /// CloudEvents `source`.
+    pub source: String,
+    /// The endpoint's own client: its connection pool, connect timeout and
+    /// trusted certificates.
+    client: reqwest::Client,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Headers may hold credentials and secrets must never print.
+        f.debug_struct("Target").field("kind", &self.kind).field("url", &self.url.as_str()).finish_non_exhaustive()
+    }
 }
 
 impl Target {
-    pub fn new(endpoint: &config::Endpoint) -> Target {
+    /// `source` names where events come from (CloudEvents), e.g.
+    /// `/outbox/<database>`. Builds the endpoint's HTTP client; no request
+    /// is made and no thread started.
+    pub fn new(endpoint: &config::Endpoint, source: &str) -> Result<Target, NetError> {
+        let opts = &endpoint.options;
         let mut headers = HeaderMap::new();
-        for (name, value) in &endpoint.options.headers {
+        for (name, value) in &opts.headers {
             // Validated by config::Options::parse.
             if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
                 headers.insert(n, v);
             }
         }
-        Target { url: endpoint.url.clone(), headers, timeout: endpoint.options.timeout, body: endpoint.options.body }
+        let mut builder = reqwest::Client::builder()
+            // A redirect would send events somewhere nobody configured.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(opts.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(opts.max_in_flight)
+            .tcp_nodelay(true)
+            .user_agent(concat!("outbox/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &opts.ca_cert {
+            for cert in
+                reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| NetError(format!("ca_cert: {e}")))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder.build().map_err(|e| NetError(format!("building the HTTP client: {e}")))?;
+        Ok(Target {
+            kind: endpoint.kind,
+            url: endpoint.url.clone(),
+            headers,
+            timeout: opts.timeout,
+            body: opts.body,
+            secrets: opts.secrets.clone(),
+            cloudevents: opts.cloudevents,
+            cluster_id: opts.cluster_id.clone(),
+            flavor: opts.flavor,
+            source: source.to_string(),
+            client,
+        })
+    }
+
+    /// The URL of `path` below the endpoint's base URL.
+    fn below(&self, path: &str) -> reqwest::Url {
+        let mut url = self.url.clone();
+        let base = url.path().trim_end_matches('/').to_string();
+        url.set_path(&format!("{base}{path}"));
+        url
     }
 }
 
-pub fn client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        // A redirect would send events somewhere nobody configured.
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .tcp_nodelay(true)
-        .user_agent(concat!("outbox/", env!("CARGO_PKG_VERSION")))
-        .build()
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
-/// Send one event; Ok when the endpoint acknowledged it.
-pub async fn deliver(client: &reqwest::Client, target: &Target, event: &Event) -> Result<(), Failure> {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-    let request = webhook::request(client, target, event, now);
-    let response = match request.send().await {
+/// Send `events` (one request) and tell, per event, whether it was taken.
+pub async fn deliver(target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
+    let n = events.len();
+    let request = match target.kind {
+        Kind::Webhook => {
+            let r = webhook::build(target, events, now_unix());
+            target.client.post(target.url.clone()).headers(r.headers).body(r.body)
+        }
+        Kind::KafkaRestV2 => target
+            .client
+            .post(target.below(&kafka::v2_path(&events[0].topic)))
+            .headers(target.headers.clone())
+            .header(CONTENT_TYPE, kafka::V2_CONTENT_TYPE)
+            .header(ACCEPT, kafka::V2_ACCEPT)
+            .body(kafka::v2_body(target.body, events)),
+        Kind::KafkaRestV3 => target
+            .client
+            .post(target.below(&kafka::v3_path(target.cluster_id.as_deref().unwrap_or(""), &events[0].topic)))
+            .headers(target.headers.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(kafka::v3_body(target.body, events)),
+    };
+    let response = match request.timeout(target.timeout).send().await {
         Ok(r) => r,
-        Err(e) => return Err(transport_failure(e, target.timeout)),
+        Err(e) => return vec![Err(transport_failure(e, target.timeout)); n],
     };
     let status = response.status();
-    let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(v, now));
+    let retry_after =
+        response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(v, now_unix()));
     let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-    if status.is_success() {
-        // Drain (bounded) so the connection can be reused.
-        let _ = read_capped(response).await;
-        return Ok(());
+    let body = match read_capped(response).await {
+        Ok(b) => b,
+        // The answer was cut short: only a success can be trusted as such.
+        Err(e) if !status.is_success() => Vec::from(e.to_string()),
+        Err(e) => return vec![Err(transport_failure(e, target.timeout)); n],
+    };
+    match target.kind {
+        Kind::Webhook if status.is_success() => vec![Ok(()); n],
+        Kind::Webhook => vec![Err(classify(status, retry_after, &body, location.as_deref())); n],
+        Kind::KafkaRestV2 if status.is_success() => kafka::v2_results(target.flavor, &body, n),
+        Kind::KafkaRestV3 if status.is_success() => kafka::v3_results(&body, n),
+        Kind::KafkaRestV2 | Kind::KafkaRestV3 => kafka::request_failed(status, retry_after, &body, n),
     }
-    let body = read_capped(response).await.unwrap_or_default();
-    Err(classify(status, retry_after, &body, location.as_deref()))
 }
 
 /// What a non-2xx answer means.
@@ -178,5 +254,20 @@ mod tests {
         let date = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(now + 30));
         assert_eq!(parse_retry_after(&HeaderValue::from_str(&date).unwrap(), now), Some(Duration::from_secs(30)));
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon"), now), None);
+    }
+
+    #[test]
+    fn paths_below_the_base_url() {
+        let ep = |url: &str, kind: &str, opts: serde_json::Value| {
+            let e = config::Endpoint::parse("k", url, kind, &["*".into()], &opts).unwrap();
+            Target::new(&e, "/s").unwrap()
+        };
+        let t = ep("http://proxy:8082", "kafka_rest_v2", serde_json::json!({}));
+        assert_eq!(t.below(&kafka::v2_path("orders")).as_str(), "http://proxy:8082/topics/orders");
+        let t = ep("http://proxy:8082/kafka/", "kafka_rest_v3", serde_json::json!({"cluster_id": "abc"}));
+        assert_eq!(
+            t.below(&kafka::v3_path("abc", "orders")).as_str(),
+            "http://proxy:8082/kafka/v3/clusters/abc/topics/orders/records"
+        );
     }
 }

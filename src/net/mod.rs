@@ -3,8 +3,11 @@
 //! jobs come in over a channel, outcomes go out over another, and a waker
 //! supplied by the Postgres side tells the main thread to look.
 
+mod envelope;
 mod http;
-pub mod webhook;
+mod kafka;
+mod signature;
+mod webhook;
 
 use crate::event::{Event, Position};
 use crate::schedule::LaneId;
@@ -15,25 +18,22 @@ use tokio::sync::mpsc as tokio_mpsc;
 
 pub use http::Target;
 
-/// One delivery attempt of one event to one endpoint.
+/// One request to one endpoint: a single event, or a batch (Kafka
+/// records, CloudEvents batch) with at most one event per lane.
 pub struct Job {
     pub endpoint_id: i32,
     /// Which incarnation of the endpoint's state sent this job; outcomes of
     /// an older incarnation are ignored.
     pub generation: u64,
     pub target: Arc<Target>,
-    pub lane: LaneId,
-    pub position: Position,
-    pub event: Arc<Event>,
+    pub events: Vec<(LaneId, Arc<Event>)>,
 }
 
-/// What the endpoint did with a job.
+/// What the endpoint did with a job, event by event.
 pub struct Outcome {
     pub endpoint_id: i32,
     pub generation: u64,
-    pub lane: LaneId,
-    pub position: Position,
-    pub result: Result<(), Failure>,
+    pub results: Vec<(LaneId, Position, Result<(), Failure>)>,
 }
 
 /// Why a delivery failed, and what to do about it.
@@ -78,7 +78,6 @@ pub struct Network {
 impl Network {
     /// Start the runtime. `wake` is called after every outcome is queued.
     pub fn start(threads: usize, wake: Waker) -> Result<Network, NetError> {
-        let client = http::client().map_err(|e| NetError(format!("building the HTTP client: {e}")))?;
         let runtime = with_signals_blocked(|| {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads.max(1))
@@ -93,17 +92,33 @@ impl Network {
         let (outcome_tx, outcomes) = mpsc::channel();
         runtime.spawn(async move {
             while let Some(job) = job_rx.recv().await {
-                let client = client.clone();
                 let outcome_tx = outcome_tx.clone();
                 let wake = wake.clone();
                 tokio::spawn(async move {
-                    let result = http::deliver(&client, &job.target, &job.event).await;
+                    let events: Vec<Arc<Event>> = job.events.iter().map(|(_, e)| e.clone()).collect();
+                    let target = job.target.clone();
+                    // A panic in a delivery must still produce an outcome, or
+                    // its lanes would wait forever.
+                    let results = match tokio::spawn(async move { http::deliver(&target, &events).await }).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let failure = Failure {
+                                verdict: Verdict::Retry { after: None },
+                                status: None,
+                                message: format!("internal error in delivery: {e}"),
+                            };
+                            vec![Err(failure); job.events.len()]
+                        }
+                    };
                     let outcome = Outcome {
                         endpoint_id: job.endpoint_id,
                         generation: job.generation,
-                        lane: job.lane,
-                        position: job.position,
-                        result,
+                        results: job
+                            .events
+                            .into_iter()
+                            .zip(results)
+                            .map(|((lane, event), result)| (lane, event.position, result))
+                            .collect(),
                     };
                     if outcome_tx.send(outcome).is_ok() {
                         wake();

@@ -1,115 +1,156 @@
-//! Webhook requests: the JSON envelope and the Standard Webhooks headers.
+//! Webhook requests: the outbox envelope or CloudEvents 1.0 (binary,
+//! structured or batched), with Standard Webhooks headers and signatures.
 
-use super::Target;
-use crate::config::Body;
+use super::envelope::{self, ce_type, structured};
+use super::{signature, Target};
+use crate::config::{Body, CloudEvents};
 use crate::event::Event;
-use serde::Serialize;
-use serde_json::value::RawValue;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use std::sync::Arc;
 
-/// The event as delivered (DESIGN.md, "Wire formats").
-#[derive(Serialize)]
-struct Envelope<'a> {
-    id: &'a str,
-    topic: &'a str,
-    key: Option<&'a str>,
-    #[serde(rename = "type")]
-    event_type: Option<&'a str>,
-    timestamp: &'a str,
-    data: &'a RawValue,
-    headers: &'a RawValue,
+/// A webhook request, before it is handed to the HTTP client.
+#[derive(Debug)]
+pub struct WebhookRequest {
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
 }
 
-fn raw(json: &str) -> &RawValue {
-    // Postgres produced this text from a jsonb value: it is valid JSON.
-    serde_json::from_str(json).unwrap_or_else(|_| serde_json::from_str("null").expect("null is JSON"))
+fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    // Values that cannot be header values (control characters in a key,
+    // say) are left out rather than failing the delivery.
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
 }
 
-/// The JSON envelope of an event.
-pub fn envelope(event: &Event) -> String {
-    let envelope = Envelope {
-        id: &event.id,
-        topic: &event.topic,
-        key: event.key.as_deref(),
-        event_type: event.event_type.as_deref(),
-        timestamp: &event.timestamp,
-        data: raw(&event.payload),
-        headers: raw(&event.headers),
+/// Build the request for `events`: one event, or several when the endpoint
+/// takes CloudEvents batches. `now_unix` becomes `webhook-timestamp`.
+pub fn build(target: &Target, events: &[Arc<Event>], now_unix: u64) -> WebhookRequest {
+    let first = &events[0];
+    let mut headers = target.headers.clone();
+    let body: Vec<u8> = match target.cloudevents {
+        None => {
+            put(&mut headers, "content-type", "application/json");
+            if target.body == Body::Data {
+                // The bare payload carries no envelope: name the event here.
+                put(&mut headers, "outbox-topic", &first.topic);
+                if let Some(t) = first.event_type.as_deref() {
+                    put(&mut headers, "outbox-type", t);
+                }
+                if let Some(k) = first.key.as_deref() {
+                    put(&mut headers, "outbox-key", k);
+                }
+            }
+            envelope::value(target.body, first).into_bytes()
+        }
+        Some(CloudEvents::Binary) => {
+            put(&mut headers, "content-type", "application/json");
+            put(&mut headers, "ce-specversion", "1.0");
+            put(&mut headers, "ce-id", &first.id);
+            put(&mut headers, "ce-source", &target.source);
+            put(&mut headers, "ce-type", ce_type(first));
+            put(&mut headers, "ce-time", &first.timestamp);
+            put(&mut headers, "ce-topic", &first.topic);
+            if let Some(k) = first.key.as_deref() {
+                put(&mut headers, "ce-subject", k);
+            }
+            first.payload.clone().into_bytes()
+        }
+        Some(CloudEvents::Structured) if events.len() == 1 => {
+            put(&mut headers, "content-type", "application/cloudevents+json; charset=utf-8");
+            serde_json::to_vec(&structured(&target.source, first)).expect("serializable")
+        }
+        Some(CloudEvents::Structured) => {
+            put(&mut headers, "content-type", "application/cloudevents-batch+json; charset=utf-8");
+            let batch: Vec<_> = events.iter().map(|e| structured(&target.source, e)).collect();
+            serde_json::to_vec(&batch).expect("serializable")
+        }
     };
-    serde_json::to_string(&envelope).expect("serializing borrowed JSON cannot fail")
-}
-
-/// The body a webhook endpoint receives for `event`.
-pub fn body(target: &Target, event: &Event) -> String {
-    match target.body {
-        Body::Envelope => envelope(event),
-        Body::Data => event.payload.clone(),
+    // Standard Webhooks: the first event's id names the message (a batch
+    // carries each event's own id inside).
+    put(&mut headers, "webhook-id", &first.id);
+    put(&mut headers, "webhook-timestamp", &now_unix.to_string());
+    if let Some(sig) = signature::sign(&target.secrets, &first.id, now_unix, &body) {
+        put(&mut headers, "webhook-signature", &sig);
     }
-}
-
-/// Build the POST for one event. `now_unix` becomes `webhook-timestamp`.
-pub fn request(client: &reqwest::Client, target: &Target, event: &Event, now_unix: u64) -> reqwest::RequestBuilder {
-    let mut request = client
-        .post(target.url.clone())
-        .timeout(target.timeout)
-        .headers(target.headers.clone())
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header("webhook-id", &event.id)
-        .header("webhook-timestamp", now_unix.to_string());
-    if target.body == Body::Data {
-        // The bare payload carries no envelope: name the event in headers.
-        request = request.header("outbox-topic", &event.topic);
-        if let Some(t) = event.event_type.as_deref().filter(|t| is_header_safe(t)) {
-            request = request.header("outbox-type", t);
-        }
-        if let Some(k) = event.key.as_deref().filter(|k| is_header_safe(k)) {
-            request = request.header("outbox-key", k);
-        }
-    }
-    request.body(body(target, event))
-}
-
-fn is_header_safe(value: &str) -> bool {
-    reqwest::header::HeaderValue::from_str(value).is_ok()
+    debug_assert!(headers.contains_key(CONTENT_TYPE));
+    WebhookRequest { headers, body }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Position;
-    use std::time::SystemTime;
+    use crate::config::{self, Secret};
+    use crate::net::envelope::tests::sample;
+    use serde_json::json;
 
-    pub fn sample() -> Event {
-        Event {
-            position: Position { batch: 1, rank: 1, txid: 10, n: 1 },
-            id: "0190a0a0-0000-7000-8000-000000000001".into(),
-            topic: "orders".into(),
-            key: Some("o-1".into()),
-            event_type: Some("created".into()),
-            payload: r#"{"total": 12.5, "items": [1, 2]}"#.into(),
-            headers: r#"{"trace": "t1"}"#.into(),
-            timestamp: "2026-11-26T18:00:00.000001Z".into(),
-            created: SystemTime::now(),
-        }
+    fn target(options: serde_json::Value) -> Target {
+        let ep = config::Endpoint::parse("t", "http://127.0.0.1:1/", "webhook", &["*".into()], &options).unwrap();
+        Target::new(&ep, "/outbox/db").unwrap()
+    }
+
+    fn header<'a>(r: &'a WebhookRequest, name: &str) -> Option<&'a str> {
+        r.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     #[test]
-    fn envelope_has_every_field_and_embeds_json() {
-        let v: serde_json::Value = serde_json::from_str(&envelope(&sample())).unwrap();
-        assert_eq!(v["id"], "0190a0a0-0000-7000-8000-000000000001");
-        assert_eq!(v["topic"], "orders");
-        assert_eq!(v["key"], "o-1");
-        assert_eq!(v["type"], "created");
-        assert_eq!(v["timestamp"], "2026-11-26T18:00:00.000001Z");
-        assert_eq!(v["data"]["items"][1], 2);
-        assert_eq!(v["headers"]["trace"], "t1");
+    fn plain_webhook_with_standard_headers_and_signature() {
+        let t = target(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "headers": {"x-a": "b"}}));
+        let r = build(&t, &[Arc::new(sample())], 1614265330);
+        assert_eq!(header(&r, "content-type"), Some("application/json"));
+        assert_eq!(header(&r, "webhook-id"), Some("0190a0a0-0000-7000-8000-000000000001"));
+        assert_eq!(header(&r, "webhook-timestamp"), Some("1614265330"));
+        assert_eq!(header(&r, "x-a"), Some("b"));
+        let expected =
+            signature::sign(&t.secrets, "0190a0a0-0000-7000-8000-000000000001", 1614265330, &r.body).unwrap();
+        assert_eq!(header(&r, "webhook-signature"), Some(expected.as_str()));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["data"]["total"], 12.5);
     }
 
     #[test]
-    fn missing_key_and_type_are_null() {
-        let mut e = sample();
-        e.key = None;
-        e.event_type = None;
-        let v: serde_json::Value = serde_json::from_str(&envelope(&e)).unwrap();
-        assert!(v["key"].is_null() && v["type"].is_null());
+    fn bare_data_names_the_event_in_headers() {
+        let r = build(&target(json!({"body": "data"})), &[Arc::new(sample())], 1);
+        assert_eq!(r.body, sample().payload.as_bytes());
+        assert_eq!(header(&r, "outbox-topic"), Some("orders"));
+        assert_eq!(header(&r, "outbox-type"), Some("created"));
+        assert_eq!(header(&r, "outbox-key"), Some("o-1"));
+        assert!(header(&r, "webhook-signature").is_none());
+    }
+
+    #[test]
+    fn cloudevents_binary_mode() {
+        let r = build(&target(json!({"cloudevents": "binary"})), &[Arc::new(sample())], 1);
+        assert_eq!(header(&r, "ce-specversion"), Some("1.0"));
+        assert_eq!(header(&r, "ce-id"), Some("0190a0a0-0000-7000-8000-000000000001"));
+        assert_eq!(header(&r, "ce-source"), Some("/outbox/db"));
+        assert_eq!(header(&r, "ce-type"), Some("created"));
+        assert_eq!(header(&r, "ce-subject"), Some("o-1"));
+        assert_eq!(header(&r, "ce-time"), Some("2026-11-26T18:00:00.000001Z"));
+        assert_eq!(header(&r, "content-type"), Some("application/json"));
+        assert_eq!(r.body, sample().payload.as_bytes());
+    }
+
+    #[test]
+    fn cloudevents_structured_and_batched() {
+        let t = target(json!({"cloudevents": "structured", "batch_size": 10}));
+        let one = build(&t, &[Arc::new(sample())], 1);
+        assert_eq!(header(&one, "content-type"), Some("application/cloudevents+json; charset=utf-8"));
+        let v: serde_json::Value = serde_json::from_slice(&one.body).unwrap();
+        assert_eq!(v["specversion"], "1.0");
+        let mut second = sample();
+        second.id = "0190a0a0-0000-7000-8000-000000000002".into();
+        let batch = build(&t, &[Arc::new(sample()), Arc::new(second)], 1);
+        assert_eq!(header(&batch, "content-type"), Some("application/cloudevents-batch+json; charset=utf-8"));
+        let v: serde_json::Value = serde_json::from_slice(&batch.body).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 2);
+        assert_eq!(v[1]["id"], "0190a0a0-0000-7000-8000-000000000002");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        assert_eq!(format!("{:?}", Secret(vec![1, 2, 3])), "Secret(..)");
+        let t = target(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}));
+        assert!(!format!("{t:?}").contains("MfKQ"));
     }
 }

@@ -7,7 +7,7 @@ use super::parked::{self, Parked};
 use super::store::{Cursor, EndpointRow, ParkRow, ParkedHead, ProgressUpdate};
 use crate::config::{self, OnDead};
 use crate::event::{Event, Position};
-use crate::net::{Failure, Target, Verdict};
+use crate::net::{Failure, NetError, Target, Verdict};
 use crate::schedule::{LaneId, Scheduler};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -55,14 +55,25 @@ pub struct EndpointState {
     reported: (i32, i32),
     /// Set when the endpoint answered 410 Gone; written as disabled_reason.
     pub gone: Option<String>,
+    /// CloudEvents source of this database's events.
+    source: String,
+    /// Requests in flight (a batch is one request).
+    requests: usize,
+    /// A partial batch has been waiting since (see linger_ms).
+    lingering_since: Option<Instant>,
 }
 
 impl EndpointState {
-    pub fn new(row: &EndpointRow, config: config::Endpoint, generation: u64) -> EndpointState {
-        EndpointState {
+    pub fn new(
+        row: &EndpointRow,
+        config: config::Endpoint,
+        generation: u64,
+        source: &str,
+    ) -> Result<EndpointState, NetError> {
+        Ok(EndpointState {
             id: row.id,
             generation,
-            target: Arc::new(Target::new(&config)),
+            target: Arc::new(Target::new(&config, source)?),
             config,
             like: row.like.clone(),
             active: row.active,
@@ -82,17 +93,23 @@ impl EndpointState {
             latency_changed: false,
             reported: (0, 0),
             gone: None,
-        }
+            source: source.to_string(),
+            requests: 0,
+            lingering_since: None,
+        })
     }
 
     /// Take a changed configuration without losing loaded events, when
     /// what was loaded is still what the endpoint wants.
     pub fn reconfigure(&mut self, row: &EndpointRow, config: &config::Endpoint) -> bool {
-        if row.like != self.like {
+        if row.like != self.like || config.kind != self.config.kind {
             return false;
         }
         if *config != self.config {
-            self.target = Arc::new(Target::new(config));
+            match Target::new(config, &self.source) {
+                Ok(target) => self.target = Arc::new(target),
+                Err(_) => return false,
+            }
             self.config = config.clone();
         }
         if row.active && !self.active {
@@ -149,7 +166,7 @@ impl EndpointState {
         for (id, lane) in self.parked.lanes.iter_mut() {
             lane.behind_window = self.sched.has_lane(id);
         }
-        let room = self.send_limit(now).saturating_sub(self.in_flight());
+        let room = self.send_limit(now).saturating_sub(self.requests) * self.config.options.batch_size;
         let (next, due) = self.parked.to_load(now, room);
         let mut keys = Vec::new();
         let mut solo = Vec::new();
@@ -275,20 +292,68 @@ impl EndpointState {
     }
 
     pub fn next_wake(&self) -> Option<Instant> {
-        [self.sched.next_wake(), self.parked.next_wake(), self.hold_until].into_iter().flatten().min()
+        let linger_ends = self.lingering_since.map(|t| t + self.config.options.linger);
+        [self.sched.next_wake(), self.parked.next_wake(), self.hold_until, linger_ends].into_iter().flatten().min()
     }
 
-    /// Events to send now: parked lanes first (they are older), then the
-    /// window.
-    pub fn take_sendable(&mut self, now: Instant) -> Vec<(LaneId, Arc<Event>)> {
+    /// Requests to send now, each a batch of events (one event per lane;
+    /// one topic per batch), parked lanes first (they are older). A partial
+    /// batch waits up to linger_ms while another request is in flight.
+    pub fn take_jobs(&mut self, now: Instant) -> Vec<Vec<(LaneId, Arc<Event>)>> {
         self.sched.wake_due(now);
         let limit = self.send_limit(now);
-        let mut out = self.parked.take_ready(limit.saturating_sub(self.in_flight()));
-        while self.in_flight() < limit {
-            let Some(d) = self.sched.next() else { break };
-            out.push((d.lane, d.item));
+        let batch = self.config.options.batch_size;
+        let mut jobs = Vec::new();
+        while self.requests < limit {
+            let ready = self.parked.ready_len() + self.sched.ready_len();
+            if ready == 0 {
+                self.lingering_since = None;
+                break;
+            }
+            if ready < batch && self.requests > 0 {
+                let since = *self.lingering_since.get_or_insert(now);
+                if now < since + self.config.options.linger {
+                    break;
+                }
+            }
+            self.lingering_since = None;
+            let mut events = self.parked.take_ready(batch);
+            while events.len() < batch {
+                let Some(d) = self.sched.next() else { break };
+                events.push((d.lane, d.item));
+            }
+            for group in self.by_topic(events, now) {
+                self.requests += 1;
+                jobs.push(group);
+            }
         }
-        out
+        jobs
+    }
+
+    /// Split a batch by topic (one topic per Kafka request). Events whose
+    /// topic Kafka cannot take fail here, for good.
+    fn by_topic(&mut self, events: Vec<(LaneId, Arc<Event>)>, now: Instant) -> Vec<Vec<(LaneId, Arc<Event>)>> {
+        let mut groups: Vec<Vec<(LaneId, Arc<Event>)>> = Vec::new();
+        for (lane, event) in events {
+            if self.config.kind.is_kafka() {
+                if let Err(e) = config::check_kafka_topic(&event.topic) {
+                    let failure = Failure { verdict: Verdict::Reject, status: None, message: e.message };
+                    let position = event.position;
+                    self.on_outcome(&lane, position, Err(failure), now);
+                    continue;
+                }
+            }
+            match groups.iter_mut().find(|g| g[0].1.topic == event.topic || !self.config.kind.is_kafka()) {
+                Some(g) => g.push((lane, event)),
+                None => groups.push(vec![(lane, event)]),
+            }
+        }
+        groups
+    }
+
+    /// A request came back (its events' outcomes follow).
+    pub fn job_done(&mut self) {
+        self.requests = self.requests.saturating_sub(1);
     }
 
     /// An outcome from the network side.

@@ -99,7 +99,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     };
     pgrx::log!("outbox worker started in database {db:?}");
 
-    let mut worker = Worker::new(index, network);
+    let mut worker = Worker::new(index, &db, network);
     while BackgroundWorker::wait_latch(Some(worker.timeout())) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: main thread, outside any transaction.
@@ -113,6 +113,8 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
 
 struct Worker {
     slot: usize,
+    /// CloudEvents source of this database's events.
+    source: String,
     network: Network,
     endpoints: Vec<EndpointState>,
     ticks: HashMap<i64, Tick>,
@@ -129,9 +131,10 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(slot: usize, network: Network) -> Worker {
+    fn new(slot: usize, database: &str, network: Network) -> Worker {
         Worker {
             slot,
+            source: format!("/outbox/{database}"),
             network,
             endpoints: Vec::new(),
             ticks: HashMap::new(),
@@ -209,7 +212,10 @@ impl Worker {
             // again from the tables.
             if let Some(ep) = self.endpoints.iter_mut().find(|e| e.id == o.endpoint_id && e.generation == o.generation)
             {
-                ep.on_outcome(&o.lane, o.position, o.result, now);
+                ep.job_done();
+                for (lane, position, result) in o.results {
+                    ep.on_outcome(&lane, position, result, now);
+                }
             }
         }
     }
@@ -329,9 +335,12 @@ impl Worker {
                     continue;
                 }
             }
-            // A new endpoint, or its topics changed: (re)start from the
-            // persisted cursor.
-            next.push(EndpointState::new(&row, config, self.next_generation));
+            // A new endpoint, or its topics or kind changed: (re)start from
+            // the persisted cursor.
+            match EndpointState::new(&row, config, self.next_generation, &self.source) {
+                Ok(ep) => next.push(ep),
+                Err(e) => pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name),
+            }
             self.next_generation += 1;
         }
         self.endpoints = next;
@@ -414,14 +423,12 @@ impl Worker {
 
     fn dispatch(&mut self, now: Instant) {
         for ep in &mut self.endpoints {
-            for (lane, event) in ep.take_sendable(now) {
+            for events in ep.take_jobs(now) {
                 self.network.submit(Job {
                     endpoint_id: ep.id,
                     generation: ep.generation,
                     target: ep.target.clone(),
-                    lane,
-                    position: event.position,
-                    event,
+                    events,
                 });
             }
         }

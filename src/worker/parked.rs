@@ -62,6 +62,10 @@ impl Parked {
         self.lanes.contains_key(lane)
     }
 
+    pub fn ready_len(&self) -> usize {
+        self.lanes.values().filter(|l| matches!(l.status, Status::Ready(_))).count()
+    }
+
     pub fn in_flight(&self) -> usize {
         self.lanes.values().filter(|l| matches!(l.status, Status::InFlight(_))).count()
     }
