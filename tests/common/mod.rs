@@ -2,6 +2,7 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a different part
 
 pub mod cluster;
+pub mod kafka;
 pub mod receiver;
 
 pub use cluster::Cluster;
