@@ -36,6 +36,22 @@ pub mod outbox {
         values.into_iter().map(|v| required(v, function, &format!("an element of {what}"))).collect()
     }
 
+    /// Refuse URLs outside `outbox.allowed_hosts`.
+    fn check_egress(function: &str, url: &reqwest::Url) {
+        let allowed = crate::guc::allowed_hosts().map_err(in_function(function)).or_raise();
+        if !allowed.allows(url) {
+            let e = crate::egress::AllowList::refusal(url);
+            let mut err = SqlError::new(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("outbox.{function}: {}", e.message),
+            );
+            if let Some(h) = e.hint {
+                err = err.hint(h);
+            }
+            err.raise();
+        }
+    }
+
     fn unknown_endpoint(function: &str, name: &str) -> ! {
         SqlError::new(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
@@ -61,7 +77,8 @@ pub mod outbox {
         let kind = required(kind, F, "kind");
         let topics = text_array(required(topics, F, "topics"), F, "topics");
         let options = required(options, F, "options").0;
-        config::Endpoint::parse(name, url, kind, &topics, &options).map_err(in_function(F)).or_raise();
+        let endpoint = config::Endpoint::parse(name, url, kind, &topics, &options).map_err(in_function(F)).or_raise();
+        check_egress(F, &endpoint.url);
 
         let exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT FROM outbox.endpoints WHERE name = $1)",
@@ -123,7 +140,8 @@ pub mod outbox {
         let url = url.map(str::to_string).unwrap_or(old_url);
         let topics = topics.map(|t| text_array(t, F, "topics")).unwrap_or(old_topics);
         let merged: Value = config::merge_options(&old_options, &patch).map_err(in_function(F)).or_raise();
-        config::Endpoint::parse(name, &url, &kind, &topics, &merged).map_err(in_function(F)).or_raise();
+        let endpoint = config::Endpoint::parse(name, &url, &kind, &topics, &merged).map_err(in_function(F)).or_raise();
+        check_egress(F, &endpoint.url);
         Spi::run_with_args(
             "UPDATE outbox.endpoints SET url = $2, topics = $3, options = $4, updated_at = now() WHERE name = $1",
             &[name.into(), url.into(), topics.into(), JsonB(merged).into()],

@@ -210,6 +210,8 @@ pub struct Options {
     pub flavor: Flavor,
     /// PEM certificates trusted for HTTPS besides the usual roots.
     pub ca_cert: Option<String>,
+    /// Redirects followed (to allowed hosts only); 0: none.
+    pub max_redirects: usize,
 }
 
 impl Default for Options {
@@ -232,6 +234,7 @@ impl Default for Options {
             cluster_id: None,
             flavor: Flavor::Confluent,
             ca_cert: None,
+            max_redirects: 0,
         }
     }
 }
@@ -259,6 +262,7 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("cluster_id", "Kafka cluster id, required by kafka_rest_v3"),
     ("flavor", "'confluent' (default) or 'redpanda' for kafka_rest_v2"),
     ("ca_cert", "PEM certificate(s) to trust for HTTPS besides the public roots"),
+    ("max_redirects", "redirects followed, to hosts outbox.allowed_hosts allows; default 0 (none)"),
 ];
 
 fn option_hint(key: &str) -> String {
@@ -324,6 +328,7 @@ impl Options {
                 _ => Flavor::Confluent,
             },
             ca_cert: parse_ca_cert(map)?,
+            max_redirects: int(map, "max_redirects", 0, 10)?.map_or(d.max_redirects, |v| v as usize),
         };
         if opts.backoff_max < opts.backoff_base {
             return Err(ConfigError::new(format!(

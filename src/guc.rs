@@ -12,6 +12,9 @@ pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Largest payload `outbox_emit` accepts, in bytes.
 pub static MAX_PAYLOAD_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 
+/// Hosts endpoints may point at (see egress.rs); empty: any.
+pub static ALLOWED_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+
 /// Events one endpoint may hold in the worker's memory at once.
 pub static WINDOW_EVENTS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
@@ -29,6 +32,15 @@ pub fn init() {
         c"One background worker per listed database. The extension must be created in each of them.",
         &DATABASES,
         GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.allowed_hosts",
+        c"Hosts and networks endpoints may point at (comma-separated; empty: any).",
+        c"Host names, *.domain suffixes and IP networks such as 10.0.0.0/8. Checked when endpoints are created or \
+          changed, before every request and for every redirect followed.",
+        &ALLOWED_HOSTS,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -94,4 +106,11 @@ pub fn databases() -> Vec<String> {
         }
     }
     out
+}
+
+/// `outbox.allowed_hosts` as parsed; an unparsable setting allows nothing
+/// (and says why).
+pub fn allowed_hosts() -> Result<crate::egress::AllowList, crate::config::ConfigError> {
+    let raw = ALLOWED_HOSTS.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    crate::egress::AllowList::parse(&raw)
 }

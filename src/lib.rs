@@ -20,6 +20,7 @@ pgrx::pg_module_magic!(name, version);
 
 mod admin;
 mod config;
+mod egress;
 mod emit;
 mod error;
 mod event;

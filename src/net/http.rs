@@ -3,6 +3,7 @@
 
 use super::{kafka, webhook, Failure, NetError, Verdict};
 use crate::config::{self, Body, CloudEvents, Flavor, Kind, Secret};
+use crate::egress::AllowList;
 use crate::event::Event;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::StatusCode;
@@ -29,6 +30,8 @@ pub struct Target {
     pub flavor: Flavor,
     /// CloudEvents `source`.
     pub source: String,
+    /// Where requests may go (outbox.allowed_hosts when the target was made).
+    allowed: Arc<AllowList>,
     /// The endpoint's own client: its connection pool, connect timeout and
     /// trusted certificates.
     client: reqwest::Client,
@@ -45,7 +48,7 @@ impl Target {
     /// `source` names where events come from (CloudEvents), e.g.
     /// `/outbox/<database>`. Builds the endpoint's HTTP client; no request
     /// is made and no thread started.
-    pub fn new(endpoint: &config::Endpoint, source: &str) -> Result<Target, NetError> {
+    pub fn new(endpoint: &config::Endpoint, source: &str, allowed: Arc<AllowList>) -> Result<Target, NetError> {
         let opts = &endpoint.options;
         let mut headers = HeaderMap::new();
         for (name, value) in &opts.headers {
@@ -54,9 +57,27 @@ impl Target {
                 headers.insert(n, v);
             }
         }
+        // By default a redirect is not followed: it would send events
+        // somewhere nobody configured. With max_redirects, only to hosts the
+        // allow-list allows.
+        let policy = match opts.max_redirects {
+            0 => reqwest::redirect::Policy::none(),
+            max => {
+                let allowed = allowed.clone();
+                reqwest::redirect::Policy::custom(move |attempt| {
+                    if attempt.previous().len() > max {
+                        attempt.error(format!("more than {max} redirects"))
+                    } else if !allowed.allows(attempt.url()) {
+                        let host = attempt.url().host_str().unwrap_or("").to_string();
+                        attempt.error(format!("redirect to {host} is not allowed by outbox.allowed_hosts"))
+                    } else {
+                        attempt.follow()
+                    }
+                })
+            }
+        };
         let mut builder = reqwest::Client::builder()
-            // A redirect would send events somewhere nobody configured.
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(policy)
             .connect_timeout(opts.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(opts.max_in_flight)
@@ -81,6 +102,7 @@ impl Target {
             cluster_id: opts.cluster_id.clone(),
             flavor: opts.flavor,
             source: source.to_string(),
+            allowed,
             client,
         })
     }
@@ -101,6 +123,11 @@ fn now_unix() -> u64 {
 /// Send `events` (one request) and tell, per event, whether it was taken.
 pub async fn deliver(target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
     let n = events.len();
+    if !target.allowed.allows(&target.url) {
+        // Kept, not dropped: delivery resumes once the host is allowed again.
+        let message = AllowList::refusal(&target.url).message;
+        return vec![Err(Failure { verdict: Verdict::Retry { after: None }, status: None, message }); n];
+    }
     let request = match target.kind {
         Kind::Webhook => {
             let r = webhook::build(target, events, now_unix());
@@ -260,7 +287,7 @@ mod tests {
     fn paths_below_the_base_url() {
         let ep = |url: &str, kind: &str, opts: serde_json::Value| {
             let e = config::Endpoint::parse("k", url, kind, &["*".into()], &opts).unwrap();
-            Target::new(&e, "/s").unwrap()
+            Target::new(&e, "/s", Arc::default()).unwrap()
         };
         let t = ep("http://proxy:8082", "kafka_rest_v2", serde_json::json!({}));
         assert_eq!(t.below(&kafka::v2_path("orders")).as_str(), "http://proxy:8082/topics/orders");

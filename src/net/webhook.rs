@@ -86,7 +86,7 @@ mod tests {
 
     fn target(options: serde_json::Value) -> Target {
         let ep = config::Endpoint::parse("t", "http://127.0.0.1:1/", "webhook", &["*".into()], &options).unwrap();
-        Target::new(&ep, "/outbox/db").unwrap()
+        Target::new(&ep, "/outbox/db", Arc::default()).unwrap()
     }
 
     fn header<'a>(r: &'a WebhookRequest, name: &str) -> Option<&'a str> {

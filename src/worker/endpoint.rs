@@ -6,6 +6,7 @@
 use super::parked::{self, Parked};
 use super::store::{Cursor, EndpointRow, ParkRow, ParkedHead, ProgressUpdate};
 use crate::config::{self, OnDead};
+use crate::egress::AllowList;
 use crate::event::{Event, Position};
 use crate::net::{Failure, NetError, Target, Verdict};
 use crate::schedule::{LaneId, Scheduler};
@@ -57,6 +58,8 @@ pub struct EndpointState {
     pub gone: Option<String>,
     /// CloudEvents source of this database's events.
     source: String,
+    /// outbox.allowed_hosts the target was built with.
+    allowed: Arc<AllowList>,
     /// Requests in flight (a batch is one request).
     requests: usize,
     /// A partial batch has been waiting since (see linger_ms).
@@ -69,11 +72,13 @@ impl EndpointState {
         config: config::Endpoint,
         generation: u64,
         source: &str,
+        allowed: &Arc<AllowList>,
     ) -> Result<EndpointState, NetError> {
         Ok(EndpointState {
             id: row.id,
             generation,
-            target: Arc::new(Target::new(&config, source)?),
+            target: Arc::new(Target::new(&config, source, allowed.clone())?),
+            allowed: allowed.clone(),
             config,
             like: row.like.clone(),
             active: row.active,
@@ -101,16 +106,17 @@ impl EndpointState {
 
     /// Take a changed configuration without losing loaded events, when
     /// what was loaded is still what the endpoint wants.
-    pub fn reconfigure(&mut self, row: &EndpointRow, config: &config::Endpoint) -> bool {
+    pub fn reconfigure(&mut self, row: &EndpointRow, config: &config::Endpoint, allowed: &Arc<AllowList>) -> bool {
         if row.like != self.like || config.kind != self.config.kind {
             return false;
         }
-        if *config != self.config {
-            match Target::new(config, &self.source) {
+        if *config != self.config || **allowed != *self.allowed {
+            match Target::new(config, &self.source, allowed.clone()) {
                 Ok(target) => self.target = Arc::new(target),
                 Err(_) => return false,
             }
             self.config = config.clone();
+            self.allowed = allowed.clone();
         }
         if row.active && !self.active {
             // Resumed (also after 410 Gone): try waiting lanes right away.

@@ -13,6 +13,7 @@ mod rotation;
 mod store;
 
 use crate::config;
+use crate::egress::AllowList;
 use crate::guc;
 use crate::net::{self, Job, Network, Outcome};
 use crate::shmem;
@@ -104,6 +105,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: main thread, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            worker.settings_reloaded();
         }
         worker.step();
     }
@@ -115,6 +117,8 @@ struct Worker {
     slot: usize,
     /// CloudEvents source of this database's events.
     source: String,
+    /// outbox.allowed_hosts, re-read on reload.
+    allowed: Arc<AllowList>,
     network: Network,
     endpoints: Vec<EndpointState>,
     ticks: HashMap<i64, Tick>,
@@ -135,6 +139,7 @@ impl Worker {
         Worker {
             slot,
             source: format!("/outbox/{database}"),
+            allowed: Arc::new(read_allowed_hosts()),
             network,
             endpoints: Vec::new(),
             ticks: HashMap::new(),
@@ -147,6 +152,15 @@ impl Worker {
             last_reload: Instant::now(),
             last_maintenance: Instant::now(),
             error_pause_until: None,
+        }
+    }
+
+    /// After SIGHUP: targets are rebuilt when the allow-list changed.
+    fn settings_reloaded(&mut self) {
+        let allowed = read_allowed_hosts();
+        if allowed != *self.allowed {
+            self.allowed = Arc::new(allowed);
+            self.config_generation = None; // reload endpoints next step
         }
     }
 
@@ -330,14 +344,14 @@ impl Worker {
             };
             let existing = self.endpoints.iter().position(|e| e.id == row.id);
             if let Some(mut ep) = existing.map(|i| self.endpoints.swap_remove(i)) {
-                if ep.reconfigure(&row, &config) {
+                if ep.reconfigure(&row, &config, &self.allowed) {
                     next.push(ep);
                     continue;
                 }
             }
             // A new endpoint, or its topics or kind changed: (re)start from
             // the persisted cursor.
-            match EndpointState::new(&row, config, self.next_generation, &self.source) {
+            match EndpointState::new(&row, config, self.next_generation, &self.source, &self.allowed) {
                 Ok(ep) => next.push(ep),
                 Err(e) => pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name),
             }
@@ -433,6 +447,14 @@ impl Worker {
             }
         }
     }
+}
+
+/// outbox.allowed_hosts; a setting that does not parse allows nothing.
+fn read_allowed_hosts() -> AllowList {
+    guc::allowed_hosts().unwrap_or_else(|e| {
+        pgrx::warning!("outbox worker: {e}; no endpoint can be reached until it is fixed");
+        AllowList::nothing()
+    })
 }
 
 /// The per-endpoint window: events and payload bytes held in memory.
