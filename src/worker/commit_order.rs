@@ -7,6 +7,7 @@
 //! commit order of every pair of transactions that waited on each other;
 //! the worker reads it and stores each batch's order in its tick.
 
+use super::store::Txn;
 use crate::shmem::{CommitRing, COMMIT_RING};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -49,10 +50,17 @@ impl CommitOrder {
         self.seq_of.retain(|_, s| *s >= forget_before);
     }
 
-    /// `txids` in commit order: those the ring knows by their pre-commit
-    /// sequence, then the others by txid.
-    pub fn sort(&self, txids: &mut [i64]) {
-        txids.sort_by_key(|t| (self.seq_of.get(t).copied().unwrap_or(u64::MAX), *t));
+    /// Transactions in commit order. The ring knows every transaction that
+    /// committed since this worker started, except when more committed than
+    /// it holds: the ones it does not know are older (committed before a
+    /// crash or restart, or overwritten). They come first, by commit
+    /// timestamp when `track_commit_timestamp` is on, else by txid; then
+    /// the known ones by their pre-commit sequence.
+    pub fn sort(&self, txns: &mut [Txn]) {
+        txns.sort_by_key(|t| match self.seq_of.get(&t.txid) {
+            None => (0, t.committed_at.unwrap_or(i64::MIN), t.txid as u64),
+            Some(seq) => (1, 0, *seq),
+        });
     }
 
     #[cfg(test)]
@@ -65,14 +73,28 @@ impl CommitOrder {
 mod tests {
     use super::*;
 
+    fn txns(ids: &[(i64, Option<i64>)]) -> Vec<Txn> {
+        ids.iter().map(|(txid, committed_at)| Txn { txid: *txid, committed_at: *committed_at }).collect()
+    }
+
+    fn ids(txns: &[Txn]) -> Vec<i64> {
+        txns.iter().map(|t| t.txid).collect()
+    }
+
     #[test]
-    fn known_first_by_sequence_then_unknown_by_txid() {
+    fn unknown_first_by_commit_time_then_known_by_sequence() {
         let mut order = CommitOrder::default();
         order.learn(10, 7);
         order.learn(20, 3);
-        let mut txids = vec![30, 10, 5, 20];
-        order.sort(&mut txids);
-        assert_eq!(txids, [20, 10, 5, 30]);
+        // 5 and 30 committed before the ring knew them (a crash, say): 30
+        // committed first although its id is higher.
+        let mut t = txns(&[(30, Some(100)), (10, None), (5, Some(200)), (20, None)]);
+        order.sort(&mut t);
+        assert_eq!(ids(&t), [30, 5, 20, 10]);
+        // Without commit timestamps, the unknown ones go by txid.
+        let mut t = txns(&[(30, None), (10, None), (5, None), (20, None)]);
+        order.sort(&mut t);
+        assert_eq!(ids(&t), [5, 30, 20, 10]);
     }
 
     #[test]
@@ -88,13 +110,13 @@ mod tests {
         write(2, 300); // seq 1 was taken but is not written yet
         let mut order = CommitOrder::default();
         order.read(&ring);
-        let mut txids = vec![300, 100];
-        order.sort(&mut txids);
-        assert_eq!(txids, [100, 300]);
+        let mut t = txns(&[(300, None), (100, None)]);
+        order.sort(&mut t);
+        assert_eq!(ids(&t), [100, 300]);
         write(1, 200);
         order.read(&ring);
-        let mut txids = vec![300, 200, 100];
-        order.sort(&mut txids);
-        assert_eq!(txids, [100, 200, 300]);
+        let mut t = txns(&[(300, None), (200, None), (100, None)]);
+        order.sort(&mut t);
+        assert_eq!(ids(&t), [100, 200, 300]);
     }
 }

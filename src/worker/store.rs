@@ -23,6 +23,14 @@ pub struct Tick {
     pub order: Option<Vec<i64>>,
 }
 
+/// A transaction of a new batch, with its commit timestamp (microseconds)
+/// when PostgreSQL tracks them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Txn {
+    pub txid: i64,
+    pub committed_at: Option<i64>,
+}
+
 /// "Batches up to `tick` are done; inside batch `tick + 1`, everything up
 /// to and including position `after` = (rank, n) is done."
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +145,7 @@ pub fn latest_tick() -> Result<i64, String> {
 /// returns the latest tick id either way. `order` sorts the new batch's
 /// transactions into commit order; it is consulted after the snapshot is
 /// taken, so it knows every transaction the snapshot sees as committed.
-pub fn take_tick(always: bool, order: impl FnOnce(&mut Vec<i64>) -> bool) -> Result<i64, String> {
+pub fn take_tick(always: bool, order: impl FnOnce(&mut Vec<Txn>) -> bool) -> Result<i64, String> {
     Spi::connect_mut(|client| {
         let row = client
             .select(
@@ -156,16 +164,22 @@ pub fn take_tick(always: bool, order: impl FnOnce(&mut Vec<i64>) -> bool) -> Res
         let (xmin, xmax, xip): (i64, i64, Vec<i64>) =
             (row.get(4)?.unwrap_or(0), row.get(5)?.unwrap_or(0), row.get(6)?.unwrap_or_default());
         // Transactions whose events became visible since the last tick
-        // (one more than we order, to know when there are too many).
-        let mut txids: Vec<i64> = client
+        // (one more than we order, to know when there are too many), with
+        // their commit timestamps when track_commit_timestamp is on.
+        let row = client
             .select(
-                "SELECT ARRAY(
-                     SELECT DISTINCT txid FROM (
-                         SELECT txid FROM outbox.events WHERE txid = ANY ($2)
-                         UNION ALL
-                         SELECT txid FROM outbox.events WHERE txid >= $1 AND txid < $3) AS e
-                     WHERE NOT txid = ANY ($4)
-                     LIMIT $5)",
+                "SELECT coalesce(array_agg(txid ORDER BY txid), '{}'), coalesce(array_agg(ts ORDER BY txid), '{}')
+                 FROM (SELECT txid,
+                              CASE WHEN current_setting('track_commit_timestamp')::bool
+                                   THEN (extract(epoch FROM pg_xact_commit_timestamp((txid % 4294967296)::text::xid))
+                                         * 1000000)::bigint
+                              END AS ts
+                       FROM (SELECT DISTINCT txid FROM (
+                                 SELECT txid FROM outbox.events WHERE txid = ANY ($2)
+                                 UNION ALL
+                                 SELECT txid FROM outbox.events WHERE txid >= $1 AND txid < $3) AS e
+                             WHERE NOT txid = ANY ($4)
+                             LIMIT $5) AS d) AS t",
                 Some(1),
                 &[
                     last_xmax.into(),
@@ -175,14 +189,16 @@ pub fn take_tick(always: bool, order: impl FnOnce(&mut Vec<i64>) -> bool) -> Res
                     (super::commit_order::MAX_ORDERED as i64 + 1).into(),
                 ],
             )?
-            .first()
-            .get_one()?
-            .unwrap_or_default();
-        if txids.is_empty() && !always {
+            .first();
+        let ids: Vec<i64> = row.get(1)?.unwrap_or_default();
+        let stamps: Vec<Option<i64>> = row.get(2)?.unwrap_or_default();
+        if ids.is_empty() && !always {
             return Ok(last_id);
         }
-        let ordered = order(&mut txids);
-        let commit_order: Option<Vec<i64>> = ordered.then_some(txids);
+        let mut txns: Vec<Txn> =
+            ids.into_iter().zip(stamps).map(|(txid, committed_at)| Txn { txid, committed_at }).collect();
+        let ordered = order(&mut txns);
+        let commit_order: Option<Vec<i64>> = ordered.then(|| txns.iter().map(|t| t.txid).collect());
         client.update(
             "INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, snap_xip, commit_order) VALUES ($1, $2, $3, $4, $5)",
             None,

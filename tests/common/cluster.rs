@@ -133,6 +133,35 @@ impl Cluster {
         self.pg_ctl_start();
     }
 
+    /// A streaming standby of this cluster (pg_basebackup -R) on a new
+    /// loopback port, started.
+    pub fn standby(&self, name: &str) -> Cluster {
+        let parent = self.dir.parent().expect("clusters live in a directory").to_path_buf();
+        let dir = server_dir(&parent, name);
+        check(
+            "pg_basebackup",
+            as_server_user(&self.bindir.join("pg_basebackup"))
+                .args(["-h", "127.0.0.1", "-U", "postgres", "-X", "stream", "-R", "-c", "fast", "-D"])
+                .arg(dir.join("data"))
+                .args(["-p", &self.port.to_string()])
+                .output()
+                .expect("pg_basebackup runs"),
+        );
+        let port = free_port();
+        let conf_path = dir.join("data").join("postgresql.conf");
+        let mut conf = std::fs::read_to_string(&conf_path).expect("read standby postgresql.conf");
+        conf.push_str(&format!("port = {port}\nunix_socket_directories = '{}'\n", dir.display()));
+        std::fs::write(&conf_path, conf).expect("write standby postgresql.conf");
+        let standby = Cluster { dir, port, bindir: self.bindir.clone(), keep: self.keep };
+        standby.pg_ctl_start();
+        standby
+    }
+
+    /// Promote a standby to primary.
+    pub fn promote(&self) {
+        check("pg_ctl promote", self.pg_ctl().args(["-w", "promote"]).output().expect("pg_ctl runs"));
+    }
+
     pub fn connect(&self) -> postgres::Client {
         self.connect_db("postgres")
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a different part
 
 pub mod cluster;
+pub mod faults;
 pub mod kafka;
 pub mod receiver;
 
@@ -46,8 +47,8 @@ pub fn emit(db: &mut postgres::Client, topic: &str, payload: serde_json::Value, 
 pub fn wait_sql(db: &mut postgres::Client, timeout: Duration, query: &str) {
     let deadline = Instant::now() + timeout;
     loop {
-        let ok: bool = db.query_one(query, &[]).expect("wait query").get(0);
-        if ok {
+        let ok: Option<bool> = db.query_opt(query, &[]).expect("wait query").and_then(|r| r.get(0));
+        if ok == Some(true) {
             return;
         }
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {query}");

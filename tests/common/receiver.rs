@@ -43,6 +43,21 @@ pub enum Reply {
     Hang,
     /// Close the connection without answering.
     Close,
+    /// Start a 200 answer, then close the connection halfway through it.
+    Partial,
+    /// An answer with a body of this many bytes (streamed).
+    Big(u16, usize),
+}
+
+impl Reply {
+    /// Whether this reply acknowledges (2xx, sent in full).
+    pub fn acks(&self) -> bool {
+        match self {
+            Reply::Status(c) | Reply::Full { status: c, .. } | Reply::Big(c, _) => (200..300).contains(c),
+            Reply::After(_, then) => then.acks(),
+            Reply::Hang | Reply::Close | Reply::Partial => false,
+        }
+    }
 }
 
 type Responder = dyn Fn(&Request, usize) -> Reply + Send + Sync;
@@ -200,6 +215,26 @@ fn answer(writer: &mut TcpStream, reply: Reply) -> bool {
             false
         }
         Reply::Close => false,
+        Reply::Partial => {
+            let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"partial");
+            false
+        }
+        Reply::Big(status, size) => {
+            let head = format!("HTTP/1.1 {status} X\r\ncontent-length: {size}\r\n\r\n");
+            if writer.write_all(head.as_bytes()).is_err() {
+                return false;
+            }
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if writer.write_all(&chunk[..n]).is_err() {
+                    return false; // the client stopped reading: fine
+                }
+                left -= n;
+            }
+            true
+        }
         Reply::Full { status, headers, body } => {
             let mut head = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
             for (n, v) in headers {
