@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let dir = demo_dir();
-    println!("== starting PostgreSQL with shared_preload_libraries = 'outbox' in {}", dir.display());
-    let cluster = Cluster::start_in(&dir, &["outbox.poll_interval = '1s'"]);
+    println!(
+        "== starting PostgreSQL with shared_preload_libraries = 'outbox', track_commit_timestamp = on in {}",
+        dir.display()
+    );
+    let cluster = Cluster::start_in(&dir, &["track_commit_timestamp = on"]);
     let mut db = cluster.connect();
 
     let receiver = Receiver::start();
