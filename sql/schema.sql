@@ -40,8 +40,12 @@ CREATE TABLE outbox.events_0 (
     headers    jsonb       NOT NULL,
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (txid, n)
-);
-CREATE TABLE outbox.events_1 (LIKE outbox.events_0 INCLUDING ALL);
+)
+-- Emptied by TRUNCATE, never updated or deleted from: vacuuming them would
+-- be wasted work (anti-wraparound vacuum still runs if ever needed).
+WITH (autovacuum_enabled = false, toast.autovacuum_enabled = false);
+CREATE TABLE outbox.events_1 (LIKE outbox.events_0 INCLUDING ALL)
+WITH (autovacuum_enabled = false, toast.autovacuum_enabled = false);
 
 CREATE VIEW outbox.events AS
     SELECT * FROM outbox.events_0

@@ -24,6 +24,7 @@ mod egress;
 mod emit;
 mod error;
 mod event;
+mod events;
 mod guc;
 mod net;
 mod schedule;

@@ -20,6 +20,12 @@ pub struct WorkerSlot {
     config_generation: AtomicU64,
     /// `1 + ` the events table outbox_emit writes into, 0 when unknown.
     events_table_plus_one: AtomicU32,
+    /// The worker has endpoints to deliver to: commits should wake it.
+    wants_commits: AtomicBool,
+    /// A wake-up was sent and the worker has not started its next step
+    /// yet: further commits need not send another (one signal, not one per
+    /// commit).
+    wake_pending: AtomicBool,
 }
 
 // SAFETY: plain atomics, no pointers.
@@ -88,6 +94,21 @@ pub fn forget_events_table(db_oid: pg_sys::Oid) {
     }
 }
 
+/// The worker of slot `index` starts a step: the next commit wakes it
+/// again. Returns nothing; call before reading the tables.
+pub fn worker_awake(index: usize) {
+    if let Some(slots) = slots() {
+        slots[index].wake_pending.store(false, Ordering::Release);
+    }
+}
+
+/// Whether commits should wake the worker of slot `index` (it has endpoints).
+pub fn want_commits(index: usize, want: bool) {
+    if let Some(slots) = slots() {
+        slots[index].wants_commits.store(want, Ordering::Release);
+    }
+}
+
 pub fn config_generation(index: usize) -> u64 {
     slots().map_or(0, |s| s[index].config_generation.load(Ordering::Acquire))
 }
@@ -99,6 +120,9 @@ pub fn wake_worker(db_oid: pg_sys::Oid, config_changed: bool) {
     for slot in slots.iter().filter(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32()) {
         if config_changed {
             slot.config_generation.fetch_add(1, Ordering::AcqRel);
+        } else if !slot.wants_commits.load(Ordering::Acquire) || slot.wake_pending.swap(true, Ordering::AcqRel) {
+            // No endpoint to deliver to, or the worker is woken already.
+            continue;
         }
         let proc_plus_one = slot.proc_plus_one.load(Ordering::Acquire);
         if proc_plus_one == 0 {

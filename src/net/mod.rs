@@ -11,6 +11,7 @@ mod webhook;
 
 use crate::event::{Event, Position};
 use crate::schedule::LaneId;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +74,10 @@ pub struct Network {
     runtime: Option<tokio::runtime::Runtime>,
     jobs: tokio_mpsc::UnboundedSender<Job>,
     outcomes: mpsc::Receiver<Outcome>,
+    /// Set when outcomes wait and the main thread was woken for them: one
+    /// wake-up (a signal to the process) per batch of outcomes, not one
+    /// per outcome.
+    wake_pending: Arc<AtomicBool>,
 }
 
 impl Network {
@@ -90,22 +95,24 @@ impl Network {
 
         let (jobs, mut job_rx) = tokio_mpsc::unbounded_channel::<Job>();
         let (outcome_tx, outcomes) = mpsc::channel();
+        let wake_pending = Arc::new(AtomicBool::new(false));
+        let pending = wake_pending.clone();
         runtime.spawn(async move {
             while let Some(job) = job_rx.recv().await {
                 let outcome_tx = outcome_tx.clone();
                 let wake = wake.clone();
+                let pending = pending.clone();
                 tokio::spawn(async move {
                     let events: Vec<Arc<Event>> = job.events.iter().map(|(_, e)| e.clone()).collect();
-                    let target = job.target.clone();
                     // A panic in a delivery must still produce an outcome, or
                     // its lanes would wait forever.
-                    let results = match tokio::spawn(async move { http::deliver(&target, &events).await }).await {
+                    let results = match CatchUnwind(Box::pin(http::deliver(&job.target, &events))).await {
                         Ok(r) => r,
-                        Err(e) => {
+                        Err(message) => {
                             let failure = Failure {
                                 verdict: Verdict::Retry { after: None },
                                 status: None,
-                                message: format!("internal error in delivery: {e}"),
+                                message: format!("internal error in delivery: {message}"),
                             };
                             vec![Err(failure); job.events.len()]
                         }
@@ -120,13 +127,13 @@ impl Network {
                             .map(|((lane, event), result)| (lane, event.position, result))
                             .collect(),
                     };
-                    if outcome_tx.send(outcome).is_ok() {
+                    if outcome_tx.send(outcome).is_ok() && !pending.swap(true, Ordering::AcqRel) {
                         wake();
                     }
                 });
             }
         });
-        Ok(Network { runtime: Some(runtime), jobs, outcomes })
+        Ok(Network { runtime: Some(runtime), jobs, outcomes, wake_pending })
     }
 
     pub fn submit(&self, job: Job) {
@@ -136,6 +143,9 @@ impl Network {
 
     /// Outcomes that arrived since the last call.
     pub fn outcomes(&self) -> impl Iterator<Item = Outcome> + '_ {
+        // Cleared before draining: an outcome queued from now on wakes us
+        // again, one queued before is drained here.
+        self.wake_pending.store(false, Ordering::Release);
         self.outcomes.try_iter()
     }
 
@@ -151,6 +161,29 @@ impl Drop for Network {
     fn drop(&mut self) {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
+        }
+    }
+}
+
+/// Turns a panic while polling the inner future into an error.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                std::task::Poll::Ready(Err(message))
+            }
         }
     }
 }

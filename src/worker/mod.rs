@@ -183,6 +183,8 @@ impl Worker {
         if self.error_pause_until.is_some_and(|t| t > now) {
             return;
         }
+        // Before reading anything: a commit from now on wakes us again.
+        shmem::worker_awake(self.slot);
         self.error_pause_until = None;
         self.apply_outcomes();
 
@@ -195,6 +197,7 @@ impl Worker {
                 // the tables after a pause.
                 self.installed = false;
                 self.endpoints.clear();
+                shmem::want_commits(self.slot, false);
                 self.ticks.clear();
                 self.error_pause_until = Some(Instant::now() + Duration::from_secs(1));
                 return;
@@ -358,6 +361,7 @@ impl Worker {
             self.next_generation += 1;
         }
         self.endpoints = next;
+        shmem::want_commits(self.slot, self.endpoints.iter().any(|e| e.active));
         Ok(())
     }
 

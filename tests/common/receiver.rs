@@ -69,6 +69,10 @@ struct Shared {
     connections: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Requests received so far.
+    count: AtomicUsize,
+    /// Keep every request (tests); benchmarks only count.
+    keep: std::sync::atomic::AtomicBool,
 }
 
 pub struct Receiver {
@@ -88,6 +92,8 @@ impl Receiver {
             connections: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            count: AtomicUsize::new(0),
+            keep: std::sync::atomic::AtomicBool::new(true),
         });
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -131,6 +137,17 @@ impl Receiver {
         }
     }
 
+    /// Stop keeping requests (the responder still sees each one): for
+    /// long benchmark runs.
+    pub fn forget_requests(&self) {
+        self.shared.keep.store(false, Ordering::SeqCst);
+    }
+
+    /// Requests received so far, kept or not.
+    pub fn count(&self) -> usize {
+        self.shared.count.load(Ordering::SeqCst)
+    }
+
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
@@ -158,15 +175,21 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
         let Some(request) = read_request(&mut reader) else { return };
         let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        let (reply, keep_alive) = {
+        let keep_alive = request.header("connection").is_none_or(|c| !c.eq_ignore_ascii_case("close"));
+        let reply = if shared.keep.load(Ordering::SeqCst) {
+            // Numbered and kept under one lock, so that `seen` is the
+            // request's place in `requests()`.
             let mut requests = shared.requests.lock().unwrap();
-            let seen = requests.len();
+            let seen = shared.count.fetch_add(1, Ordering::SeqCst);
             let responder = shared.responder.lock().unwrap().clone();
             let reply = responder(&request, seen);
-            let keep = request.header("connection").is_none_or(|c| !c.eq_ignore_ascii_case("close"));
             requests.push(request);
             shared.arrived.notify_all();
-            (reply, keep)
+            reply
+        } else {
+            let seen = shared.count.fetch_add(1, Ordering::SeqCst);
+            let responder = shared.responder.lock().unwrap().clone();
+            responder(&request, seen)
         };
         let answered = answer(&mut writer, reply);
         shared.in_flight.fetch_sub(1, Ordering::SeqCst);
