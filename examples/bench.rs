@@ -106,6 +106,10 @@ fn main() {
     let mut results = serde_json::Map::new();
     let mut raw = String::from("section,label,value\n");
 
+    if only.as_deref() == Some("capacity") {
+        println!("capacity: {:.0} events/s", capacity(&cluster, &mut db, 10));
+        return;
+    }
     if only.as_deref() == Some("drain") {
         let http = counting_receiver();
         let inflight: i64 = std::env::var("BENCH_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
@@ -185,7 +189,9 @@ fn main() {
     // The maximum the machine sustains while writing and delivering at
     // once (both compete for its cores).
     let capacity = capacity(&cluster, &mut db, size.latency_secs.max(6));
-    println!("\n== capacity, writing and delivering at once (8 writers, as fast as they go): {capacity:.0} events/s");
+    println!(
+        "\n== capacity, writing and delivering at once ({WRITERS} writers, as fast as they go): {capacity:.0} events/s"
+    );
     record(&mut results, "capacity_eps", capacity);
 
     // 3. Latency.
@@ -306,6 +312,8 @@ fn record(results: &mut serde_json::Map<String, Value>, key: &str, value: f64) {
 
 /// Writers emit as fast as they can while the worker delivers; the rate
 /// delivered over the second half of the run.
+const WRITERS: i64 = 16;
+
 fn capacity(cluster: &Cluster, db: &mut postgres::Client, secs: u64) -> f64 {
     let rx = counting_receiver();
     db.execute(
@@ -314,26 +322,32 @@ fn capacity(cluster: &Cluster, db: &mut postgres::Client, secs: u64) -> f64 {
     )
     .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..8)
+    let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
             let (mut c, stop) = (cluster.connect(), stop.clone());
             std::thread::spawn(move || {
+                let emit = c
+                    .prepare("SELECT outbox_emit('capacity', jsonb_build_object('i', $1::bigint), 'key-' || ($1::bigint % 1000))")
+                    .unwrap();
                 let mut i: i64 = w;
                 while !stop.load(Ordering::Relaxed) {
-                    c.execute("SELECT outbox_emit('capacity', jsonb_build_object('i', $1::bigint), 'key-' || ($1::bigint % 1000))", &[&i])
-                        .unwrap();
-                    i += 8;
+                    c.execute(&emit, &[&i]).unwrap();
+                    i += WRITERS;
                 }
             })
         })
         .collect();
-    let delivered = |db: &mut postgres::Client| -> i64 {
-        db.query_one("SELECT delivered FROM outbox.stats WHERE endpoint = 'capacity'", &[]).unwrap().get(0)
+    let counts = |db: &mut postgres::Client| -> (i64, i64) {
+        let r = db.query_one("SELECT delivered, pending FROM outbox.stats WHERE endpoint = 'capacity'", &[]).unwrap();
+        (r.get(0), r.get(1))
     };
     std::thread::sleep(Duration::from_secs(secs / 2));
-    let (t0, d0) = (Instant::now(), delivered(db));
+    let (t0, (d0, p0)) = (Instant::now(), counts(db));
     std::thread::sleep(Duration::from_secs(secs - secs / 2));
-    let rate = (delivered(db) - d0) as f64 / t0.elapsed().as_secs_f64();
+    let (d1, p1) = counts(db);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let rate = (d1 - d0) as f64 / elapsed;
+    println!("   (emitted {:.0}/s, delivered {rate:.0}/s)", ((d1 + p1) - (d0 + p0)) as f64 / elapsed);
     stop.store(true, Ordering::SeqCst);
     for w in writers {
         w.join().unwrap();

@@ -224,14 +224,7 @@ impl EndpointState {
         let position = event.position;
         self.read.after = Some((position.rank, position.n));
         if self.parked.contains(&lane) {
-            self.to_park.push(ParkRow {
-                position,
-                dead: false,
-                attempts: 0,
-                retry_in: None,
-                status: None,
-                error: None,
-            });
+            self.to_park.push(ParkRow::waiting(position));
             return;
         }
         let size = event.size();
@@ -254,14 +247,16 @@ impl EndpointState {
             let due = taken.due.unwrap_or(now);
             let event_id = matches!(lane, LaneId::Solo(_)).then(|| taken.events[0].1.id.clone());
             for (i, (position, _)) in taken.events.iter().enumerate() {
-                let first = i == 0;
-                self.to_park.push(ParkRow {
-                    position: *position,
-                    dead: false,
-                    attempts: if first { taken.attempts } else { 0 },
-                    retry_in: first.then(|| due.saturating_duration_since(now)),
-                    status: None,
-                    error: if first { self.last_error.clone() } else { None },
+                self.to_park.push(if i == 0 {
+                    // The head keeps its failures and its next attempt.
+                    ParkRow {
+                        attempts: taken.attempts,
+                        retry_in: Some(due.saturating_duration_since(now)),
+                        error: self.last_error.clone(),
+                        ..ParkRow::waiting(*position)
+                    }
+                } else {
+                    ParkRow::waiting(*position)
                 });
             }
             self.parked.lanes.insert(
@@ -456,14 +451,7 @@ impl EndpointState {
             self.sched.retry_head(lane, Instant::now());
             if let Some(taken) = self.sched.take_lane(lane) {
                 for (position, _) in taken.events.into_iter().skip(1) {
-                    self.to_park.push(ParkRow {
-                        position,
-                        dead: false,
-                        attempts: 0,
-                        retry_in: None,
-                        status: None,
-                        error: None,
-                    });
+                    self.to_park.push(ParkRow::waiting(position));
                 }
             }
             self.parked.lanes.insert(

@@ -78,6 +78,13 @@ pub struct ParkRow {
     pub error: Option<String>,
 }
 
+impl ParkRow {
+    /// An event queued behind its lane's first row.
+    pub fn waiting(position: Position) -> ParkRow {
+        ParkRow { position, dead: false, attempts: 0, retry_in: None, status: None, error: None }
+    }
+}
+
 /// A parked lane's first row, as loaded for the worker.
 pub struct ParkedHead {
     pub key: Option<String>,

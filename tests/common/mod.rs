@@ -72,3 +72,41 @@ pub fn set_and_reload(db: &mut postgres::Client, setting: &str, value: &str) {
     db.batch_execute(&format!("ALTER SYSTEM SET {setting} = '{value}'")).expect("ALTER SYSTEM");
     db.batch_execute("SELECT pg_reload_conf()").expect("reload");
 }
+
+/// 4 writers commit `per_writer` transactions each over 10 shared keys; a
+/// counter row per key orders the transactions of a key, so `n` in the
+/// payload is that key's commit order.
+pub fn concurrent_load(cluster: &Cluster, topic: &str, per_writer: i32) -> i64 {
+    let mut db = cluster.connect();
+    db.batch_execute(
+        "CREATE TABLE IF NOT EXISTS counters (key text PRIMARY KEY, n int NOT NULL);
+         INSERT INTO counters SELECT 'key-' || i, 0 FROM generate_series(0, 9) AS i ON CONFLICT DO NOTHING;",
+    )
+    .unwrap();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let mut c = cluster.connect();
+            let topic = topic.to_string();
+            std::thread::spawn(move || {
+                for i in 0..per_writer {
+                    let key = format!("key-{}", (w * 7 + i * 3) % 10);
+                    let mut tx = c.transaction().unwrap();
+                    let n: i32 = tx
+                        .query_one("UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n", &[&key])
+                        .unwrap()
+                        .get(0);
+                    tx.execute(
+                        "SELECT outbox_emit($3, jsonb_build_object('n', $2::int), $1, 'counted', '{\"h\": \"v\"}')",
+                        &[&key, &n, &topic],
+                    )
+                    .unwrap();
+                    tx.commit().unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    4 * per_writer as i64
+}
