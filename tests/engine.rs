@@ -552,3 +552,17 @@ fn one_worker_per_configured_database_and_stats_show_it() {
          FROM outbox.stats",
     );
 }
+
+#[test]
+fn a_terminated_worker_is_started_again() {
+    let (_cluster, mut db) = cluster_with_outbox("terminate");
+    let rx = Receiver::start();
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({}));
+    let pid = worker_pid(&mut db);
+    let terminated: bool = db.query_one("SELECT pg_terminate_backend($1)", &[&pid]).unwrap().get(0);
+    assert!(terminated);
+    emit(&mut db, "t", json!({"n": 1}), None);
+    rx.wait_for(1, WAIT);
+    let again = worker_pid(&mut db);
+    assert_ne!(again, pid, "a new worker process delivers");
+}

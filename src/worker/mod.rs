@@ -111,6 +111,9 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     }
     worker.network.shutdown(Duration::from_millis(500));
     pgrx::log!("outbox worker in database {db:?} stopped");
+    // Exit code 1: if this was pg_terminate_backend and not a shutdown, the
+    // postmaster starts the worker again (returning would unregister it).
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 struct Worker {
@@ -440,6 +443,11 @@ impl Worker {
     }
 
     fn dispatch(&mut self, now: Instant) {
+        // An endpoint changed (paused, say) since this step read the
+        // settings: send nothing before the next step has reloaded them.
+        if self.config_generation != Some(shmem::config_generation(self.slot)) {
+            return;
+        }
         for ep in &mut self.endpoints {
             for events in ep.take_jobs(now) {
                 self.network.submit(Job {
