@@ -407,16 +407,7 @@ fn delivered_events_are_removed_by_rotation_and_the_worker_holds_no_snapshot() {
     webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({"max_in_flight": 64}));
     let n: i64 = if full() { 1_000_000 } else { 20_000 };
     let mut loader = cluster.connect();
-    let per_tx = 10_000.min(n);
-    for _ in 0..n / per_tx {
-        loader
-            .execute(
-                "SELECT count(outbox_emit('t', jsonb_build_object('i', i, 'pad', repeat('x', 100)), 'k' || (i % 1000)))
-                 FROM generate_series(1, $1::bigint) AS i",
-                &[&per_tx],
-            )
-            .unwrap();
-    }
+    emit_backlog(&mut loader, n, 100);
     let peak: i64 = db
         .query_one(
             "SELECT (pg_total_relation_size('outbox.events_0') + pg_total_relation_size('outbox.events_1'))",
@@ -487,16 +478,7 @@ fn a_large_backlog_drains_with_flat_worker_memory() {
     let idle = private_mb(pid);
     let n: i64 = if full() { 1_000_000 } else { 50_000 };
     let mut loader = cluster.connect();
-    let per_tx = 10_000.min(n);
-    for _ in 0..n / per_tx {
-        loader
-            .execute(
-                "SELECT count(outbox_emit('t', jsonb_build_object('i', i, 'pad', repeat('x', 200)), 'k' || (i % 1000)))
-                 FROM generate_series(1, $1::bigint) AS i",
-                &[&per_tx],
-            )
-            .unwrap();
-    }
+    emit_backlog(&mut loader, n, 200);
     db.execute("SELECT outbox.resume_endpoint('hooks')", &[]).unwrap();
     let started = Instant::now();
     let mut max_private = 0.0f64;

@@ -198,11 +198,7 @@ fn misbehaving_endpoints_lose_nothing() {
     let broker = Arc::new(Broker::start());
     broker.create_topic("t");
     let proxy = RestProxy::start(broker.clone(), Api::ConfluentV2);
-    db.execute(
-        "SELECT outbox.create_endpoint('kafka', $1, 'kafka_rest_v2', '{t}', '{\"batch_size\": 20, \"backoff_base_ms\": 20, \"backoff_max_ms\": 200}')",
-        &[&proxy.url()],
-    )
-    .unwrap();
+    endpoint(&mut db, "kafka", "kafka_rest_v2", &proxy.url(), &["t"], json!({"batch_size": 20}));
 
     let writers = Writers::start(Arc::new(AtomicU16::new(cluster.port)), load(4));
     std::thread::sleep(Duration::from_secs(2));

@@ -47,33 +47,13 @@ fn r_key(records: &[Consumed], key: &str) -> String {
     r.value["key"].as_str().unwrap().to_string()
 }
 
-fn kafka_endpoint(
-    db: &mut postgres::Client,
-    name: &str,
-    kind: &str,
-    url: &str,
-    topics: &[&str],
-    opts: serde_json::Value,
-) {
-    let mut o = json!({"backoff_base_ms": 20, "backoff_max_ms": 200});
-    for (k, v) in opts.as_object().unwrap() {
-        o[k] = v.clone();
-    }
-    let topics: Vec<String> = topics.iter().map(|s| s.to_string()).collect();
-    db.execute(
-        "SELECT outbox.create_endpoint($1, $2, $3, $4, $5::text::jsonb)",
-        &[&name, &url, &kind, &topics, &o.to_string()],
-    )
-    .unwrap();
-}
-
 #[test]
 fn kafka_rest_v2_batches_into_the_broker_in_per_key_order() {
     let broker = Arc::new(Broker::start());
     broker.create_topic("orders");
     let proxy = RestProxy::start(broker.clone(), Api::ConfluentV2);
     let (cluster, mut db) = cluster_with_outbox("kafka-v2");
-    kafka_endpoint(&mut db, "kafka", "kafka_rest_v2", &proxy.url(), &["orders"], json!({"batch_size": 50}));
+    endpoint(&mut db, "kafka", "kafka_rest_v2", &proxy.url(), &["orders"], json!({"batch_size": 50}));
     // Some records are refused as retriable on the way: those, and only
     // those, are sent again.
     proxy.fail_next.store(7, std::sync::atomic::Ordering::SeqCst);
@@ -95,7 +75,7 @@ fn kafka_rest_v3_sends_records_with_headers() {
     broker.create_topic("orders");
     let proxy = RestProxy::start(broker.clone(), Api::ConfluentV3);
     let (cluster, mut db) = cluster_with_outbox("kafka-v3");
-    kafka_endpoint(&mut db, "kafka", "kafka_rest_v3", &proxy.url(), &["orders"], json!({"cluster_id": CLUSTER_ID}));
+    endpoint(&mut db, "kafka", "kafka_rest_v3", &proxy.url(), &["orders"], json!({"cluster_id": CLUSTER_ID}));
     proxy.fail_next.store(3, std::sync::atomic::Ordering::SeqCst);
     let n = concurrent_load(&cluster, "orders", 40);
     wait_sql(&mut db, WAIT, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
@@ -114,7 +94,7 @@ fn redpanda_flavor_retries_whole_batches() {
     broker.create_topic("orders");
     let proxy = RestProxy::start(broker.clone(), Api::RedpandaV2);
     let (cluster, mut db) = cluster_with_outbox("redpanda");
-    kafka_endpoint(&mut db, "rp", "kafka_rest_v2", &proxy.url(), &["orders"], json!({"flavor": "redpanda"}));
+    endpoint(&mut db, "rp", "kafka_rest_v2", &proxy.url(), &["orders"], json!({"flavor": "redpanda"}));
     proxy.fail_next.store(2, std::sync::atomic::Ordering::SeqCst);
     let n = concurrent_load(&cluster, "orders", 25);
     wait_sql(&mut db, WAIT, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
@@ -131,9 +111,9 @@ fn kafka_rest_errors_are_clear_in_dead_letters() {
     let v2 = RestProxy::start(broker.clone(), Api::ConfluentV2);
     let v3 = RestProxy::start(broker.clone(), Api::ConfluentV3);
     let (_cluster, mut db) = cluster_with_outbox("kafka-errors");
-    kafka_endpoint(&mut db, "v2", "kafka_rest_v2", &v2.url(), &["missing"], json!({}));
-    kafka_endpoint(&mut db, "v3", "kafka_rest_v3", &v3.url(), &["orders"], json!({"cluster_id": "nope"}));
-    kafka_endpoint(&mut db, "v2-any", "kafka_rest_v2", &v2.url(), &["bad:*"], json!({}));
+    endpoint(&mut db, "v2", "kafka_rest_v2", &v2.url(), &["missing"], json!({}));
+    endpoint(&mut db, "v3", "kafka_rest_v3", &v3.url(), &["orders"], json!({"cluster_id": "nope"}));
+    endpoint(&mut db, "v2-any", "kafka_rest_v2", &v2.url(), &["bad:*"], json!({}));
     emit(&mut db, "missing", json!({}), Some("k"));
     emit(&mut db, "orders", json!({}), Some("k"));
     emit(&mut db, "bad:topic", json!({}), Some("k"));

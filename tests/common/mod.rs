@@ -19,9 +19,16 @@ pub fn cluster_with_outbox(name: &str) -> (Cluster, postgres::Client) {
     (cluster, db)
 }
 
-/// Create a webhook endpoint with fast retries (tests should not wait out
-/// production backoff), merged with `options`.
-pub fn webhook(db: &mut postgres::Client, name: &str, url: &str, topics: &[&str], options: serde_json::Value) {
+/// Create an endpoint of `kind` with fast retries (tests should not wait
+/// out production backoff), merged with `options`.
+pub fn endpoint(
+    db: &mut postgres::Client,
+    name: &str,
+    kind: &str,
+    url: &str,
+    topics: &[&str],
+    options: serde_json::Value,
+) {
     let mut opts = serde_json::json!({"backoff_base_ms": 20, "backoff_max_ms": 200});
     if let (Some(o), Some(extra)) = (opts.as_object_mut(), options.as_object()) {
         for (k, v) in extra {
@@ -30,10 +37,29 @@ pub fn webhook(db: &mut postgres::Client, name: &str, url: &str, topics: &[&str]
     }
     let topics: Vec<String> = topics.iter().map(|s| s.to_string()).collect();
     db.execute(
-        "SELECT outbox.create_endpoint($1, $2, 'webhook', $3, $4::text::jsonb)",
-        &[&name, &url, &topics, &opts.to_string()],
+        "SELECT outbox.create_endpoint($1, $2, $3, $4, $5::text::jsonb)",
+        &[&name, &url, &kind, &topics, &opts.to_string()],
     )
     .expect("create_endpoint");
+}
+
+/// A webhook endpoint, as [`endpoint`].
+pub fn webhook(db: &mut postgres::Client, name: &str, url: &str, topics: &[&str], options: serde_json::Value) {
+    endpoint(db, name, "webhook", url, topics, options)
+}
+
+/// Emit `n` events over 1,000 keys, 10,000 per transaction, each payload
+/// padded with `pad` bytes: a backlog for the drain tests.
+pub fn emit_backlog(db: &mut postgres::Client, n: i64, pad: i32) {
+    let per_tx = 10_000.min(n);
+    for _ in 0..n / per_tx {
+        db.execute(
+            "SELECT count(outbox_emit('t', jsonb_build_object('i', i, 'pad', repeat('x', $2)), 'k' || (i % 1000)))
+             FROM generate_series(1, $1::bigint) AS i",
+            &[&per_tx, &pad],
+        )
+        .expect("emit backlog");
+    }
 }
 
 /// Emit one event in its own transaction; returns its id as text.
