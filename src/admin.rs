@@ -29,7 +29,7 @@ pub mod outbox {
     }
 
     fn in_function(function: &str) -> impl Fn(ConfigError) -> ConfigError + '_ {
-        move |e| ConfigError { message: format!("outbox.{function}: {}", e.message), hint: e.hint }
+        move |e| e.in_function(&format!("outbox.{function}"))
     }
 
     fn text_array(values: Vec<Option<String>>, function: &str, what: &str) -> Vec<String> {

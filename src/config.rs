@@ -23,6 +23,11 @@ impl ConfigError {
         self.hint = Some(hint.into());
         self
     }
+
+    /// Name the SQL function the error is raised from, as its callers see it.
+    pub fn in_function(self, function: &str) -> Self {
+        ConfigError { message: format!("{function}: {}", self.message), hint: self.hint }
+    }
 }
 
 impl std::fmt::Display for ConfigError {

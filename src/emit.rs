@@ -107,7 +107,7 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
             .hint("Pass the event's topic, e.g. outbox_emit('orders.created', payload).")
             .raise()
     });
-    config::check_topic(topic).map_err(|e| prefixed(e, "outbox_emit")).or_raise();
+    config::check_topic(topic).map_err(|e| e.in_function("outbox_emit")).or_raise();
 
     if unsafe { pg_arg_is_null(fcinfo, 1) } {
         SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "outbox_emit: payload must not be null")
@@ -131,7 +131,7 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
     } else {
         // Headers are small; reading them through serde is fine.
         let value: pgrx::JsonB = unsafe { pg_getarg(fcinfo, 4) }.expect("checked for null above");
-        config::check_event_headers(&value.0).map_err(|e| prefixed(e, "outbox_emit")).or_raise();
+        config::check_event_headers(&value.0).map_err(|e| e.in_function("outbox_emit")).or_raise();
         Some(unsafe { pg_getarg_datum_raw(fcinfo, 4) })
     };
 
@@ -164,8 +164,4 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
     unsafe { events::insert(table.min(1), &row) };
 
     id.into_datum().expect("a uuid is never null")
-}
-
-fn prefixed(e: config::ConfigError, function: &str) -> config::ConfigError {
-    config::ConfigError { message: format!("{function}: {}", e.message), hint: e.hint }
 }

@@ -170,8 +170,7 @@ impl Worker {
     /// How long to sleep when nothing wakes the latch.
     fn timeout(&self) -> Duration {
         let now = Instant::now();
-        let poll = Duration::from_millis(guc::POLL_INTERVAL_MS.get().max(10) as u64);
-        let mut until = now + poll;
+        let mut until = now + poll_interval();
         for t in self.endpoints.iter().filter_map(EndpointState::next_wake) {
             until = until.min(t);
         }
@@ -374,9 +373,8 @@ impl Worker {
     /// events: the oldest tick in use decides what rotation may remove, so
     /// it must move on when all is quiet.
     fn tick(&mut self) -> Result<(), String> {
-        let poll = Duration::from_millis(guc::POLL_INTERVAL_MS.get().max(10) as u64);
         let caught_up = self.endpoints.iter().any(|e| e.active && e.read.tick >= self.latest_tick);
-        let overdue = self.last_tick.elapsed() >= poll;
+        let overdue = self.last_tick.elapsed() >= poll_interval();
         if !caught_up && !overdue {
             return Ok(());
         }
@@ -467,6 +465,12 @@ fn read_allowed_hosts() -> AllowList {
         pgrx::warning!("outbox worker: {e}; no endpoint can be reached until it is fixed");
         AllowList::nothing()
     })
+}
+
+/// outbox.poll_interval: the longest the worker sleeps, and how often it
+/// takes a tick when nothing else asks for one.
+fn poll_interval() -> Duration {
+    Duration::from_millis(guc::POLL_INTERVAL_MS.get().max(10) as u64)
 }
 
 /// The per-endpoint window: events and payload bytes held in memory.
