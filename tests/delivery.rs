@@ -9,8 +9,6 @@ use serde_json::json;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(30);
-
 #[test]
 fn committed_event_arrives_with_envelope_and_id_header() {
     let (_cluster, mut db) = cluster_with_outbox("commit");

@@ -13,52 +13,8 @@ use serde_json::json;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn full() -> bool {
-    std::env::var_os("OUTBOX_FULL").is_some()
-}
-
 fn data_n(r: &Request) -> i64 {
     r.json()["data"]["n"].as_i64().unwrap()
-}
-
-fn worker_pid(db: &mut postgres::Client) -> i32 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let row = db
-            .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox worker' AND datname = current_database()",
-                &[],
-            )
-            .unwrap();
-        if let Some(r) = row {
-            return r.get(0);
-        }
-        assert!(Instant::now() < deadline, "no outbox worker in pg_stat_activity");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Private (anonymous) resident memory of a process, in MB. VmRSS would
-/// also count the shared buffers the process touched, which grow with what
-/// it reads (up to shared_buffers) without being its own memory.
-fn private_mb(pid: i32) -> f64 {
-    rss_fields(pid).0
-}
-
-/// (RssAnon, RssShmem) in MB.
-fn rss_fields(pid: i32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb = |field: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    (kb("RssAnon:") / 1024.0, kb("RssShmem:") / 1024.0)
 }
 
 #[test]
@@ -510,7 +466,11 @@ fn one_worker_per_configured_database_and_stats_show_it() {
     db.batch_execute("CREATE DATABASE shop").unwrap();
     db.batch_execute("CREATE EXTENSION outbox").unwrap();
     let mut shop = cluster.connect_db("shop");
-    shop.batch_execute("CREATE EXTENSION outbox").unwrap();
+    // Each database has its own roles (the defaults belong to postgres now).
+    shop.batch_execute(
+        "SET outbox.writer_role = 'shop_writer'; SET outbox.admin_role = 'shop_admin'; CREATE EXTENSION outbox",
+    )
+    .unwrap();
     let rx = Receiver::start();
     webhook(&mut db, "main", &rx.url("/main"), &["*"], json!({}));
     webhook(&mut shop, "shop", &rx.url("/shop"), &["*"], json!({}));

@@ -19,10 +19,6 @@ use std::time::{Duration, Instant};
 
 const DRAIN: Duration = Duration::from_secs(180);
 
-fn full() -> bool {
-    std::env::var_os("OUTBOX_FULL").is_some()
-}
-
 fn load(seed: u64) -> Load {
     Load {
         writers: 3,

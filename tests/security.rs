@@ -8,18 +8,6 @@ use common::*;
 use serde_json::json;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn connect_as(cluster: &Cluster, user: &str) -> postgres::Client {
-    postgres::Config::new()
-        .host("127.0.0.1")
-        .port(cluster.port)
-        .user(user)
-        .dbname("postgres")
-        .connect(postgres::NoTls)
-        .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
-}
-
 fn denied(db: &mut postgres::Client, sql: &str) -> bool {
     match db.batch_execute(sql) {
         Ok(()) => false,
@@ -49,7 +37,7 @@ fn a_writer_emits_and_nothing_else_an_admin_manages() {
     wait_sql(&mut db, WAIT, "SELECT dead = 1 FROM outbox.stats");
     db.execute("SELECT outbox.pause_endpoint('hooks')", &[]).unwrap();
 
-    let mut app = connect_as(&cluster, "app");
+    let mut app = cluster.connect_as("postgres", "app");
     let id: String = app.query_one("SELECT outbox_emit('t', '{\"by\": \"app\"}')::text", &[]).unwrap().get(0);
     assert_eq!(id.len(), 36);
     for sql in [
@@ -75,10 +63,10 @@ fn a_writer_emits_and_nothing_else_an_admin_manages() {
         assert!(denied(&mut app, sql), "a writer may not: {sql}");
     }
 
-    let mut nobody = connect_as(&cluster, "nobody");
+    let mut nobody = cluster.connect_as("postgres", "nobody");
     assert!(denied(&mut nobody, "SELECT outbox_emit('t', '{}')"), "emit needs outbox_writer");
 
-    let mut ops = connect_as(&cluster, "ops");
+    let mut ops = cluster.connect_as("postgres", "ops");
     ops.batch_execute(
         "SELECT outbox.create_endpoint('ops-made', 'http://127.0.0.1:9/');
          SELECT outbox.alter_endpoint('ops-made', '{\"timeout_ms\": 1000}');

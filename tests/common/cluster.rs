@@ -11,6 +11,8 @@ pub struct Cluster {
     pub port: u16,
     bindir: PathBuf,
     keep: bool,
+    /// Environment the server runs with (besides ours).
+    env: Vec<(String, String)>,
 }
 
 fn is_root() -> bool {
@@ -67,12 +69,21 @@ impl Cluster {
     /// initdb and start a cluster in a fresh directory under the system temp
     /// dir. `conf` lines are appended to postgresql.conf.
     pub fn start(name: &str, conf: &[&str]) -> Cluster {
+        Cluster::start_with_env(name, conf, &[])
+    }
+
+    /// As `start`, with `env` set in the server's environment.
+    pub fn start_with_env(name: &str, conf: &[&str], env: &[(&str, &str)]) -> Cluster {
         let parent = std::env::temp_dir().join(format!("outbox-tests-{}", std::process::id()));
         std::fs::create_dir_all(&parent).unwrap();
-        Cluster::start_in(&server_dir(&parent, name), conf)
+        Cluster::start_in_with_env(&server_dir(&parent, name), conf, env)
     }
 
     pub fn start_in(dir: &Path, conf: &[&str]) -> Cluster {
+        Cluster::start_in_with_env(dir, conf, &[])
+    }
+
+    fn start_in_with_env(dir: &Path, conf: &[&str], env: &[(&str, &str)]) -> Cluster {
         let bindir = bindir();
         check(
             "initdb",
@@ -98,7 +109,13 @@ impl Cluster {
         existing.push_str(&settings);
         // Written by us (root or not); postgres only needs to read it.
         std::fs::write(&conf_path, existing).expect("write postgresql.conf");
-        let cluster = Cluster { dir: dir.to_path_buf(), port, bindir, keep: std::env::var_os("OUTBOX_KEEP").is_some() };
+        let cluster = Cluster {
+            dir: dir.to_path_buf(),
+            port,
+            bindir,
+            keep: std::env::var_os("OUTBOX_KEEP").is_some(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
         cluster.pg_ctl_start();
         cluster
     }
@@ -118,6 +135,7 @@ impl Cluster {
                 .args(["-w", "-t", "60", "-l"])
                 .arg(self.dir.join("server.log"))
                 .arg("start")
+                .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .stdin(Stdio::null())
                 .output()
                 .expect("pg_ctl runs"),
@@ -152,7 +170,7 @@ impl Cluster {
         let mut conf = std::fs::read_to_string(&conf_path).expect("read standby postgresql.conf");
         conf.push_str(&format!("port = {port}\nunix_socket_directories = '{}'\n", dir.display()));
         std::fs::write(&conf_path, conf).expect("write standby postgresql.conf");
-        let standby = Cluster { dir, port, bindir: self.bindir.clone(), keep: self.keep };
+        let standby = Cluster { dir, port, bindir: self.bindir.clone(), keep: self.keep, env: self.env.clone() };
         standby.pg_ctl_start();
         standby
     }
@@ -167,12 +185,17 @@ impl Cluster {
     }
 
     pub fn connect_db(&self, db: &str) -> postgres::Client {
+        self.connect_as(db, "postgres")
+    }
+
+    /// Connect to database `db` as login role `user` (trust authentication).
+    pub fn connect_as(&self, db: &str, user: &str) -> postgres::Client {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match postgres::Config::new()
                 .host("127.0.0.1")
                 .port(self.port)
-                .user("postgres")
+                .user(user)
                 .dbname(db)
                 .connect(postgres::NoTls)
             {

@@ -11,6 +11,53 @@ pub use receiver::{Receiver, Reply, Request};
 
 use std::time::{Duration, Instant};
 
+/// How long a test waits for something that should happen at once.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Whether to run the sizes the README reports (`OUTBOX_FULL=1`).
+pub fn full() -> bool {
+    std::env::var_os("OUTBOX_FULL").is_some()
+}
+
+/// The pid of the outbox worker of `db`'s database, once it runs.
+pub fn worker_pid(db: &mut postgres::Client) -> i32 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let row = db
+            .query_opt(
+                "SELECT pid FROM pg_catalog.pg_stat_activity
+                 WHERE backend_type = 'outbox worker' AND datname = pg_catalog.current_database()",
+                &[],
+            )
+            .unwrap();
+        if let Some(r) = row {
+            return r.get(0);
+        }
+        assert!(Instant::now() < deadline, "no outbox worker in pg_stat_activity");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Private memory (RssAnon) of process `pid`, in MB: what it allocated
+/// itself, not shared buffers it touched.
+pub fn private_mb(pid: i32) -> f64 {
+    rss_fields(pid).0
+}
+
+/// (RssAnon, RssShmem) of process `pid`, in MB.
+pub fn rss_fields(pid: i32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |field: &str| -> f64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (kb("RssAnon:") / 1024.0, kb("RssShmem:") / 1024.0)
+}
+
 /// A cluster with the extension created in database `postgres`.
 pub fn cluster_with_outbox(name: &str) -> (Cluster, postgres::Client) {
     let cluster = Cluster::start(name, &[]);
