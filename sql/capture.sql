@@ -1,63 +1,11 @@
 -- outbox.capture / outbox.uncapture: change capture on a table through row
--- triggers that call outbox_emit in the writing transaction.
+-- triggers (outbox._capture_row, src/capture.rs) that write an event in the
+-- writing transaction, with the writer's rights.
 --
 -- Identifiers never reach SQL text unquoted: the table goes through regclass
 -- output (quoted and schema-qualified, since search_path is pinned), trigger
 -- names through %I, and the per-trigger configuration is passed as quoted
 -- literals (%L) in the trigger arguments.
-
--- The row trigger. SECURITY DEFINER: whoever may write the captured table
--- may publish its changes, without being granted outbox_writer.
---   TG_ARGV[0] topic, TG_ARGV[1] key columns (text[] literal),
---   TG_ARGV[2] captured columns (text[] literal, or empty for all columns)
-CREATE FUNCTION outbox._capture_row() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-DECLARE
-    key_columns text[] := TG_ARGV[1]::text[];
-    columns     text[] := nullif(TG_ARGV[2], '')::text[];
-    before      jsonb;
-    after       jsonb;
-    key_row     jsonb;
-    event_key   text;
-BEGIN
-    IF TG_OP <> 'INSERT' THEN
-        before := to_jsonb(OLD);
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-        after := to_jsonb(NEW);
-    END IF;
-
-    key_row := coalesce(after, before);
-    IF cardinality(key_columns) = 1 THEN
-        event_key := key_row ->> key_columns[1];
-    ELSE
-        event_key := (SELECT jsonb_agg(key_row -> k ORDER BY o)
-                      FROM unnest(key_columns) WITH ORDINALITY AS u(k, o))::text;
-    END IF;
-
-    IF columns IS NOT NULL THEN
-        before := (SELECT jsonb_object_agg(k, v) FROM jsonb_each(before) AS e(k, v) WHERE k = ANY (columns));
-        after  := (SELECT jsonb_object_agg(k, v) FROM jsonb_each(after)  AS e(k, v) WHERE k = ANY (columns));
-        -- An update that changed none of the captured columns is not news.
-        IF TG_OP = 'UPDATE' AND before IS NOT DISTINCT FROM after THEN
-            RETURN NULL;
-        END IF;
-    END IF;
-
-    PERFORM @extschema@.outbox_emit(
-        TG_ARGV[0],
-        jsonb_build_object('op', lower(TG_OP),
-                           'schema', TG_TABLE_SCHEMA,
-                           'table', TG_TABLE_NAME,
-                           'before', before,
-                           'after', after),
-        event_key,
-        lower(TG_OP));
-    RETURN NULL;
-END
-$fn$;
 
 CREATE FUNCTION outbox.capture(
     tbl         regclass,
@@ -75,6 +23,7 @@ DECLARE
     col      text;
     op       text;
     trg      text;
+    stmt     text;
     trg_when text := '';
 BEGIN
     IF tbl IS NULL THEN
@@ -144,25 +93,25 @@ BEGIN
 
     FOREACH op IN ARRAY operations LOOP
         trg := 'outbox_capture_' || op;
+        stmt := format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW %sEXECUTE FUNCTION outbox._capture_row(%L, %L, %L)',
+                       trg, upper(op), tbl, trg_when, topic, key_columns, coalesce(columns::text, ''));
         BEGIN
-            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW %sEXECUTE FUNCTION outbox._capture_row(%L, %L, %L)',
-                           trg, upper(op), tbl, trg_when, topic, key_columns, coalesce(columns::text, ''));
+            -- A condition is an expression, never more SQL: the statement
+            -- must parse as this one CREATE TRIGGER, calling our function
+            -- with our arguments, before it runs.
+            IF NOT outbox._is_capture_trigger(stmt, condition IS NOT NULL,
+                                              ARRAY[topic, key_columns::text, coalesce(columns::text, '')]) THEN
+                RAISE EXCEPTION 'outbox.capture: condition is not a single boolean expression'
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'condition is a boolean SQL expression over NEW and OLD, e.g. ''NEW.status <> OLD.status''.';
+            END IF;
+            EXECUTE stmt;
         EXCEPTION WHEN syntax_error OR undefined_column OR undefined_function OR invalid_object_definition
                        OR feature_not_supported OR datatype_mismatch OR undefined_table THEN
             RAISE EXCEPTION 'outbox.capture: invalid condition for % on %: %', op, tbl, SQLERRM
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'condition is a boolean SQL expression over NEW and OLD; NEW does not exist for delete, OLD not for insert. Capture such operations with separate calls.';
         END;
-        -- A condition is an expression, never more SQL: make sure the trigger
-        -- we created calls our function with our arguments.
-        IF NOT EXISTS (
-            SELECT FROM pg_trigger AS t
-            WHERE t.tgrelid = tbl AND t.tgname = trg
-              AND t.tgfoid = 'outbox._capture_row()'::regprocedure AND t.tgnargs = 3
-        ) THEN
-            RAISE EXCEPTION 'outbox.capture: condition % is not a single boolean expression', condition
-                USING ERRCODE = 'invalid_parameter_value';
-        END IF;
     END LOOP;
 
     INSERT INTO outbox.captures AS c (tbl, topic, key_columns, operations, columns, condition)

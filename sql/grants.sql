@@ -1,24 +1,52 @@
--- Privileges. Runs last, when every object exists.
---   outbox_writer: may call outbox_emit, nothing else.
---   outbox_admin:  manages endpoints and captures, reads stats and secrets;
---                  is also a writer.
+-- Privileges. Runs last, when every object exists. The roles (created or
+-- adopted in schema.sql) are named by outbox.writer_role and
+-- outbox.admin_role at CREATE EXTENSION.
+--   writer:         may call outbox_emit, nothing else.
+--   admin:          manages endpoints and captures, reads stats and secrets;
+--                   is also a writer.
+--   outbox_worker:  the background worker: reads and writes the outbox
+--                   tables it keeps, nothing else (see docs/security.md).
 -- Tables are written only through the extension's functions (SECURITY
--- DEFINER where a role needs more than it is granted).
-
-GRANT outbox_writer TO outbox_admin;
+-- DEFINER where a role needs more than it is granted) and by the worker.
 
 REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
-GRANT USAGE ON SCHEMA outbox TO outbox_writer, outbox_admin;
+REVOKE ALL ON FUNCTION @extschema@.outbox_emit(text, jsonb, text, text, jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION outbox_emit(text, jsonb, text, text, jsonb) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION outbox_emit(text, jsonb, text, text, jsonb) TO outbox_writer;
+DO $grants$
+DECLARE
+    writer text := coalesce(nullif(pg_catalog.current_setting('outbox.writer_role', true), ''),
+                                       'outbox_writer');
+    admin  text := coalesce(nullif(pg_catalog.current_setting('outbox.admin_role', true), ''),
+                                       'outbox_admin');
+BEGIN
+    EXECUTE pg_catalog.format('GRANT %I TO %I', writer, admin);
 
-GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA outbox TO outbox_admin;
-GRANT SELECT ON outbox.endpoints, outbox.progress, outbox.captures, outbox.stats,
-    outbox.dead_letters TO outbox_admin;
--- outbox.capture runs with the caller's rights (creating a trigger needs
--- ownership of the table), so it records its configuration itself.
-GRANT INSERT, UPDATE, DELETE ON outbox.captures TO outbox_admin;
+    EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA outbox TO %I, %I, outbox_worker', writer, admin);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %I.outbox_emit(text, jsonb, text, text, jsonb) TO %I',
+                              '@extschema@', writer);
+
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA outbox TO %I', admin);
+    EXECUTE pg_catalog.format('GRANT SELECT ON outbox.endpoints, outbox.progress, outbox.captures, outbox.stats,
+                                   outbox.dead_letters TO %I', admin);
+    -- outbox.capture runs with the caller's rights (creating a trigger needs
+    -- ownership of the table), so it records its configuration itself.
+    EXECUTE pg_catalog.format('GRANT INSERT, UPDATE, DELETE ON outbox.captures TO %I', admin);
+
+    -- The worker (see docs/security.md for why each is needed).
+    EXECUTE pg_catalog.format('GRANT CONNECT ON DATABASE %I TO outbox_worker', pg_catalog.current_database());
+END
+$grants$;
+
+GRANT SELECT, TRUNCATE ON outbox.events_0, outbox.events_1 TO outbox_worker;
+GRANT SELECT ON outbox.events TO outbox_worker;
+GRANT SELECT, INSERT, DELETE ON outbox.ticks TO outbox_worker;
+GRANT SELECT, UPDATE ON outbox.rotation TO outbox_worker;
+GRANT SELECT, UPDATE (disabled_reason, updated_at) ON outbox.endpoints TO outbox_worker;
+GRANT SELECT, UPDATE ON outbox.progress TO outbox_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.parked TO outbox_worker;
+GRANT USAGE ON SEQUENCE outbox.parked_seq TO outbox_worker;
+GRANT EXECUTE ON FUNCTION outbox._like_patterns(text[]) TO outbox_worker;
 
 SELECT outbox._installed();

@@ -11,14 +11,82 @@
 --   * each endpoint keeps one progress row: the last tick it finished plus a
 --     position inside the next batch.
 
+-- Roles. Rights granted in one database must not reach another, and a role
+-- someone else prepared must not be taken over: the writer and admin roles
+-- belong to one database each (names from outbox.writer_role and
+-- outbox.admin_role, by default outbox_writer and outbox_admin), and a role
+-- that already exists is adopted only when outbox created it for this
+-- database (a reinstall), nobody but superusers administers it, and it holds
+-- no rights in another database. outbox_worker is the background worker's
+-- own role, shared by every database (only the worker's code runs as it);
+-- nobody may be a member of it. See docs/security.md.
 DO $roles$
+DECLARE
+    db     text := pg_catalog.current_database();
+    writer text := coalesce(nullif(pg_catalog.current_setting('outbox.writer_role', true), ''),
+                                       'outbox_writer');
+    admin  text := coalesce(nullif(pg_catalog.current_setting('outbox.admin_role', true), ''),
+                                       'outbox_admin');
+    r      record;
+    marker text;
+    other  text;
+    hint   text := 'Set outbox.writer_role and outbox.admin_role to roles for this database before CREATE EXTENSION '
+                   '(SET, or ALTER DATABASE ... SET), or drop the existing role.';
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_writer') THEN
-        CREATE ROLE outbox_writer NOLOGIN;
+    IF writer = admin OR 'outbox_worker' IN (writer, admin) THEN
+        RAISE EXCEPTION 'outbox: the writer, admin and worker roles must be three different roles'
+            USING ERRCODE = 'invalid_parameter_value', HINT = hint;
     END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_admin') THEN
-        CREATE ROLE outbox_admin NOLOGIN;
-    END IF;
+    FOR r IN SELECT v.name, v.kind FROM (VALUES (writer, 'writer'), (admin, 'admin'), ('outbox_worker', 'worker')) AS v(name, kind)
+    LOOP
+        marker := CASE r.kind WHEN 'worker' THEN 'outbox worker role'
+                              ELSE pg_catalog.format('outbox %s role of database %s', r.kind, pg_catalog.quote_ident(db)) END;
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles AS a WHERE a.rolname = r.name) THEN
+            IF r.kind = 'worker' THEN
+                -- Background workers need LOGIN before PostgreSQL 17; it has no
+                -- password.
+                EXECUTE pg_catalog.format('CREATE ROLE %I %s NOINHERIT', r.name,
+                    CASE WHEN pg_catalog.current_setting('server_version_num')::pg_catalog.int4 < 170000
+                         THEN 'LOGIN' ELSE 'NOLOGIN' END);
+            ELSE
+                EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r.name);
+            END IF;
+            EXECUTE pg_catalog.format('COMMENT ON ROLE %I IS %L', r.name, marker);
+            CONTINUE;
+        END IF;
+        -- Adopt an existing role only when it is safe to.
+        IF pg_catalog.shobj_description((SELECT a.oid FROM pg_catalog.pg_roles AS a WHERE a.rolname = r.name),
+                                        'pg_authid') IS DISTINCT FROM marker THEN
+            RAISE EXCEPTION 'outbox: role % exists and was not created by outbox for this database', r.name
+                USING ERRCODE = 'duplicate_object', HINT = hint;
+        END IF;
+        IF EXISTS (SELECT FROM pg_catalog.pg_roles AS a WHERE a.rolname = r.name
+                   AND (a.rolsuper OR a.rolcreaterole OR a.rolcreatedb OR a.rolreplication OR a.rolbypassrls
+                        OR (a.rolcanlogin AND r.kind <> 'worker'))) THEN
+            RAISE EXCEPTION 'outbox: role % has attributes outbox does not give it (superuser, login, createrole, ...)', r.name
+                USING ERRCODE = 'insufficient_privilege', HINT = 'ALTER ROLE it back, or drop it.';
+        END IF;
+        IF EXISTS (SELECT FROM pg_catalog.pg_auth_members AS m JOIN pg_catalog.pg_roles AS a ON a.oid = m.member
+                   WHERE m.roleid = (SELECT b.oid FROM pg_catalog.pg_roles AS b WHERE b.rolname = r.name)
+                     AND NOT a.rolsuper AND (m.admin_option OR r.kind = 'worker')) THEN
+            RAISE EXCEPTION 'outbox: role % can be granted by a role that is not a superuser%', r.name,
+                CASE r.kind WHEN 'worker' THEN ', or has members' ELSE '' END
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'Revoke those memberships (ADMIN OPTION) first: nobody but superusers may hand out outbox''s roles.';
+        END IF;
+        IF r.kind <> 'worker' THEN
+            SELECT d.datname INTO other
+            FROM pg_catalog.pg_shdepend AS s JOIN pg_catalog.pg_database AS d ON d.oid = s.dbid
+            WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
+              AND s.refobjid = (SELECT a.oid FROM pg_catalog.pg_roles AS a WHERE a.rolname = r.name)
+              AND d.datname <> db
+            LIMIT 1;
+            IF other IS NOT NULL THEN
+                RAISE EXCEPTION 'outbox: role % holds rights in database %; rights of one database must not reach another', r.name, other
+                    USING ERRCODE = 'duplicate_object', HINT = hint;
+            END IF;
+        END IF;
+    END LOOP;
 END
 $roles$;
 
@@ -39,6 +107,9 @@ CREATE TABLE outbox.events_0 (
     payload    jsonb       NOT NULL,
     headers    jsonb       NOT NULL,
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- bytes the event takes once read (payload uncompressed, key, type,
+    -- headers): what the worker counts against its memory window
+    size       integer     NOT NULL DEFAULT 0,
     PRIMARY KEY (txid, n)
 )
 -- Emptied by TRUNCATE, never updated or deleted from: vacuuming them would

@@ -100,7 +100,7 @@ pub mod outbox {
                  INSERT INTO outbox.endpoints (name, url, kind, topics, options)
                  VALUES ($1, $2, $3, $4, $5) RETURNING id)
              INSERT INTO outbox.progress (endpoint_id, tick)
-             SELECT e.id, (SELECT max(id) FROM outbox.ticks) FROM e",
+             SELECT e.id, (SELECT pg_catalog.max(id) FROM outbox.ticks) FROM e",
             &[name.into(), url.into(), kind.into(), topics.into(), JsonB(options).into()],
         )
         .expect("insert endpoint");
@@ -143,7 +143,7 @@ pub mod outbox {
         let endpoint = config::Endpoint::parse(name, &url, &kind, &topics, &merged).map_err(in_function(F)).or_raise();
         check_egress(F, &endpoint.url);
         Spi::run_with_args(
-            "UPDATE outbox.endpoints SET url = $2, topics = $3, options = $4, updated_at = now() WHERE name = $1",
+            "UPDATE outbox.endpoints SET url = $2, topics = $3, options = $4, updated_at = pg_catalog.now() WHERE name = $1",
             &[name.into(), url.into(), topics.into(), JsonB(merged).into()],
         )
         .expect("update endpoint");
@@ -169,7 +169,7 @@ pub mod outbox {
         update_endpoint(
             F,
             name,
-            "UPDATE outbox.endpoints SET paused = true, updated_at = now() WHERE name = $1 RETURNING id",
+            "UPDATE outbox.endpoints SET paused = true, updated_at = pg_catalog.now() WHERE name = $1 RETURNING id",
         );
     }
 
@@ -182,7 +182,7 @@ pub mod outbox {
         update_endpoint(
             F,
             name,
-            "UPDATE outbox.endpoints SET paused = false, disabled_reason = NULL, updated_at = now()
+            "UPDATE outbox.endpoints SET paused = false, disabled_reason = NULL, updated_at = pg_catalog.now()
              WHERE name = $1 RETURNING id",
         );
     }
@@ -204,10 +204,10 @@ pub mod outbox {
     }
 
     const DEAD_MATCH: &str = "p.state = 'dead'
-          AND ($1::uuid IS NULL OR p.event_id = $1)
-          AND ($2::text IS NULL OR p.endpoint_id = (SELECT id FROM outbox.endpoints WHERE name = $2))
-          AND ($3::timestamptz IS NULL OR p.failed_at >= $3)
-          AND ($4::timestamptz IS NULL OR p.failed_at < $4)";
+          AND ($1::pg_catalog.uuid IS NULL OR p.event_id = $1)
+          AND ($2::pg_catalog.text IS NULL OR p.endpoint_id = (SELECT id FROM outbox.endpoints WHERE name = $2))
+          AND ($3::pg_catalog.timestamptz IS NULL OR p.failed_at >= $3)
+          AND ($4::pg_catalog.timestamptz IS NULL OR p.failed_at < $4)";
 
     /// Run `sql` (which uses DEAD_MATCH) for the dead letters `f` selects;
     /// returns how many rows it touched.
@@ -261,10 +261,10 @@ pub mod outbox {
             DeadFilter { event_id, endpoint, since, until },
             "WITH done AS (
                  UPDATE outbox.parked AS p
-                 SET state = 'pending', attempts = 0, next_attempt_at = now(), failed_at = NULL
+                 SET state = 'pending', attempts = 0, next_attempt_at = pg_catalog.now(), failed_at = NULL
                  WHERE {MATCH}
                  RETURNING 1)
-             SELECT count(*) FROM done",
+             SELECT pg_catalog.count(*) FROM done",
         )
     }
 
@@ -281,7 +281,7 @@ pub mod outbox {
         on_dead_letters(
             "discard",
             DeadFilter { event_id, endpoint, since, until },
-            "WITH done AS (DELETE FROM outbox.parked AS p WHERE {MATCH} RETURNING 1) SELECT count(*) FROM done",
+            "WITH done AS (DELETE FROM outbox.parked AS p WHERE {MATCH} RETURNING 1) SELECT pg_catalog.count(*) FROM done",
         )
     }
 
@@ -292,6 +292,13 @@ pub mod outbox {
         crate::shmem::forget_events_table(unsafe { pg_sys::MyDatabaseId });
         // ...and make the worker look again once this commits.
         xact::note_config_changed();
+    }
+
+    /// Whether `sql` is exactly the CREATE TRIGGER statement capture()
+    /// means to run (see capture::is_capture_trigger).
+    #[pg_extern(immutable, parallel_safe)]
+    fn _is_capture_trigger(sql: &str, with_when: bool, args: Vec<String>) -> bool {
+        crate::capture::is_capture_trigger(sql, with_when, &args)
     }
 
     /// Raise an error unless `topic` is a valid topic (used by capture()).

@@ -282,12 +282,12 @@ const RESERVED_PREFIXES: &[&str] = &["webhook-", "ce-"];
 impl Options {
     pub fn parse(options: &Value) -> Result<Options> {
         let Value::Object(map) = options else {
-            return Err(ConfigError::new(format!("options must be a JSON object, got {options}"))
+            return Err(ConfigError::new(format!("options must be a JSON object, got {}", json_type(options)))
                 .hint("e.g. options => '{\"timeout_ms\": 5000}'"));
         };
         if let Some(unknown) = map.keys().find(|k| !OPTIONS.iter().any(|(known, _)| known == k)) {
             let known: Vec<&str> = OPTIONS.iter().map(|(k, _)| *k).collect();
-            return Err(ConfigError::new(format!("unknown endpoint option {unknown:?}"))
+            return Err(ConfigError::new(format!("unknown endpoint option {:?}", shorten(unknown)))
                 .hint(format!("Known options: {}.", known.join(", "))));
         }
         let d = Options::default();
@@ -324,8 +324,11 @@ impl Options {
                     Some(c.clone())
                 }
                 Some(v) => {
-                    return Err(ConfigError::new(format!("option cluster_id must be a cluster id string, got {v}"))
-                        .hint(option_hint("cluster_id")))
+                    return Err(ConfigError::new(format!(
+                        "option cluster_id must be a cluster id string, got {}",
+                        shown(v)
+                    ))
+                    .hint(option_hint("cluster_id")))
                 }
             },
             flavor: match choice(map, "flavor", &["confluent", "redpanda"])? {
@@ -438,8 +441,10 @@ fn int(map: &Map<String, Value>, key: &str, min: i64, max: i64) -> Result<Option
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_i64() {
             Some(i) if (min..=max).contains(&i) => Ok(Some(i)),
-            _ => Err(ConfigError::new(format!("option {key} must be an integer from {min} to {max}, got {v}"))
-                .hint(option_hint(key))),
+            _ => {
+                Err(ConfigError::new(format!("option {key} must be an integer from {min} to {max}, got {}", shown(v)))
+                    .hint(option_hint(key)))
+            }
         },
     }
 }
@@ -452,8 +457,10 @@ fn choice<'a>(map: &'a Map<String, Value>, key: &str, allowed: &[&str]) -> Resul
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if allowed.contains(&s.as_str()) => Ok(Some(s.as_str())),
-        Some(v) => Err(ConfigError::new(format!("option {key} must be one of {}, got {v}", allowed.join(", ")))
-            .hint(option_hint(key))),
+        Some(v) => {
+            Err(ConfigError::new(format!("option {key} must be one of {}, got {}", allowed.join(", "), shown(v)))
+                .hint(option_hint(key)))
+        }
     }
 }
 
@@ -463,25 +470,30 @@ fn parse_headers(map: &Map<String, Value>) -> Result<Vec<(String, String)>> {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Object(h)) => h,
         Some(other) => {
-            return Err(ConfigError::new(format!("option headers must be an object, got {other}")).hint(hint))
+            return Err(
+                ConfigError::new(format!("option headers must be an object, got {}", json_type(other))).hint(hint)
+            )
         }
     };
     let mut out = Vec::with_capacity(headers.len());
     for (name, value) in headers {
         let lower = name.to_ascii_lowercase();
         if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ConfigError::new(format!("invalid header name {name:?}")).hint(hint));
+            return Err(ConfigError::new(format!("invalid header name {:?}", shorten(name))).hint(hint));
         }
         if RESERVED_HEADERS.contains(&lower.as_str()) || RESERVED_PREFIXES.iter().any(|p| lower.starts_with(p)) {
-            return Err(ConfigError::new(format!("header {name:?} is set by outbox itself"))
+            return Err(ConfigError::new(format!("header {:?} is set by outbox itself", shorten(name)))
                 .hint("content-type, webhook-* and ce-* headers cannot be overridden."));
         }
         let Value::String(value) = value else {
-            return Err(ConfigError::new(format!("header {name:?} must have a string value")).hint(hint));
+            return Err(ConfigError::new(format!("header {:?} must have a string value", shorten(name))).hint(hint));
         };
         if reqwest::header::HeaderValue::from_str(value).is_err() {
-            return Err(ConfigError::new(format!("header {name:?} has a value that is not a valid HTTP header value"))
-                .hint("Header values are visible ASCII without line breaks."));
+            return Err(ConfigError::new(format!(
+                "header {:?} has a value that is not a valid HTTP header value",
+                shorten(name)
+            ))
+            .hint("Header values are visible ASCII without line breaks."));
         }
         out.push((lower, value.clone()));
     }
@@ -524,7 +536,7 @@ impl Endpoint {
 /// keys of `patch` replace those of `base`, a JSON null removes the key.
 pub fn merge_options(base: &Value, patch: &Value) -> Result<Value> {
     let Value::Object(patch) = patch else {
-        return Err(ConfigError::new(format!("options must be a JSON object, got {patch}")));
+        return Err(ConfigError::new(format!("options must be a JSON object, got {}", json_type(patch))));
     };
     let mut merged = match base {
         Value::Object(m) => m.clone(),
@@ -540,18 +552,88 @@ pub fn merge_options(base: &Value, patch: &Value) -> Result<Value> {
     Ok(Value::Object(merged))
 }
 
-/// Check event headers given to outbox_emit: an object of strings.
+/// Longest ordering key, in bytes. Keys are aggregate ids; the limit keeps
+/// every key an index entry of outbox.parked (B-tree entries hold at most
+/// about 2.7 kB) and bounds what one event costs the worker.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest event type, in bytes.
+pub const MAX_TYPE_BYTES: usize = 256;
+/// Most event headers, and their largest size as JSON text.
+pub const MAX_HEADERS: usize = 64;
+pub const MAX_HEADERS_BYTES: usize = 8192;
+
+/// Check an event's key and type (outbox_emit, capture).
+pub fn check_key_and_type(key: Option<&str>, event_type: Option<&str>) -> Result<()> {
+    if let Some(key) = key.filter(|k| k.len() > MAX_KEY_BYTES) {
+        return Err(ConfigError::new(format!("key is {} bytes long, longer than {MAX_KEY_BYTES}", key.len()))
+            .hint("The key names the aggregate (an order id, say); use a shorter id or a hash of it."));
+    }
+    if let Some(t) = event_type.filter(|t| t.len() > MAX_TYPE_BYTES) {
+        return Err(ConfigError::new(format!("event_type is {} bytes long, longer than {MAX_TYPE_BYTES}", t.len()))
+            .hint("Event types are short names such as 'order.paid'."));
+    }
+    Ok(())
+}
+
+/// Check event headers given to outbox_emit: an object of strings, at most
+/// MAX_HEADERS of them and MAX_HEADERS_BYTES in all. Values are never
+/// repeated in messages (they may be tokens).
 pub fn check_event_headers(headers: &Value) -> Result<()> {
     let hint = "Event headers are a JSON object of string values, e.g. '{\"trace-id\": \"abc\"}'.";
     let Value::Object(map) = headers else {
-        return Err(ConfigError::new(format!("headers must be a JSON object, got {headers}")).hint(hint));
+        return Err(ConfigError::new(format!("headers must be a JSON object, got {}", json_type(headers))).hint(hint));
     };
+    if map.len() > MAX_HEADERS {
+        return Err(ConfigError::new(format!("{} headers, more than {MAX_HEADERS}", map.len())).hint(hint));
+    }
+    let mut bytes = 2;
     for (name, value) in map {
-        if !value.is_string() {
-            return Err(ConfigError::new(format!("header {name:?} must have a string value, got {value}")).hint(hint));
-        }
+        let Value::String(text) = value else {
+            return Err(ConfigError::new(format!(
+                "header {:?} must have a string value, got {}",
+                shorten(name),
+                json_type(value)
+            ))
+            .hint(hint));
+        };
+        bytes += name.len() + text.len() + 6;
+    }
+    if bytes > MAX_HEADERS_BYTES {
+        return Err(ConfigError::new(format!("headers are about {bytes} bytes, more than {MAX_HEADERS_BYTES}"))
+            .hint("Headers carry small metadata (trace ids, tenants); put data in the payload."));
     }
     Ok(())
+}
+
+/// The kind of a JSON value, for messages that must not repeat the value.
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// An option value as shown in a message. Options may hold credentials and
+/// messages reach clients and the server log, so only numbers and booleans
+/// are repeated; other values are named by their JSON type.
+fn shown(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => json_type(other).to_string(),
+    }
+}
+
+/// A name as shown in a message: at most 64 characters.
+fn shorten(name: &str) -> String {
+    match name.char_indices().nth(64) {
+        Some((i, _)) => format!("{}...", &name[..i]),
+        None => name.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,13 @@
 //!
 //! A comma-separated list of host names (`api.example.com`), name suffixes
 //! (`*.example.com`) and IP networks (`10.0.0.0/8`, `127.0.0.1`, `::1`).
-//! Empty means any host. Names match names; networks match IP-address
-//! hosts. Checked when an endpoint is created or changed, before every
-//! request, and for every redirect an endpoint is allowed to follow.
+//! Empty means any host. A URL's host must be listed: names by a name or
+//! suffix, IP addresses by a network. Checked when an endpoint is created
+//! or changed, before every request and every redirect followed, and again
+//! at connect time on the addresses a name resolves to: those must be
+//! public addresses, or inside a listed network. A name under an allowed
+//! suffix that resolves to 127.0.0.1, 10.x or 169.254.169.254 is refused
+//! unless such a network is listed too.
 
 use crate::config::ConfigError;
 use std::net::IpAddr;
@@ -96,11 +100,61 @@ impl AllowList {
         })
     }
 
+    /// Whether a connection may go to `ip`, an address an allowed name
+    /// resolved to: a public address, or one inside a listed network.
+    pub fn allows_address(&self, ip: IpAddr) -> bool {
+        self.is_open() || self.allows_ip(ip) || is_public(ip)
+    }
+
     /// The error for a URL this list does not allow.
     pub fn refusal(url: &reqwest::Url) -> ConfigError {
         ConfigError {
             message: format!("host {:?} is not in outbox.allowed_hosts", url.host_str().unwrap_or("")),
             hint: Some("Ask the server administrator to add it to outbox.allowed_hosts.".into()),
+        }
+    }
+}
+
+/// Where endpoints may be reached, and how: the allow-list and the proxy
+/// (`outbox.http_proxy`; the server's environment is never consulted).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Egress {
+    pub allowed: AllowList,
+    pub proxy: Option<String>,
+}
+
+/// Whether `ip` is an address of the public internet: not loopback,
+/// private, link-local (cloud metadata lives at 169.254.169.254), shared,
+/// unique-local, multicast, documentation or unspecified.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])) // shared address space
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+                || (o[0] == 198 && (18..20).contains(&o[1])) // benchmarking
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || (s[0] == 0x64 && s[1] == 0xff9b)) // NAT64 (embeds any IPv4 address)
         }
     }
 }
@@ -171,6 +225,31 @@ mod tests {
             let e = AllowList::parse(bad).unwrap_err();
             assert!(e.message.contains(bad.trim()), "{bad}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn resolved_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let list = AllowList::parse("*.example.com, 10.1.0.0/16").unwrap();
+        assert!(list.allows_address(ip("93.184.216.34")));
+        assert!(list.allows_address(ip("10.1.2.3")), "a listed network");
+        for refused in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "10.2.0.1",
+            "192.168.1.1",
+            "172.16.0.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::7f00:1",
+        ] {
+            assert!(!list.allows_address(ip(refused)), "{refused}");
+        }
+        assert!(AllowList::default().allows_address(ip("127.0.0.1")), "an empty list allows any address");
     }
 
     #[test]

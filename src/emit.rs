@@ -9,7 +9,10 @@
 //! Writers may call it but have no rights on the events tables: the write
 //! does not go through the executor's permission checks. (SECURITY DEFINER
 //! would do the same, but measured here the function manager's SECURITY
-//! DEFINER path cost 12 % of a whole write transaction.)
+//! DEFINER path cost 12 % of a whole write transaction.) Nothing here runs
+//! SQL: no name the caller could plant (types, functions, operators in a
+//! schema of the caller's search_path) is ever looked up with more rights
+//! than the caller has.
 
 use crate::config;
 use crate::error::{OrRaise, SqlError};
@@ -37,51 +40,70 @@ COMMENT ON FUNCTION outbox_emit(text, jsonb, text, text, jsonb) IS
     requires = ["schema"]
 );
 
-/// Runs the enclosed work as another role; restores the caller's role when
-/// dropped (also when an error unwinds; a transaction abort would restore it
-/// too).
-struct AsRole {
-    user: pg_sys::Oid,
-    context: i32,
+/// A checked event, as datums valid for the current call.
+pub struct NewEvent {
+    pub topic: pg_sys::Datum,
+    pub payload: pg_sys::Datum,
+    pub key: Option<pg_sys::Datum>,
+    pub event_type: Option<pg_sys::Datum>,
+    /// None: an empty object.
+    pub headers: Option<pg_sys::Datum>,
+    /// Bytes the event takes once read (payload uncompressed, plus key, type
+    /// and headers): what the worker counts against its memory window.
+    pub size: usize,
 }
 
-impl AsRole {
-    fn switch_to(role: pg_sys::Oid) -> AsRole {
-        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-        // SAFETY: plain reads and writes of the backend's current user.
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-            pg_sys::SetUserIdAndSecContext(role, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-        }
-        AsRole { user, context }
+/// Write `event` into the current events table, in the current top-level
+/// transaction; returns its id.
+///
+/// # Safety
+/// Main thread, inside a read-write transaction; the datums are valid.
+pub unsafe fn write(event: NewEvent) -> pgrx::Uuid {
+    // Assigns a transaction id if the caller had none yet; the event
+    // belongs to the caller's top-level transaction.
+    let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
+    let n = xact::next_event_number(txid);
+    let id = pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes());
+
+    // The worker publishes the current events table in shared memory;
+    // without a worker (or right after CREATE EXTENSION) read the rotation
+    // row itself. The transaction id was taken above, before this read:
+    // rotation relies on that order.
+    let table = shmem::events_table(unsafe { pg_sys::MyDatabaseId })
+        .unwrap_or_else(|| unsafe { events::current_table_from_rotation() });
+    let row = events::Row {
+        txid: txid as i64,
+        n,
+        id: id.into_datum().expect("a uuid is never null"),
+        topic: event.topic,
+        key: event.key,
+        event_type: event.event_type,
+        payload: event.payload,
+        headers: event.headers.unwrap_or_else(|| pgrx::JsonB(serde_json::json!({})).into_datum().expect("not null")),
+        created_at: unsafe { pg_sys::GetCurrentTransactionStartTimestamp() },
+        size: event.size.min(i32::MAX as usize) as i32,
+    };
+    unsafe { events::insert(table.min(1), &row) };
+    id
+}
+
+/// Raise the error INSERT would raise on a hot standby or in a read-only
+/// transaction, with a hint.
+pub fn refuse_read_only() {
+    // SAFETY: plain reads of backend state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        SqlError::new(PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION, "outbox_emit: cannot emit on a hot standby")
+            .hint("Emit on the primary, in the transaction that writes the business rows.")
+            .raise();
     }
-}
-
-impl Drop for AsRole {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
+    if unsafe { pg_sys::XactReadOnly } {
+        SqlError::new(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            "outbox_emit: cannot emit in a read-only transaction",
+        )
+        .hint("An event is a write: emit in a read-write transaction, like the INSERT it goes with.")
+        .raise();
     }
-}
-
-/// Which events table is current, from outbox.rotation (read as the
-/// extension's owner: writers have no rights on it).
-fn current_table_from_sql() -> usize {
-    Spi::connect(|client| {
-        let owner = client
-            .select("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'outbox'", Some(1), &[])
-            .and_then(|t| t.first().get_one::<pg_sys::Oid>())
-            .ok()
-            .flatten()
-            .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID));
-        let _as_owner = AsRole::switch_to(owner);
-        client
-            .select("SELECT slot::int4 FROM outbox.rotation WHERE current", Some(1), &[])
-            .and_then(|t| t.first().get_one::<i32>())
-            .ok()
-            .flatten()
-            .unwrap_or(0) as usize
-    })
 }
 
 #[unsafe(no_mangle)]
@@ -101,6 +123,9 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
             .hint("Add 'outbox' to shared_preload_libraries in postgresql.conf and restart the server.")
             .raise();
     }
+
+    // Like INSERT: no writes on a standby or in a read-only transaction.
+    refuse_read_only();
 
     let topic: &str = unsafe { pg_getarg(fcinfo, 0) }.unwrap_or_else(|| {
         SqlError::new(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "outbox_emit: topic must not be null")
@@ -126,42 +151,31 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
         .raise();
     }
 
-    let headers = if unsafe { pg_arg_is_null(fcinfo, 4) } {
-        None
+    let key: Option<&str> = unsafe { pg_getarg(fcinfo, 2) };
+    let event_type: Option<&str> = unsafe { pg_getarg(fcinfo, 3) };
+    config::check_key_and_type(key, event_type).map_err(|e| e.in_function("outbox_emit")).or_raise();
+
+    let (headers, headers_size) = if unsafe { pg_arg_is_null(fcinfo, 4) } {
+        (None, 2)
     } else {
         // Headers are small; reading them through serde is fine.
         let value: pgrx::JsonB = unsafe { pg_getarg(fcinfo, 4) }.expect("checked for null above");
         config::check_event_headers(&value.0).map_err(|e| e.in_function("outbox_emit")).or_raise();
-        Some(unsafe { pg_getarg_datum_raw(fcinfo, 4) })
+        let datum = unsafe { pg_getarg_datum_raw(fcinfo, 4) };
+        (Some(datum), unsafe { pg_sys::toast_raw_datum_size(datum) })
     };
 
-    // SAFETY: assigns a transaction id if the caller had none yet; the event
-    // belongs to the caller's top-level transaction.
-    let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
-    let n = xact::next_event_number(txid);
-    let txid = txid as i64;
-    let id = pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes());
-
-    // The worker publishes the current events table in shared memory;
-    // without a worker (or right after CREATE EXTENSION) ask the table. The
-    // transaction id was taken above, before this read: rotation relies on
-    // that order.
-    let table = shmem::events_table(unsafe { pg_sys::MyDatabaseId }).unwrap_or_else(current_table_from_sql);
     let arg = |i: usize| unsafe { (!pg_arg_is_null(fcinfo, i)).then(|| pg_getarg_datum_raw(fcinfo, i)) };
-    let row = events::Row {
-        txid,
-        n,
-        id: id.into_datum().expect("a uuid is never null"),
+    let event = NewEvent {
         topic: unsafe { pg_getarg_datum_raw(fcinfo, 0) },
+        payload,
         key: arg(2),
         event_type: arg(3),
-        payload,
-        headers: headers.unwrap_or_else(|| pgrx::JsonB(serde_json::json!({})).into_datum().expect("not null")),
-        created_at: unsafe { pg_sys::GetCurrentTransactionStartTimestamp() },
+        headers,
+        size: size + topic.len() + key.map_or(0, str::len) + event_type.map_or(0, str::len) + headers_size,
     };
     // SAFETY: main thread, in the caller's transaction; the datums are the
-    // caller's arguments or allocated in this call's memory context.
-    unsafe { events::insert(table.min(1), &row) };
-
+    // caller's arguments.
+    let id = unsafe { write(event) };
     id.into_datum().expect("a uuid is never null")
 }

@@ -23,9 +23,11 @@ pub struct Row {
     pub payload: Datum,
     pub headers: Datum,
     pub created_at: pg_sys::TimestampTz,
+    /// Bytes the event takes once read, for the worker's memory window.
+    pub size: i32,
 }
 
-const COLUMNS: usize = 9;
+const COLUMNS: usize = 10;
 
 fn broken(what: &str) -> ! {
     SqlError::new(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("outbox_emit: {what}"))
@@ -33,20 +35,67 @@ fn broken(what: &str) -> ! {
         .raise()
 }
 
+/// The oid of `outbox.<name>`.
+fn relation(name: &std::ffi::CStr) -> pg_sys::Oid {
+    let schema = unsafe { pg_sys::get_namespace_oid(c"outbox".as_ptr(), true) };
+    if schema == pg_sys::InvalidOid {
+        broken("schema outbox does not exist");
+    }
+    let relid = unsafe { pg_sys::get_relname_relid(name.as_ptr(), schema) };
+    if relid == pg_sys::InvalidOid {
+        broken(&format!("table outbox.{} does not exist", name.to_string_lossy()));
+    }
+    relid
+}
+
+/// Which events table is current, read from outbox.rotation directly (used
+/// when no worker published it in shared memory). A heap scan rather than
+/// SQL: the caller is a writer without rights on the table, and no query
+/// text means no name resolved under the caller's search_path.
+///
+/// # Safety
+/// Main thread, inside a transaction.
+pub unsafe fn current_table_from_rotation() -> usize {
+    let relid = relation(c"rotation");
+    let mut current = None;
+    unsafe {
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let desc = (*rel).rd_att;
+        if (*desc).natts < 2 {
+            broken("outbox.rotation has an unexpected shape");
+        }
+        let snapshot = pg_sys::GetLatestSnapshot();
+        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
+        let scan = pg_sys::heap_beginscan(rel, snapshot, 0, std::ptr::null_mut(), std::ptr::null_mut(), flags);
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let one = std::num::NonZeroUsize::new(1).expect("1");
+            let two = std::num::NonZeroUsize::new(2).expect("2");
+            let slot = pgrx::htup::heap_getattr_raw(tuple, one, desc).map(|d| d.value() as i16);
+            let is_current = pgrx::htup::heap_getattr_raw(tuple, two, desc).is_some_and(|d| d.value() & 0xff != 0);
+            if is_current {
+                current = slot;
+            }
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+    match current {
+        Some(0) => 0,
+        Some(1) => 1,
+        _ => broken("outbox.rotation names no current events table"),
+    }
+}
+
 /// Insert `row` into outbox.events_`table` as the current command.
 ///
 /// # Safety
 /// Main thread, inside a transaction; datums valid for the call.
 pub unsafe fn insert(table: usize, row: &Row) {
-    let schema = unsafe { pg_sys::get_namespace_oid(c"outbox".as_ptr(), true) };
-    if schema == pg_sys::InvalidOid {
-        broken("schema outbox does not exist");
-    }
-    let name = if table == 0 { c"events_0" } else { c"events_1" };
-    let relid = unsafe { pg_sys::get_relname_relid(name.as_ptr(), schema) };
-    if relid == pg_sys::InvalidOid {
-        broken("its events table does not exist");
-    }
+    let relid = relation(if table == 0 { c"events_0" } else { c"events_1" });
     let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
     unsafe {
         let rel = pg_sys::table_open(relid, lock);
@@ -64,6 +113,7 @@ pub unsafe fn insert(table: usize, row: &Row) {
             row.payload,
             row.headers,
             Datum::from(row.created_at),
+            Datum::from(row.size),
         ];
         let mut nulls = [false; COLUMNS];
         nulls[4] = row.key.is_none();

@@ -15,6 +15,13 @@ pub static MAX_PAYLOAD_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 102
 /// Hosts endpoints may point at (see egress.rs); empty: any.
 pub static ALLOWED_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
+/// The roles CREATE EXTENSION creates (or adopts) for its database.
+pub static WRITER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox_writer"));
+pub static ADMIN_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox_admin"));
+
+/// A proxy for every request (empty: none; the environment is ignored).
+pub static HTTP_PROXY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+
 /// Events one endpoint may hold in the worker's memory at once.
 pub static WINDOW_EVENTS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
@@ -40,6 +47,30 @@ pub fn init() {
         c"Host names, *.domain suffixes and IP networks such as 10.0.0.0/8. Checked when endpoints are created or \
           changed, before every request and for every redirect followed.",
         &ALLOWED_HOSTS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.writer_role",
+        c"The role CREATE EXTENSION outbox grants outbox_emit to, in its database.",
+        c"Read at CREATE EXTENSION. Each database needs its own role: rights in one database must not reach another.",
+        &WRITER_ROLE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.admin_role",
+        c"The role CREATE EXTENSION outbox grants endpoint management to, in its database.",
+        c"Read at CREATE EXTENSION. Each database needs its own role: rights in one database must not reach another.",
+        &ADMIN_ROLE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.http_proxy",
+        c"HTTP(S) proxy for every delivery (empty: none).",
+        c"The server's HTTP_PROXY and ALL_PROXY environment variables are never used.",
+        &HTTP_PROXY,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -106,6 +137,29 @@ pub fn databases() -> Vec<String> {
         }
     }
     out
+}
+
+/// The position of database `name` in `outbox.databases` (as `databases()`
+/// lists them), if it is there.
+pub fn database_index(name: &[u8]) -> Option<usize> {
+    let raw = DATABASES.get()?;
+    let mut seen: Vec<&[u8]> = Vec::new();
+    for item in raw.as_bytes().split(|b| *b == b',').map(|s| s.trim_ascii()).filter(|s| !s.is_empty()) {
+        if seen.contains(&item) {
+            continue;
+        }
+        if item == name {
+            return (seen.len() < crate::shmem::MAX_DATABASES).then_some(seen.len());
+        }
+        seen.push(item);
+    }
+    None
+}
+
+/// `outbox.http_proxy`, when set.
+pub fn http_proxy() -> Option<String> {
+    let raw = HTTP_PROXY.get()?.to_string_lossy().trim().to_string();
+    (!raw.is_empty()).then_some(raw)
 }
 
 /// `outbox.allowed_hosts` as parsed; an unparsable setting allows nothing

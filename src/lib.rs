@@ -19,6 +19,7 @@ use pgrx::prelude::*;
 pgrx::pg_module_magic!(name, version);
 
 mod admin;
+mod capture;
 mod config;
 mod egress;
 mod emit;
@@ -28,13 +29,18 @@ mod events;
 mod guc;
 mod net;
 mod schedule;
+mod search_path;
 mod shmem;
 mod worker;
 mod xact;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/views.sql", name = "views", requires = ["schema"]);
-extension_sql_file!("../sql/capture.sql", name = "capture", requires = ["schema", "emit", admin::outbox::_check_topic]);
+extension_sql_file!(
+    "../sql/capture.sql",
+    name = "capture",
+    requires = ["schema", "capture_row", admin::outbox::_check_topic, admin::outbox::_is_capture_trigger]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
@@ -46,6 +52,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
         worker::register_all();
+        worker::launcher::install_hook();
     }
 }
 

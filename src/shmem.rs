@@ -8,12 +8,18 @@
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 pub const MAX_DATABASES: usize = 16;
 
 #[derive(Default)]
 pub struct WorkerSlot {
+    /// Pid of the worker that owns this slot, 0 when none: at most one
+    /// worker per database, whoever started it.
+    owner_pid: AtomicI32,
+    /// Its database must be free of connections (DROP DATABASE, say): the
+    /// worker leaves and is not started again until this is cleared.
+    releasing: AtomicBool,
     db_oid: AtomicU32,
     /// `procno + 1` of the running worker, 0 when none runs.
     proc_plus_one: AtomicU32,
@@ -33,11 +39,15 @@ unsafe impl PGRXSharedMemory for WorkerSlot {}
 
 static SLOTS: PgAtomic<[WorkerSlot; MAX_DATABASES]> = unsafe { PgAtomic::new(c"outbox_worker_slots") };
 
+/// `procno + 1` of the launcher, 0 when none runs.
+static LAUNCHER: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"outbox_launcher") };
+
 /// Set in the postmaster during preload and inherited by every child.
 static AVAILABLE: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
     pg_shmem_init!(SLOTS);
+    pg_shmem_init!(LAUNCHER);
     pg_shmem_init!(COMMITS);
     AVAILABLE.store(true, Ordering::Relaxed);
 }
@@ -51,22 +61,81 @@ fn slots() -> Option<&'static [WorkerSlot; MAX_DATABASES]> {
     available().then(|| SLOTS.get())
 }
 
+/// This process's PGPROC index.
+fn my_procno() -> u32 {
+    // SAFETY: MyProc points into ProcGlobal->allProcs for any process with
+    // shared memory access; the difference is this process's PGPROC index.
+    unsafe { pg_sys::MyProc.offset_from((*pg_sys::ProcGlobal).allProcs) as u32 }
+}
+
+fn set_latch_of(proc_plus_one: u32) {
+    if proc_plus_one == 0 {
+        return;
+    }
+    // SAFETY: PGPROC entries live for the whole life of shared memory, so
+    // even a stale index points at a valid latch (waking the wrong process
+    // is harmless).
+    unsafe {
+        let proc = (*pg_sys::ProcGlobal).allProcs.add((proc_plus_one - 1) as usize);
+        pg_sys::SetLatch(&raw mut (*proc).procLatch);
+    }
+}
+
+/// Take slot `index` for this process; false when another worker owns it.
+pub fn claim_slot(index: usize, pid: i32) -> bool {
+    let Some(slots) = slots() else { return false };
+    slots[index].owner_pid.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire).is_ok()
+}
+
+/// Give slot `index` up (at exit), if this process owns it.
+pub fn release_slot(index: usize, pid: i32) {
+    if let Some(slots) = slots() {
+        let slot = &slots[index];
+        if slot.owner_pid.load(Ordering::Acquire) == pid {
+            slot.proc_plus_one.store(0, Ordering::Release);
+            slot.owner_pid.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// Whether a worker owns slot `index`.
+pub fn slot_taken(index: usize) -> bool {
+    slots().is_some_and(|s| s[index].owner_pid.load(Ordering::Acquire) != 0)
+}
+
+/// Ask the worker of slot `index` to let go of its database (or allow it
+/// back, with `false`).
+pub fn set_releasing(index: usize, releasing: bool) {
+    let Some(slots) = slots() else { return };
+    slots[index].releasing.store(releasing, Ordering::Release);
+    set_latch_of(slots[index].proc_plus_one.load(Ordering::Acquire));
+    wake_launcher();
+}
+
+pub fn releasing(index: usize) -> bool {
+    slots().is_some_and(|s| s[index].releasing.load(Ordering::Acquire))
+}
+
+/// Called by the launcher once it runs.
+pub fn publish_launcher() {
+    if available() {
+        LAUNCHER.get().store(my_procno() + 1, Ordering::Release);
+    }
+}
+
+/// Wake the launcher (a database or the worker role may have appeared).
+pub fn wake_launcher() {
+    if available() {
+        set_latch_of(LAUNCHER.get().load(Ordering::Acquire));
+    }
+}
+
 /// Called by the worker of slot `index` once connected to `db_oid`.
 pub fn publish_worker(index: usize, db_oid: pg_sys::Oid) {
     let Some(slots) = slots() else { return };
     let slot = &slots[index];
-    // SAFETY: MyProc points into ProcGlobal->allProcs for any process with
-    // shared memory access; the difference is this process's PGPROC index.
-    let procno = unsafe { pg_sys::MyProc.offset_from((*pg_sys::ProcGlobal).allProcs) } as u32;
     slot.db_oid.store(db_oid.to_u32(), Ordering::Release);
-    slot.proc_plus_one.store(procno + 1, Ordering::Release);
-}
-
-/// Called when the worker of slot `index` exits.
-pub fn retract_worker(index: usize) {
-    if let Some(slots) = slots() {
-        slots[index].proc_plus_one.store(0, Ordering::Release);
-    }
+    slot.proc_plus_one.store(my_procno() + 1, Ordering::Release);
 }
 
 fn slot_of(db_oid: pg_sys::Oid) -> Option<&'static WorkerSlot> {
@@ -124,17 +193,7 @@ pub fn wake_worker(db_oid: pg_sys::Oid, config_changed: bool) {
             // No endpoint to deliver to, or the worker is woken already.
             continue;
         }
-        let proc_plus_one = slot.proc_plus_one.load(Ordering::Acquire);
-        if proc_plus_one == 0 {
-            continue;
-        }
-        // SAFETY: the index was published by a live worker; PGPROC entries
-        // live for the whole life of shared memory, so even a stale index
-        // points at a valid latch (waking the wrong process is harmless).
-        unsafe {
-            let proc = (*pg_sys::ProcGlobal).allProcs.add((proc_plus_one - 1) as usize);
-            pg_sys::SetLatch(&raw mut (*proc).procLatch);
-        }
+        set_latch_of(slot.proc_plus_one.load(Ordering::Acquire));
     }
 }
 

@@ -20,6 +20,9 @@ thread_local! {
     static CONFIG_CHANGED: Cell<bool> = const { Cell::new(false) };
     /// The top-level transaction id the events were emitted under.
     static TXID: Cell<u64> = const { Cell::new(0) };
+    /// `1 +` the worker slot whose database this transaction needs free of
+    /// connections (launcher.rs), 0 for none.
+    static RELEASING: Cell<usize> = const { Cell::new(0) };
 }
 
 fn ensure_registered() {
@@ -47,6 +50,20 @@ pub fn next_event_number(txid: u64) -> i32 {
     n
 }
 
+/// Keep the worker of slot `index` out of its database until this
+/// transaction ends (DROP DATABASE and the like).
+pub fn release_database_until_end(index: usize) {
+    ensure_registered();
+    RELEASING.set(index + 1);
+    shmem::set_releasing(index, true);
+}
+
+fn end_release() {
+    if let Some(index) = RELEASING.replace(0).checked_sub(1) {
+        shmem::set_releasing(index, false);
+    }
+}
+
 /// Tell the worker, at commit, that endpoint configuration changed.
 pub fn note_config_changed() {
     ensure_registered();
@@ -61,16 +78,22 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         // order (see shmem::note_commit).
         XACT_EVENT_PRE_COMMIT if EMITTED.get() > 0 => shmem::note_commit(TXID.get()),
         XACT_EVENT_COMMIT => {
+            end_release();
             let emitted = EMITTED.replace(0) > 0;
             let changed = CONFIG_CHANGED.replace(false);
             if emitted || changed {
                 // SAFETY: MyDatabaseId is set in every backend that can emit.
                 shmem::wake_worker(unsafe { pg_sys::MyDatabaseId }, changed);
             }
+            if changed {
+                // CREATE EXTENSION may have made the worker's role.
+                shmem::wake_launcher();
+            }
         }
         // A prepared transaction commits later, possibly in another
         // backend: the worker's poll timer picks its events up.
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
+            end_release();
             EMITTED.set(0);
             CONFIG_CHANGED.set(false);
         }

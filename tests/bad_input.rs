@@ -16,8 +16,8 @@ const CASES: &[(&str, &str, &[&str])] = &[
     ("SELECT outbox_emit(repeat('x', 300), '{}')", "22023", &["300 characters"]),
     ("SELECT outbox_emit('t', NULL)", "22004", &["payload must not be null"]),
     ("SELECT outbox_emit('t', 'not json')", "22P02", &["json"]),
-    ("SELECT outbox_emit('t', '{}', headers => '\"x\"')", "22023", &["headers must be a JSON object, got \"x\""]),
-    ("SELECT outbox_emit('t', '{}', headers => '{\"a\": [1]}')", "22023", &["header \"a\"", "[1]"]),
+    ("SELECT outbox_emit('t', '{}', headers => '\"x\"')", "22023", &["headers must be a JSON object, got a string"]),
+    ("SELECT outbox_emit('t', '{}', headers => '{\"a\": [1]}')", "22023", &["header \"a\"", "got an array"]),
     ("SELECT outbox_emit(1, 2)", "42883", &["outbox_emit"]),
     // create_endpoint
     ("SELECT outbox.create_endpoint(NULL, 'http://127.0.0.1:1/')", "22004", &["name must not be null"]),
@@ -74,7 +74,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
     (
         "SELECT outbox.create_endpoint('e', 'http://127.0.0.1:1/', options => '{\"on_dead\": \"explode\"}')",
         "22023",
-        &["on_dead", "\"explode\""],
+        &["on_dead", "one of block, skip, got a string"],
     ),
     (
         "SELECT outbox.create_endpoint('e', 'http://127.0.0.1:1/', options => '{\"secret\": \"hunter2\"}')",
@@ -86,7 +86,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
         "22023",
         &["\"host\""],
     ),
-    ("SELECT outbox.create_endpoint('e', 'http://127.0.0.1:1/', options => '[1]')", "22023", &["got [1]"]),
+    ("SELECT outbox.create_endpoint('e', 'http://127.0.0.1:1/', options => '[1]')", "22023", &["got an array"]),
     // the other endpoint functions
     ("SELECT outbox.alter_endpoint('ghost', '{}')", "42704", &["\"ghost\""]),
     ("SELECT outbox.alter_endpoint('existing', '{\"timeout_ms\": 0}')", "22023", &["timeout_ms", "got 0"]),

@@ -1,12 +1,22 @@
-//! HTTP transport: an endpoint's client, one request, and what an answer
-//! means.
+//! HTTP transport: one endpoint's client and sending one request. What a
+//! request holds and what an answer means belongs to the protocols
+//! (webhook.rs, kafka_rest.rs); what a failure means to failure.rs.
+//!
+//! Egress is enforced here: the URL's host must be allowed before every
+//! request and redirect, and every address a name resolves to is checked
+//! at connect time (Resolver). Proxies come from `outbox.http_proxy` only,
+//! never from the server's environment. Redirects are followed only when
+//! the endpoint allows some (`max_redirects`), only 307 and 308 (the other
+//! kinds turn the POST into a GET and drop the event), and the endpoint's
+//! own headers, which may be credentials, never go to another origin.
 
-use super::{kafka, webhook, Failure, NetError, Verdict};
-use crate::config::{self, Body, CloudEvents, Flavor, Kind, Secret};
-use crate::egress::AllowList;
-use crate::event::Event;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE};
-use reqwest::StatusCode;
+use super::failure::{self, Failure};
+use super::NetError;
+use crate::config;
+use crate::egress::{AllowList, Egress};
+use reqwest::header::HeaderMap;
+use reqwest::{StatusCode, Url};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,75 +24,69 @@ use std::time::{Duration, SystemTime};
 /// batch's results, and small enough that a hostile endpoint cannot fill
 /// the worker's memory.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
-/// Characters of a response body kept in an error message.
-const ERROR_SNIPPET_CHARS: usize = 200;
 
-/// Everything the network side needs to know about an endpoint.
-pub struct Target {
-    pub kind: Kind,
-    pub url: reqwest::Url,
+/// One request, as a protocol built it.
+#[derive(Debug)]
+pub struct Request {
+    pub url: Url,
+    /// Headers the protocol sets (content type, signatures, ...).
     pub headers: HeaderMap,
-    pub timeout: Duration,
-    pub body: Body,
-    pub secrets: Vec<Secret>,
-    pub cloudevents: Option<CloudEvents>,
-    pub cluster_id: Option<String>,
-    pub flavor: Flavor,
-    /// CloudEvents `source`.
-    pub source: String,
-    /// Where requests may go (outbox.allowed_hosts when the target was made).
-    allowed: Arc<AllowList>,
-    /// The endpoint's own client: its connection pool, connect timeout and
-    /// trusted certificates.
-    client: reqwest::Client,
+    pub body: Vec<u8>,
 }
 
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Headers may hold credentials and secrets must never print.
-        f.debug_struct("Target").field("kind", &self.kind).field("url", &self.url.as_str()).finish_non_exhaustive()
+/// An answer: its status, what it asks of us, and at most
+/// MAX_RESPONSE_BYTES of its body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub retry_after: Option<Duration>,
+    /// The raw `Location` header, for messages about redirects.
+    pub location: Option<Vec<u8>>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// The failure this non-2xx answer means.
+    pub fn failure(&self) -> Failure {
+        failure::classify(self.status, self.retry_after, &self.body, self.location.as_deref())
     }
 }
 
-impl Target {
-    /// `source` names where events come from (CloudEvents), e.g.
-    /// `/outbox/<database>`. Builds the endpoint's HTTP client; no request
-    /// is made and no thread started.
-    pub fn new(endpoint: &config::Endpoint, source: &str, allowed: Arc<AllowList>) -> Result<Target, NetError> {
-        let opts = &endpoint.options;
-        let mut headers = HeaderMap::new();
+/// An endpoint's HTTP client: its connection pool, timeouts, trusted
+/// certificates, its own headers, and where it may connect.
+pub struct Client {
+    inner: reqwest::Client,
+    egress: Arc<Egress>,
+    /// The endpoint's `headers` option: sent with every request to the
+    /// endpoint's origin, never after a redirect to another.
+    own_headers: HeaderMap,
+    timeout: Duration,
+    max_redirects: usize,
+}
+
+impl Client {
+    pub fn new(opts: &config::Options, egress: Arc<Egress>) -> Result<Client, NetError> {
+        let mut own_headers = HeaderMap::new();
         for (name, value) in &opts.headers {
             // Validated by config::Options::parse.
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
-                headers.insert(n, v);
+            if let (Ok(n), Ok(v)) = (name.parse::<reqwest::header::HeaderName>(), value.parse()) {
+                own_headers.insert(n, v);
             }
         }
-        // By default a redirect is not followed: it would send events
-        // somewhere nobody configured. With max_redirects, only to hosts the
-        // allow-list allows.
-        let policy = match opts.max_redirects {
-            0 => reqwest::redirect::Policy::none(),
-            max => {
-                let allowed = allowed.clone();
-                reqwest::redirect::Policy::custom(move |attempt| {
-                    if attempt.previous().len() > max {
-                        attempt.error(format!("more than {max} redirects"))
-                    } else if !allowed.allows(attempt.url()) {
-                        let host = attempt.url().host_str().unwrap_or("").to_string();
-                        attempt.error(format!("redirect to {host} is not allowed by outbox.allowed_hosts"))
-                    } else {
-                        attempt.follow()
-                    }
-                })
-            }
-        };
         let mut builder = reqwest::Client::builder()
-            .redirect(policy)
+            // Redirects are followed by `send`, which knows the rules.
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(Resolver { egress: egress.clone() }))
             .connect_timeout(opts.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(opts.max_in_flight)
             .tcp_nodelay(true)
             .user_agent(concat!("outbox/", env!("CARGO_PKG_VERSION")));
+        builder = match &egress.proxy {
+            None => builder.no_proxy(),
+            Some(proxy) => builder
+                .proxy(reqwest::Proxy::all(proxy.as_str()).map_err(|e| NetError(format!("outbox.http_proxy: {e}")))?),
+        };
         if let Some(pem) = &opts.ca_cert {
             for cert in
                 reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| NetError(format!("ca_cert: {e}")))?
@@ -90,148 +94,72 @@ impl Target {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let client = builder.build().map_err(|e| NetError(format!("building the HTTP client: {e}")))?;
-        Ok(Target {
-            kind: endpoint.kind,
-            url: endpoint.url.clone(),
-            headers,
-            timeout: opts.timeout,
-            body: opts.body,
-            secrets: opts.secrets.clone(),
-            cloudevents: opts.cloudevents,
-            cluster_id: opts.cluster_id.clone(),
-            flavor: opts.flavor,
-            source: source.to_string(),
-            allowed,
-            client,
-        })
+        let inner = builder.build().map_err(|e| NetError(format!("building the HTTP client: {e}")))?;
+        Ok(Client { inner, egress, own_headers, timeout: opts.timeout, max_redirects: opts.max_redirects })
     }
 
-    /// The URL of `path` below the endpoint's base URL.
-    fn below(&self, path: &str) -> reqwest::Url {
-        let mut url = self.url.clone();
-        let base = url.path().trim_end_matches('/').to_string();
-        url.set_path(&format!("{base}{path}"));
-        url
-    }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
-}
-
-/// Send `events` (one request) and tell, per event, whether it was taken.
-pub async fn deliver(target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
-    let n = events.len();
-    if !target.allowed.allows(&target.url) {
-        // Kept, not dropped: delivery resumes once the host is allowed again.
-        let message = AllowList::refusal(&target.url).message;
-        return vec![Err(Failure { verdict: Verdict::Retry { after: None }, status: None, message }); n];
-    }
-    let request = match target.kind {
-        Kind::Webhook => {
-            let r = webhook::build(target, events, now_unix());
-            target.client.post(target.url.clone()).headers(r.headers).body(r.body)
+    /// POST `request`, following allowed redirects; the answer, whatever
+    /// its status, or why there is none.
+    pub async fn send(&self, request: Request) -> Result<Answer, Failure> {
+        let Request { mut url, headers, body } = request;
+        let origin = url.origin();
+        for hop in 0.. {
+            if !self.egress.allowed.allows(&url) {
+                // Kept, not dropped: delivery resumes once the host is
+                // allowed again.
+                let refusal = AllowList::refusal(&url).message;
+                return Err(Failure::retry(if hop == 0 {
+                    refusal
+                } else {
+                    format!("redirect to {} is not allowed by outbox.allowed_hosts", url.host_str().unwrap_or(""))
+                }));
+            }
+            let mut all = headers.clone();
+            if url.origin() == origin {
+                all.extend(self.own_headers.clone());
+            }
+            let response = self
+                .inner
+                .post(url.clone())
+                .headers(all)
+                .body(body.clone())
+                .timeout(self.timeout)
+                .send()
+                .await
+                .map_err(|e| failure::transport(e, self.timeout))?;
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| failure::parse_retry_after(v, SystemTime::now()));
+            let location = response.headers().get(reqwest::header::LOCATION).map(|v| v.as_bytes().to_vec());
+            let redirect = matches!(status, StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT);
+            if let (true, Some(to)) = (redirect && self.max_redirects > 0, &location) {
+                if hop >= self.max_redirects {
+                    return Err(Failure::retry(format!("more than {} redirects", self.max_redirects)));
+                }
+                let next = std::str::from_utf8(to).ok().and_then(|to| url.join(to).ok());
+                let Some(next) = next.filter(|n| matches!(n.scheme(), "http" | "https")) else {
+                    return Err(Failure::reject(format!(
+                        "HTTP {} with an unusable Location: {}",
+                        status.as_u16(),
+                        failure::snippet(to)
+                    )));
+                };
+                url = next;
+                continue;
+            }
+            let body = match read_capped(response).await {
+                Ok(b) => b,
+                // The answer was cut short: only a success can be trusted as
+                // such.
+                Err(e) if !status.is_success() => Vec::from(e.to_string()),
+                Err(e) => return Err(failure::transport(e, self.timeout)),
+            };
+            return Ok(Answer { status, retry_after, location, body });
         }
-        Kind::KafkaRestV2 => target
-            .client
-            .post(target.below(&kafka::v2_path(&events[0].topic)))
-            .headers(target.headers.clone())
-            .header(CONTENT_TYPE, kafka::V2_CONTENT_TYPE)
-            .header(ACCEPT, kafka::V2_ACCEPT)
-            .body(kafka::v2_body(target.body, events)),
-        Kind::KafkaRestV3 => target
-            .client
-            .post(target.below(&kafka::v3_path(target.cluster_id.as_deref().unwrap_or(""), &events[0].topic)))
-            .headers(target.headers.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .body(kafka::v3_body(target.body, events)),
-    };
-    let response = match request.timeout(target.timeout).send().await {
-        Ok(r) => r,
-        Err(e) => return vec![Err(transport_failure(e, target.timeout)); n],
-    };
-    let status = response.status();
-    let retry_after =
-        response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| parse_retry_after(v, now_unix()));
-    let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let body = match read_capped(response).await {
-        Ok(b) => b,
-        // The answer was cut short: only a success can be trusted as such.
-        Err(e) if !status.is_success() => Vec::from(e.to_string()),
-        Err(e) => return vec![Err(transport_failure(e, target.timeout)); n],
-    };
-    match target.kind {
-        Kind::Webhook if status.is_success() => vec![Ok(()); n],
-        Kind::Webhook => vec![Err(classify(status, retry_after, &body, location.as_deref())); n],
-        Kind::KafkaRestV2 if status.is_success() => kafka::v2_results(target.flavor, &body, n),
-        Kind::KafkaRestV3 if status.is_success() => kafka::v3_results(&body, n),
-        Kind::KafkaRestV2 | Kind::KafkaRestV3 => kafka::request_failed(status, retry_after, &body, n),
+        unreachable!("the loop returns")
     }
-}
-
-/// What a non-2xx answer means.
-pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8], location: Option<&str>) -> Failure {
-    let code = status.as_u16();
-    let mut message = format!("HTTP {code}");
-    if let Some(reason) = status.canonical_reason() {
-        message.push(' ');
-        message.push_str(reason);
-    }
-    if let Some(to) = location.filter(|_| status.is_redirection()) {
-        message.push_str(&format!(" (redirect to {to} not followed)"));
-    }
-    let snippet: String = String::from_utf8_lossy(body).chars().take(ERROR_SNIPPET_CHARS).collect();
-    let snippet = snippet.trim();
-    if !snippet.is_empty() {
-        message.push_str(": ");
-        message.push_str(snippet);
-    }
-    let verdict = match code {
-        410 => Verdict::Gone,
-        408 | 409 | 425 | 429 => Verdict::Retry { after: retry_after },
-        300..=499 => Verdict::Reject,
-        _ => Verdict::Retry { after: retry_after },
-    };
-    Failure { verdict, status: Some(code), message }
-}
-
-fn transport_failure(e: reqwest::Error, timeout: Duration) -> Failure {
-    // The URL is in outbox.stats already; keep it out of error texts.
-    let e = e.without_url();
-    let message = if e.is_timeout() {
-        format!("timed out after {} ms", timeout.as_millis())
-    } else if e.is_connect() {
-        format!("connection failed: {}", error_chain(&e))
-    } else {
-        format!("request failed: {}", error_chain(&e))
-    };
-    Failure { verdict: Verdict::Retry { after: None }, status: None, message }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
-/// `Retry-After` as delta-seconds or an HTTP date.
-pub fn parse_retry_after(value: &HeaderValue, now_unix: u64) -> Option<Duration> {
-    let text = value.to_str().ok()?.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(text).ok()?;
-    let at = at.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
-    Some(Duration::from_secs(at.saturating_sub(now_unix)))
 }
 
 async fn read_capped(mut response: reqwest::Response) -> reqwest::Result<Vec<u8>> {
@@ -246,55 +174,36 @@ async fn read_capped(mut response: reqwest::Response) -> reqwest::Result<Vec<u8>
     Ok(body)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Resolves names like the system does, then keeps only the addresses the
+/// allow-list lets a connection go to (see egress.rs). The proxy, chosen
+/// by the server's administrator, is exempt.
+struct Resolver {
+    egress: Arc<Egress>,
+}
 
-    #[test]
-    fn classification() {
-        let f = |code: u16| classify(StatusCode::from_u16(code).unwrap(), None, b"", None).verdict;
-        assert_eq!(f(500), Verdict::Retry { after: None });
-        assert_eq!(f(503), Verdict::Retry { after: None });
-        assert_eq!(f(429), Verdict::Retry { after: None });
-        assert_eq!(f(408), Verdict::Retry { after: None });
-        assert_eq!(f(400), Verdict::Reject);
-        assert_eq!(f(404), Verdict::Reject);
-        assert_eq!(f(422), Verdict::Reject);
-        assert_eq!(f(301), Verdict::Reject);
-        assert_eq!(f(410), Verdict::Gone);
-    }
-
-    #[test]
-    fn messages_carry_status_and_a_bounded_snippet() {
-        let body = "x".repeat(10_000);
-        let f = classify(StatusCode::INTERNAL_SERVER_ERROR, None, body.as_bytes(), None);
-        assert!(f.message.starts_with("HTTP 500 Internal Server Error: xxx"));
-        assert!(f.message.len() < 300);
-        let r = classify(StatusCode::FOUND, None, b"", Some("http://elsewhere/"));
-        assert!(r.message.contains("redirect to http://elsewhere/ not followed"));
-    }
-
-    #[test]
-    fn retry_after_forms() {
-        let now = 1_700_000_000;
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("7"), now), Some(Duration::from_secs(7)));
-        let date = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(now + 30));
-        assert_eq!(parse_retry_after(&HeaderValue::from_str(&date).unwrap(), now), Some(Duration::from_secs(30)));
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon"), now), None);
-    }
-
-    #[test]
-    fn paths_below_the_base_url() {
-        let ep = |url: &str, kind: &str, opts: serde_json::Value| {
-            let e = config::Endpoint::parse("k", url, kind, &["*".into()], &opts).unwrap();
-            Target::new(&e, "/s", Arc::default()).unwrap()
-        };
-        let t = ep("http://proxy:8082", "kafka_rest_v2", serde_json::json!({}));
-        assert_eq!(t.below(&kafka::v2_path("orders")).as_str(), "http://proxy:8082/topics/orders");
-        let t = ep("http://proxy:8082/kafka/", "kafka_rest_v3", serde_json::json!({"cluster_id": "abc"}));
-        assert_eq!(
-            t.below(&kafka::v3_path("abc", "orders")).as_str(),
-            "http://proxy:8082/kafka/v3/clusters/abc/topics/orders/records"
-        );
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let egress = self.egress.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let is_proxy = egress
+                .proxy
+                .as_deref()
+                .and_then(|p| Url::parse(p).ok())
+                .is_some_and(|p| p.host_str().is_some_and(|h| h.eq_ignore_ascii_case(&host)));
+            let (allowed, refused): (Vec<SocketAddr>, Vec<SocketAddr>) =
+                found.into_iter().partition(|a| is_proxy || egress.allowed.allows_address(a.ip()));
+            if allowed.is_empty() {
+                let addresses: Vec<String> = refused.iter().map(|a| a.ip().to_string()).collect();
+                return Err(format!(
+                    "{host} resolves to {}, which outbox.allowed_hosts does not allow",
+                    if addresses.is_empty() { "no address".to_string() } else { addresses.join(", ") }
+                )
+                .into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
+            Ok(addrs)
+        })
     }
 }

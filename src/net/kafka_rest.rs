@@ -4,19 +4,58 @@
 //! key, so Kafka keeps per-key order inside a partition, and the worker
 //! never puts two events of one key in the same request.
 
-use super::{envelope, Failure, Verdict};
-use crate::config::{Body, Flavor};
+use super::failure::{self, Failure, Verdict};
+use super::http::{Answer, Request};
+use super::{envelope, Target};
+use crate::config::{Body, Flavor, Kind};
 use crate::event::Event;
 use base64::Engine as _;
-use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub const V2_CONTENT_TYPE: &str = "application/vnd.kafka.json.v2+json";
 pub const V2_ACCEPT: &str = "application/vnd.kafka.v2+json";
+
+/// Send `events` (one topic) as one request; the outcome of each record.
+pub async fn deliver(target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
+    let n = events.len();
+    match target.client.send(request(target, events)).await {
+        Ok(answer) => results(target, &answer, n),
+        Err(failure) => vec![Err(failure); n],
+    }
+}
+
+/// The request for `events`, which share one topic.
+pub fn request(target: &Target, events: &[Arc<Event>]) -> Request {
+    let opts = target.options();
+    let topic = &events[0].topic;
+    let mut headers = HeaderMap::new();
+    let (url, body) = match target.endpoint.kind {
+        Kind::KafkaRestV3 => {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            let cluster = opts.cluster_id.as_deref().unwrap_or("");
+            (target.below(&v3_path(cluster, topic)), v3_body(opts.body, events))
+        }
+        _ => {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(V2_CONTENT_TYPE));
+            headers.insert(ACCEPT, HeaderValue::from_static(V2_ACCEPT));
+            (target.below(&v2_path(topic)), v2_body(opts.body, events))
+        }
+    };
+    Request { url, headers, body }
+}
+
+/// What an answer says of each of the `n` records sent.
+pub fn results(target: &Target, answer: &Answer, n: usize) -> Vec<Result<(), Failure>> {
+    match target.endpoint.kind {
+        _ if !answer.status.is_success() => request_failed(answer, n),
+        Kind::KafkaRestV3 => v3_results(&answer.body, n),
+        _ => v2_results(target.options().flavor, &answer.body, n),
+    }
+}
 
 /// A request path below the proxy's base URL.
 pub fn v2_path(topic: &str) -> String {
@@ -113,23 +152,23 @@ fn error_words(body: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let code = v.get("error_code")?;
     let message = v.get("message").and_then(Value::as_str).unwrap_or("");
-    Some(format!("error_code {code}: {message}"))
+    Some(format!(
+        "error_code {}: {}",
+        failure::snippet(code.to_string().as_bytes()),
+        failure::snippet(message.as_bytes())
+    ))
 }
 
 /// A non-2xx answer fails the whole request.
-pub fn request_failed(
-    status: StatusCode,
-    retry_after: Option<Duration>,
-    body: &[u8],
-    n: usize,
-) -> Vec<Result<(), Failure>> {
-    let mut failure = super::http::classify(status, retry_after, b"", None);
-    if let Some(words) = error_words(body) {
-        failure.message = format!("Kafka REST {}: {words}", failure.message);
-    } else {
-        failure = super::http::classify(status, retry_after, body, None);
-        failure.message = format!("Kafka REST {}", failure.message);
-    }
+fn request_failed(answer: &Answer, n: usize) -> Vec<Result<(), Failure>> {
+    let mut failure = answer.failure();
+    failure.message = match error_words(&answer.body) {
+        Some(words) => {
+            let bare = failure::classify(answer.status, answer.retry_after, b"", None);
+            format!("Kafka REST {}: {words}", bare.message)
+        }
+        None => format!("Kafka REST {}", failure.message),
+    };
     vec![Err(failure); n]
 }
 
@@ -151,7 +190,11 @@ pub fn v2_results(flavor: Flavor, body: &[u8], n: usize) -> Vec<Result<(), Failu
                     None => Ok(()),
                     Some(code) => {
                         let text = o.get("error").and_then(Value::as_str).unwrap_or("");
-                        let message = format!("Kafka REST record error_code {code}: {text}");
+                        let message = format!(
+                            "Kafka REST record error_code {}: {}",
+                            failure::snippet(code.to_string().as_bytes()),
+                            failure::snippet(text.as_bytes())
+                        );
                         // 50003: retriable Kafka error; anything else is final.
                         let verdict =
                             if code.as_i64() == Some(50003) { Verdict::Retry { after: None } } else { Verdict::Reject };
@@ -191,7 +234,7 @@ pub fn v3_results(body: &[u8], n: usize) -> Vec<Result<(), Failure>> {
             200 => Ok(()),
             _ => {
                 let message = v.get("message").and_then(Value::as_str).unwrap_or("");
-                let message = format!("Kafka REST record error_code {code}: {message}");
+                let message = format!("Kafka REST record error_code {code}: {}", failure::snippet(message.as_bytes()));
                 let verdict = match code {
                     429 | 500..=599 => Verdict::Retry { after: None },
                     400..=499 => Verdict::Reject,
@@ -315,7 +358,13 @@ mod tests {
             (503, b"<html>unavailable</html>", Verdict::Retry { after: None }),
         ];
         for (status, body, verdict) in cases {
-            let r = request_failed(StatusCode::from_u16(status).unwrap(), None, body, 2);
+            let answer = Answer {
+                status: reqwest::StatusCode::from_u16(status).unwrap(),
+                retry_after: None,
+                location: None,
+                body: body.to_vec(),
+            };
+            let r = request_failed(&answer, 2);
             assert_eq!(r.len(), 2);
             let f = r[0].as_ref().unwrap_err();
             assert_eq!(f.verdict, verdict, "{status}");

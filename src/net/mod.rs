@@ -4,20 +4,24 @@
 //! supplied by the Postgres side tells the main thread to look.
 
 mod envelope;
+mod failure;
 mod http;
-mod kafka;
+mod kafka_rest;
 mod signature;
+mod target;
 mod webhook;
 
+use crate::config::Kind;
 use crate::event::{Event, Position};
 use crate::schedule::LaneId;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc as tokio_mpsc;
 
-pub use http::Target;
+pub use failure::{Failure, Verdict};
+pub use target::Target;
 
 /// One request to one endpoint: a single event, or a batch (Kafka
 /// records, CloudEvents batch) with at most one event per lane.
@@ -35,26 +39,6 @@ pub struct Outcome {
     pub endpoint_id: i32,
     pub generation: u64,
     pub results: Vec<(LaneId, Position, Result<(), Failure>)>,
-}
-
-/// Why a delivery failed, and what to do about it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Failure {
-    pub verdict: Verdict,
-    /// HTTP status, when the endpoint answered.
-    pub status: Option<u16>,
-    /// For people: status, a bit of the response, or the transport error.
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Verdict {
-    /// Worth trying again, no sooner than `after` when the endpoint said so.
-    Retry { after: Option<Duration> },
-    /// The endpoint refused this event for good (most 4xx).
-    Reject,
-    /// The endpoint is gone (410): stop sending to it.
-    Gone,
 }
 
 /// Errors starting the network side.
@@ -106,15 +90,13 @@ impl Network {
                     let events: Vec<Arc<Event>> = job.events.iter().map(|(_, e)| e.clone()).collect();
                     // A panic in a delivery must still produce an outcome, or
                     // its lanes would wait forever.
-                    let results = match CatchUnwind(Box::pin(http::deliver(&job.target, &events))).await {
+                    let results = match CatchUnwind(Box::pin(deliver(&job.target, &events))).await {
                         Ok(r) => r,
                         Err(message) => {
-                            let failure = Failure {
-                                verdict: Verdict::Retry { after: None },
-                                status: None,
-                                message: format!("internal error in delivery: {message}"),
-                            };
-                            vec![Err(failure); job.events.len()]
+                            vec![
+                                Err(Failure::retry(format!("internal error in delivery: {message}")));
+                                job.events.len()
+                            ]
                         }
                     };
                     let outcome = Outcome {
@@ -162,6 +144,18 @@ impl Drop for Network {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// Send `events` (one request) by the endpoint's protocol; the outcome of
+/// each event, in order.
+async fn deliver(target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
+    match target.endpoint.kind {
+        Kind::Webhook => {
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+            webhook::deliver(target, events, now).await
+        }
+        Kind::KafkaRestV2 | Kind::KafkaRestV3 => kafka_rest::deliver(target, events).await,
     }
 }
 

@@ -1,18 +1,24 @@
-//! Webhook requests: the outbox envelope or CloudEvents 1.0 (binary,
-//! structured or batched), with Standard Webhooks headers and signatures.
+//! Webhooks: the outbox envelope or CloudEvents 1.0 (binary, structured
+//! or batched), with Standard Webhooks headers and signatures. Any 2xx
+//! acknowledges every event of the request.
 
 use super::envelope::{self, ce_type, structured};
+use super::failure::Failure;
+use super::http::Request;
 use super::{signature, Target};
 use crate::config::{Body, CloudEvents};
 use crate::event::Event;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use std::sync::Arc;
 
-/// A webhook request, before it is handed to the HTTP client.
-#[derive(Debug)]
-pub struct WebhookRequest {
-    pub headers: HeaderMap,
-    pub body: Vec<u8>,
+/// Send `events` (one, or a CloudEvents batch) in one request.
+pub async fn deliver(target: &Target, events: &[Arc<Event>], now_unix: u64) -> Vec<Result<(), Failure>> {
+    let outcome = match target.client.send(request(target, events, now_unix)).await {
+        Ok(answer) if answer.status.is_success() => Ok(()),
+        Ok(answer) => Err(answer.failure()),
+        Err(failure) => Err(failure),
+    };
+    vec![outcome; events.len()]
 }
 
 fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
@@ -23,15 +29,16 @@ fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
-/// Build the request for `events`: one event, or several when the endpoint
+/// The request for `events`: one event, or several when the endpoint
 /// takes CloudEvents batches. `now_unix` becomes `webhook-timestamp`.
-pub fn build(target: &Target, events: &[Arc<Event>], now_unix: u64) -> WebhookRequest {
+pub fn request(target: &Target, events: &[Arc<Event>], now_unix: u64) -> Request {
     let first = &events[0];
-    let mut headers = target.headers.clone();
-    let body: Vec<u8> = match target.cloudevents {
+    let opts = target.options();
+    let mut headers = HeaderMap::new();
+    let body: Vec<u8> = match opts.cloudevents {
         None => {
             put(&mut headers, "content-type", "application/json");
-            if target.body == Body::Data {
+            if opts.body == Body::Data {
                 // The bare payload carries no envelope: name the event here.
                 put(&mut headers, "outbox-topic", &first.topic);
                 if let Some(t) = first.event_type.as_deref() {
@@ -41,7 +48,7 @@ pub fn build(target: &Target, events: &[Arc<Event>], now_unix: u64) -> WebhookRe
                     put(&mut headers, "outbox-key", k);
                 }
             }
-            envelope::value(target.body, first).into_bytes()
+            envelope::value(opts.body, first).into_bytes()
         }
         Some(CloudEvents::Binary) => {
             put(&mut headers, "content-type", "application/json");
@@ -70,11 +77,11 @@ pub fn build(target: &Target, events: &[Arc<Event>], now_unix: u64) -> WebhookRe
     // carries each event's own id inside).
     put(&mut headers, "webhook-id", &first.id);
     put(&mut headers, "webhook-timestamp", &now_unix.to_string());
-    if let Some(sig) = signature::sign(&target.secrets, &first.id, now_unix, &body) {
+    if let Some(sig) = signature::sign(&opts.secrets, &first.id, now_unix, &body) {
         put(&mut headers, "webhook-signature", &sig);
     }
     debug_assert!(headers.contains_key(CONTENT_TYPE));
-    WebhookRequest { headers, body }
+    Request { url: target.endpoint.url.clone(), headers, body }
 }
 
 #[cfg(test)]
@@ -86,23 +93,23 @@ mod tests {
 
     fn target(options: serde_json::Value) -> Target {
         let ep = config::Endpoint::parse("t", "http://127.0.0.1:1/", "webhook", &["*".into()], &options).unwrap();
-        Target::new(&ep, "/outbox/db", Arc::default()).unwrap()
+        Target::new(ep, "/outbox/db", Arc::default()).unwrap()
     }
 
-    fn header<'a>(r: &'a WebhookRequest, name: &str) -> Option<&'a str> {
+    fn header<'a>(r: &'a Request, name: &str) -> Option<&'a str> {
         r.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     #[test]
     fn plain_webhook_with_standard_headers_and_signature() {
         let t = target(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "headers": {"x-a": "b"}}));
-        let r = build(&t, &[Arc::new(sample())], 1614265330);
+        let r = request(&t, &[Arc::new(sample())], 1614265330);
         assert_eq!(header(&r, "content-type"), Some("application/json"));
         assert_eq!(header(&r, "webhook-id"), Some("0190a0a0-0000-7000-8000-000000000001"));
         assert_eq!(header(&r, "webhook-timestamp"), Some("1614265330"));
-        assert_eq!(header(&r, "x-a"), Some("b"));
+        assert_eq!(header(&r, "x-a"), None, "the endpoint's own headers are the client's (http.rs)");
         let expected =
-            signature::sign(&t.secrets, "0190a0a0-0000-7000-8000-000000000001", 1614265330, &r.body).unwrap();
+            signature::sign(&t.options().secrets, "0190a0a0-0000-7000-8000-000000000001", 1614265330, &r.body).unwrap();
         assert_eq!(header(&r, "webhook-signature"), Some(expected.as_str()));
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["data"]["total"], 12.5);
@@ -110,7 +117,7 @@ mod tests {
 
     #[test]
     fn bare_data_names_the_event_in_headers() {
-        let r = build(&target(json!({"body": "data"})), &[Arc::new(sample())], 1);
+        let r = request(&target(json!({"body": "data"})), &[Arc::new(sample())], 1);
         assert_eq!(r.body, sample().payload.as_bytes());
         assert_eq!(header(&r, "outbox-topic"), Some("orders"));
         assert_eq!(header(&r, "outbox-type"), Some("created"));
@@ -120,7 +127,7 @@ mod tests {
 
     #[test]
     fn cloudevents_binary_mode() {
-        let r = build(&target(json!({"cloudevents": "binary"})), &[Arc::new(sample())], 1);
+        let r = request(&target(json!({"cloudevents": "binary"})), &[Arc::new(sample())], 1);
         assert_eq!(header(&r, "ce-specversion"), Some("1.0"));
         assert_eq!(header(&r, "ce-id"), Some("0190a0a0-0000-7000-8000-000000000001"));
         assert_eq!(header(&r, "ce-source"), Some("/outbox/db"));
@@ -134,13 +141,13 @@ mod tests {
     #[test]
     fn cloudevents_structured_and_batched() {
         let t = target(json!({"cloudevents": "structured", "batch_size": 10}));
-        let one = build(&t, &[Arc::new(sample())], 1);
+        let one = request(&t, &[Arc::new(sample())], 1);
         assert_eq!(header(&one, "content-type"), Some("application/cloudevents+json; charset=utf-8"));
         let v: serde_json::Value = serde_json::from_slice(&one.body).unwrap();
         assert_eq!(v["specversion"], "1.0");
         let mut second = sample();
         second.id = "0190a0a0-0000-7000-8000-000000000002".into();
-        let batch = build(&t, &[Arc::new(sample()), Arc::new(second)], 1);
+        let batch = request(&t, &[Arc::new(sample()), Arc::new(second)], 1);
         assert_eq!(header(&batch, "content-type"), Some("application/cloudevents-batch+json; charset=utf-8"));
         let v: serde_json::Value = serde_json::from_slice(&batch.body).unwrap();
         assert_eq!(v.as_array().unwrap().len(), 2);

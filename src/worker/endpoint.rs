@@ -6,7 +6,7 @@
 use super::parked::{self, Parked};
 use super::store::{Cursor, EndpointRow, ParkRow, ParkedHead, ProgressUpdate};
 use crate::config::{self, OnDead};
-use crate::egress::AllowList;
+use crate::egress::Egress;
 use crate::event::{Event, Position};
 use crate::net::{Failure, NetError, Target, Verdict};
 use crate::schedule::{LaneId, Scheduler};
@@ -29,7 +29,6 @@ const LATENCY_SAMPLES: usize = 1024;
 pub struct EndpointState {
     pub id: i32,
     pub generation: u64,
-    pub config: config::Endpoint,
     pub target: Arc<Target>,
     pub like: Vec<String>,
     pub active: bool,
@@ -58,8 +57,8 @@ pub struct EndpointState {
     pub gone: Option<String>,
     /// CloudEvents source of this database's events.
     source: String,
-    /// outbox.allowed_hosts the target was built with.
-    allowed: Arc<AllowList>,
+    /// Egress settings the target was built with.
+    egress: Arc<Egress>,
     /// Requests in flight (a batch is one request).
     requests: usize,
     /// A partial batch has been waiting since (see linger_ms).
@@ -72,14 +71,13 @@ impl EndpointState {
         config: config::Endpoint,
         generation: u64,
         source: &str,
-        allowed: &Arc<AllowList>,
+        egress: &Arc<Egress>,
     ) -> Result<EndpointState, NetError> {
         Ok(EndpointState {
             id: row.id,
             generation,
-            target: Arc::new(Target::new(&config, source, allowed.clone())?),
-            allowed: allowed.clone(),
-            config,
+            target: Arc::new(Target::new(config, source, egress.clone())?),
+            egress: egress.clone(),
             like: row.like.clone(),
             active: row.active,
             sched: Scheduler::default(),
@@ -106,17 +104,16 @@ impl EndpointState {
 
     /// Take a changed configuration without losing loaded events, when
     /// what was loaded is still what the endpoint wants.
-    pub fn reconfigure(&mut self, row: &EndpointRow, config: &config::Endpoint, allowed: &Arc<AllowList>) -> bool {
-        if row.like != self.like || config.kind != self.config.kind {
+    pub fn reconfigure(&mut self, row: &EndpointRow, config: &config::Endpoint, egress: &Arc<Egress>) -> bool {
+        if row.like != self.like || config.kind != self.config().kind {
             return false;
         }
-        if *config != self.config || **allowed != *self.allowed {
-            match Target::new(config, &self.source, allowed.clone()) {
+        if config != self.config() || **egress != *self.egress {
+            match Target::new(config.clone(), &self.source, egress.clone()) {
                 Ok(target) => self.target = Arc::new(target),
                 Err(_) => return false,
             }
-            self.config = config.clone();
-            self.allowed = allowed.clone();
+            self.egress = egress.clone();
         }
         if row.active && !self.active {
             // Resumed (also after 410 Gone): try waiting lanes right away.
@@ -130,8 +127,13 @@ impl EndpointState {
         true
     }
 
+    /// The endpoint's configuration, as its target holds it.
+    pub fn config(&self) -> &config::Endpoint {
+        &self.target.endpoint
+    }
+
     fn block_on_dead(&self) -> bool {
-        self.config.options.on_dead == OnDead::Block
+        self.config().options.on_dead == OnDead::Block
     }
 
     /// Take in the parked lanes as the table has them, keeping lanes that
@@ -172,7 +174,7 @@ impl EndpointState {
         for (id, lane) in self.parked.lanes.iter_mut() {
             lane.behind_window = self.sched.has_lane(id);
         }
-        let room = self.send_limit(now).saturating_sub(self.requests) * self.config.options.batch_size;
+        let room = self.send_limit(now).saturating_sub(self.requests) * self.config().options.batch_size;
         let (next, due) = self.parked.to_load(now, room);
         let mut keys = Vec::new();
         let mut solo = Vec::new();
@@ -288,12 +290,12 @@ impl EndpointState {
         if self.is_down() {
             1
         } else {
-            self.config.options.max_in_flight
+            self.config().options.max_in_flight
         }
     }
 
     pub fn next_wake(&self) -> Option<Instant> {
-        let linger_ends = self.lingering_since.map(|t| t + self.config.options.linger);
+        let linger_ends = self.lingering_since.map(|t| t + self.config().options.linger);
         [self.sched.next_wake(), self.parked.next_wake(), self.hold_until, linger_ends].into_iter().flatten().min()
     }
 
@@ -303,7 +305,7 @@ impl EndpointState {
     pub fn take_jobs(&mut self, now: Instant) -> Vec<Vec<(LaneId, Arc<Event>)>> {
         self.sched.wake_due(now);
         let limit = self.send_limit(now);
-        let batch = self.config.options.batch_size;
+        let batch = self.config().options.batch_size;
         let mut jobs = Vec::new();
         while self.requests < limit {
             let ready = self.parked.ready_len() + self.sched.ready_len();
@@ -313,7 +315,7 @@ impl EndpointState {
             }
             if ready < batch && self.requests > 0 {
                 let since = *self.lingering_since.get_or_insert(now);
-                if now < since + self.config.options.linger {
+                if now < since + self.config().options.linger {
                     break;
                 }
             }
@@ -336,7 +338,7 @@ impl EndpointState {
     fn by_topic(&mut self, events: Vec<(LaneId, Arc<Event>)>, now: Instant) -> Vec<Vec<(LaneId, Arc<Event>)>> {
         let mut groups: Vec<Vec<(LaneId, Arc<Event>)>> = Vec::new();
         for (lane, event) in events {
-            if self.config.kind.is_kafka() {
+            if self.config().kind.is_kafka() {
                 if let Err(e) = config::check_kafka_topic(&event.topic) {
                     let failure = Failure { verdict: Verdict::Reject, status: None, message: e.message };
                     let position = event.position;
@@ -344,7 +346,7 @@ impl EndpointState {
                     continue;
                 }
             }
-            match groups.iter_mut().find(|g| g[0].1.topic == event.topic || !self.config.kind.is_kafka()) {
+            match groups.iter_mut().find(|g| g[0].1.topic == event.topic || !self.config().kind.is_kafka()) {
                 Some(g) => g.push((lane, event)),
                 None => groups.push(vec![(lane, event)]),
             }
@@ -402,7 +404,7 @@ impl EndpointState {
         self.last_error = Some(failure.message.clone());
         let attempts =
             1 + if parked { self.parked.lanes.get(lane).map_or(0, |l| l.attempts) } else { self.sched.attempts(lane) };
-        let opts = &self.config.options;
+        let opts = &self.config().options;
         let age = SystemTime::now().duration_since(event.created).unwrap_or_default();
         let exhausted =
             opts.max_attempts.is_some_and(|max| attempts >= max) || opts.max_age.is_some_and(|max| age >= max);
@@ -416,6 +418,8 @@ impl EndpointState {
             Verdict::Reject => None,
             Verdict::Retry { after } => {
                 let delay = backoff(attempts, opts.backoff_base, opts.backoff_max, rand::random::<f64>());
+                // Retry-After arrives capped (net/failure.rs): adding it to
+                // a clock cannot overflow.
                 if let Some(a) = after {
                     self.hold_until = Some(now + a);
                 }

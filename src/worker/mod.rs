@@ -8,17 +8,19 @@
 
 mod commit_order;
 mod endpoint;
+pub mod launcher;
 mod parked;
 mod rotation;
+mod session;
 mod store;
 
 use crate::config;
-use crate::egress::AllowList;
+use crate::egress::{AllowList, Egress};
 use crate::guc;
 use crate::net::{self, Job, Network, Outcome};
 use crate::shmem;
 use endpoint::EndpointState;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
@@ -38,7 +40,8 @@ const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 /// Endpoint rows are re-read at least this often, even unasked.
 const RELOAD_EVERY: Duration = Duration::from_secs(10);
 
-/// Register one worker per configured database (postmaster, at preload).
+/// Register the launcher, which starts one worker per configured database
+/// (postmaster, at preload).
 pub fn register_all() {
     let databases = guc::databases();
     if databases.len() > shmem::MAX_DATABASES {
@@ -48,18 +51,8 @@ pub fn register_all() {
             shmem::MAX_DATABASES
         );
     }
-    for (index, db) in databases.iter().take(shmem::MAX_DATABASES).enumerate() {
-        BackgroundWorkerBuilder::new(&format!("outbox worker {db}"))
-            .set_type("outbox worker")
-            .set_library("outbox")
-            .set_function("outbox_worker_main")
-            .set_argument((index as i32).into_datum())
-            .set_extra(db)
-            .enable_spi_access()
-            // Only a primary delivers; a promoted standby starts its worker.
-            .set_start_time(BgWorkerStartTime::RecoveryFinished)
-            .set_restart_time(Some(Duration::from_secs(1)))
-            .load();
+    if !databases.is_empty() {
+        launcher::register();
     }
 }
 
@@ -72,22 +65,36 @@ unsafe extern "C-unwind" {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn retract_on_exit(_code: i32, arg: pg_sys::Datum) {
-    shmem::retract_worker(arg.value());
+unsafe extern "C-unwind" fn release_on_exit(_code: i32, arg: pg_sys::Datum) {
+    // SAFETY: MyProcPid is set in every process.
+    shmem::release_slot(arg.value(), unsafe { pg_sys::MyProcPid });
 }
 
+/// A database worker, started by the launcher (launcher.rs) as role
+/// outbox_worker.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     let index = arg.value();
-    let db = BackgroundWorker::get_extra().to_string();
+    let Some((db_oid, role_oid)) = launcher::worker_target_of(BackgroundWorker::get_extra()) else {
+        pgrx::warning!("outbox worker: started without a database; exiting");
+        return;
+    };
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
-    // SAFETY: set once connected; the callback only clears our slot.
-    unsafe {
-        shmem::publish_worker(index, pg_sys::MyDatabaseId);
-        pg_sys::before_shmem_exit(Some(retract_on_exit), pg_sys::Datum::from(index));
+    // One worker per database, whoever started it (a launcher that was
+    // restarted does not know the workers of its predecessor).
+    // SAFETY: MyProcPid is set in every process.
+    let pid = unsafe { pg_sys::MyProcPid };
+    if !shmem::claim_slot(index, pid) {
+        return;
     }
+    // SAFETY: registered before anything can fail, so the slot is given
+    // back however this process ends.
+    unsafe { pg_sys::before_shmem_exit(Some(release_on_exit), pg_sys::Datum::from(index)) };
+    session::connect(db_oid, role_oid);
+    let db = session::database_name();
+    // SAFETY: connected.
+    unsafe { shmem::publish_worker(index, pg_sys::MyDatabaseId) };
 
     let latch = unsafe { pg_sys::MyLatch } as usize;
     let wake: net::Waker = Arc::new(move || unsafe { set_latch_from_any_thread(latch as *mut pg_sys::Latch) });
@@ -102,37 +109,47 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
 
     let mut worker = Worker::new(index, &db, network);
     while BackgroundWorker::wait_latch(Some(worker.timeout())) {
+        if shmem::releasing(index) {
+            pgrx::log!("outbox worker: leaving database {db:?}, which must be free of connections");
+            break;
+        }
+        if worker.superuser {
+            pgrx::warning!("outbox worker: role outbox_worker was made a superuser; the worker never runs as one");
+            break;
+        }
         if BackgroundWorker::sighup_received() {
             // SAFETY: main thread, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            session::pin_settings();
             worker.settings_reloaded();
         }
         worker.step();
     }
     worker.network.shutdown(Duration::from_millis(500));
     pgrx::log!("outbox worker in database {db:?} stopped");
-    // Exit code 1: if this was pg_terminate_backend and not a shutdown, the
-    // postmaster starts the worker again (returning would unregister it).
-    unsafe { pg_sys::proc_exit(1) };
 }
 
 struct Worker {
     slot: usize,
     /// CloudEvents source of this database's events.
     source: String,
-    /// outbox.allowed_hosts, re-read on reload.
-    allowed: Arc<AllowList>,
+    /// outbox.allowed_hosts and outbox.http_proxy, re-read on reload.
+    egress: Arc<Egress>,
     network: Network,
     endpoints: Vec<EndpointState>,
     ticks: HashMap<i64, Tick>,
     latest_tick: i64,
     last_tick: Instant,
     commit_order: commit_order::CommitOrder,
-    installed: bool,
+    /// The oid of the extension the state below belongs to: a reinstall
+    /// (DROP and CREATE EXTENSION) starts over from the new tables.
+    extension: Option<u32>,
     config_generation: Option<u64>,
     next_generation: u64,
     last_reload: Instant,
     last_maintenance: Instant,
+    /// The worker's role was found to be a superuser: stop.
+    superuser: bool,
     /// After an error, wait this long before trying again.
     error_pause_until: Option<Instant>,
 }
@@ -142,27 +159,28 @@ impl Worker {
         Worker {
             slot,
             source: format!("/outbox/{database}"),
-            allowed: Arc::new(read_allowed_hosts()),
+            egress: Arc::new(read_egress()),
             network,
             endpoints: Vec::new(),
             ticks: HashMap::new(),
             latest_tick: 0,
             last_tick: Instant::now(),
             commit_order: commit_order::CommitOrder::default(),
-            installed: false,
+            extension: None,
             config_generation: None,
             next_generation: 1,
             last_reload: Instant::now(),
             last_maintenance: Instant::now(),
             error_pause_until: None,
+            superuser: false,
         }
     }
 
     /// After SIGHUP: targets are rebuilt when the allow-list changed.
     fn settings_reloaded(&mut self) {
-        let allowed = read_allowed_hosts();
-        if allowed != *self.allowed {
-            self.allowed = Arc::new(allowed);
+        let egress = read_egress();
+        if egress != *self.egress {
+            self.egress = Arc::new(egress);
             self.config_generation = None; // reload endpoints next step
         }
     }
@@ -197,7 +215,7 @@ impl Worker {
                 pgrx::warning!("outbox worker: {e}");
                 // Forget what may not have been written; start again from
                 // the tables after a pause.
-                self.installed = false;
+                self.extension = None;
                 self.endpoints.clear();
                 shmem::want_commits(self.slot, false);
                 self.ticks.clear();
@@ -207,7 +225,7 @@ impl Worker {
         }
         self.dispatch(Instant::now());
 
-        if self.installed && self.last_maintenance.elapsed() >= MAINTAIN_EVERY {
+        if self.extension.is_some() && self.last_maintenance.elapsed() >= MAINTAIN_EVERY {
             self.last_maintenance = Instant::now();
             let retention = guc::RETENTION_S.get().max(1) as f64;
             let slot = self.slot;
@@ -241,13 +259,27 @@ impl Worker {
 
     /// The database part of a step, in one transaction.
     fn sync(&mut self) -> Result<(), String> {
-        if !self.installed {
-            if !store::extension_installed()? {
+        // SAFETY: a catalog-cache lookup of our own role, in a transaction.
+        if unsafe { pg_sys::superuser() } {
+            self.superuser = true;
+            return Ok(());
+        }
+        let extension = store::extension_oid()?;
+        if extension != self.extension {
+            // Installed, dropped or installed anew: nothing known so far
+            // belongs to the tables now there.
+            self.endpoints.clear();
+            self.ticks.clear();
+            shmem::want_commits(self.slot, false);
+            self.extension = extension;
+            self.config_generation = None;
+            if extension.is_none() {
                 return Ok(());
             }
-            self.installed = true;
-            self.config_generation = None;
             self.latest_tick = store::latest_tick()?;
+        }
+        if extension.is_none() {
+            return Ok(());
         }
         self.write_back()?;
 
@@ -260,7 +292,7 @@ impl Worker {
         }
         let now = Instant::now();
         for ep in self.endpoints.iter_mut().filter(|e| e.parked_stale) {
-            let heads = store::parked_lanes(ep.id, ep.config.options.on_dead == config::OnDead::Block)?;
+            let heads = store::parked_lanes(ep.id, ep.config().options.on_dead == config::OnDead::Block)?;
             ep.load_parked(heads, now);
         }
 
@@ -329,7 +361,7 @@ impl Worker {
             if asked.is_empty() {
                 continue;
             }
-            let block = ep.config.options.on_dead == config::OnDead::Block;
+            let block = ep.config().options.on_dead == config::OnDead::Block;
             let heads = store::parked_heads(ep.id, &keys, &solo, block)?;
             ep.parked_loaded(asked, heads, now);
         }
@@ -349,14 +381,14 @@ impl Worker {
             };
             let existing = self.endpoints.iter().position(|e| e.id == row.id);
             if let Some(mut ep) = existing.map(|i| self.endpoints.swap_remove(i)) {
-                if ep.reconfigure(&row, &config, &self.allowed) {
+                if ep.reconfigure(&row, &config, &self.egress) {
                     next.push(ep);
                     continue;
                 }
             }
             // A new endpoint, or its topics or kind changed: (re)start from
             // the persisted cursor.
-            match EndpointState::new(&row, config, self.next_generation, &self.source, &self.allowed) {
+            match EndpointState::new(&row, config, self.next_generation, &self.source, &self.egress) {
                 Ok(ep) => next.push(ep),
                 Err(e) => pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name),
             }
@@ -423,13 +455,13 @@ impl Worker {
                 let (Some(lo), Some(hi)) = (self.ticks.get(&lo_id), self.ticks.get(&(lo_id + 1))) else {
                     break; // beyond what is loaded: next step
                 };
-                let events = store::read_batch(lo, hi, ep.read.after, &ep.like, room as i64)?;
-                let complete = events.len() < room;
-                budget -= events.len();
-                for event in events {
+                let bytes = max_bytes.saturating_sub(ep.sched.bytes()).max(1) as i64;
+                let page = store::read_batch(lo, hi, ep.read.after, &ep.like, room as i64, bytes)?;
+                budget = budget.saturating_sub(page.events.len());
+                for event in page.events {
                     ep.push(event);
                 }
-                if complete {
+                if page.complete {
                     ep.read = store::Cursor { tick: lo_id + 1, after: None };
                 }
             }
@@ -459,12 +491,14 @@ impl Worker {
     }
 }
 
-/// outbox.allowed_hosts; a setting that does not parse allows nothing.
-fn read_allowed_hosts() -> AllowList {
-    guc::allowed_hosts().unwrap_or_else(|e| {
+/// outbox.allowed_hosts (a setting that does not parse allows nothing) and
+/// outbox.http_proxy.
+fn read_egress() -> Egress {
+    let allowed = guc::allowed_hosts().unwrap_or_else(|e| {
         pgrx::warning!("outbox worker: {e}; no endpoint can be reached until it is fixed");
         AllowList::nothing()
-    })
+    });
+    Egress { allowed, proxy: guc::http_proxy() }
 }
 
 /// outbox.poll_interval: the longest the worker sleeps, and how often it

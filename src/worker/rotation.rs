@@ -27,7 +27,7 @@ struct Table {
 fn tables() -> SpiResult<Vec<Table>> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT slot::int4, current, extract(epoch FROM now() - since)::float8, left_txid, empty
+            "SELECT slot::pg_catalog.int4, current, extract(epoch FROM pg_catalog.now() - since)::pg_catalog.float8, left_txid, empty
              FROM outbox.rotation ORDER BY slot",
             None,
             &[],
@@ -72,7 +72,7 @@ pub fn maintain(worker: usize, retention_s: f64) -> SpiResult<Option<String>> {
         };
         let horizon = Spi::get_one::<i64>(
             "SELECT t.snap_xmin FROM outbox.ticks AS t
-             WHERE t.id = (SELECT coalesce(min(p.tick), (SELECT max(id) FROM outbox.ticks)) FROM outbox.progress AS p)",
+             WHERE t.id = (SELECT coalesce(pg_catalog.min(p.tick), (SELECT pg_catalog.max(id) FROM outbox.ticks)) FROM outbox.progress AS p)",
         )?;
         if horizon.is_some_and(|h| h > left_txid) {
             // lock_timeout: never queue behind a reader of the table.
@@ -91,7 +91,7 @@ pub fn maintain(worker: usize, retention_s: f64) -> SpiResult<Option<String>> {
     if current.age_s >= retention_s && has_events == Some(true) {
         Spi::run_with_args(
             "UPDATE outbox.rotation SET current = (slot = $1),
-                    since = CASE WHEN slot = $1 THEN now() ELSE since END,
+                    since = CASE WHEN slot = $1 THEN pg_catalog.now() ELSE since END,
                     empty = CASE WHEN slot = $1 THEN false ELSE empty END",
             &[(other.slot as i16).into()],
         )?;
@@ -105,7 +105,7 @@ pub fn maintain(worker: usize, retention_s: f64) -> SpiResult<Option<String>> {
 
 fn set_left_txid(slot: usize) -> SpiResult<()> {
     Spi::run_with_args(
-        "UPDATE outbox.rotation SET left_txid = pg_snapshot_xmax(pg_current_snapshot())::text::bigint WHERE slot = $1",
+        "UPDATE outbox.rotation SET left_txid = pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text::bigint WHERE slot = $1",
         &[(slot as i16).into()],
     )
 }
@@ -114,7 +114,7 @@ fn set_left_txid(slot: usize) -> SpiResult<()> {
 pub fn drop_old_ticks() -> SpiResult<()> {
     Spi::run(
         "DELETE FROM outbox.ticks
-         WHERE id < (SELECT coalesce(min(p.tick), (SELECT max(id) FROM outbox.ticks)) FROM outbox.progress AS p)
-           AND id < (SELECT max(id) FROM outbox.ticks)",
+         WHERE id < (SELECT coalesce(pg_catalog.min(p.tick), (SELECT pg_catalog.max(id) FROM outbox.ticks)) FROM outbox.progress AS p)
+           AND id < (SELECT pg_catalog.max(id) FROM outbox.ticks)",
     )
 }

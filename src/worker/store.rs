@@ -102,10 +102,10 @@ fn client_err(e: pgrx::spi::SpiError) -> String {
     e.to_string()
 }
 
-/// Whether `CREATE EXTENSION outbox` was run in this database.
-pub fn extension_installed() -> Result<bool, String> {
-    Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'outbox')")
-        .map(|b| b.unwrap_or(false))
+/// The oid of the outbox extension in this database, if it is created.
+pub fn extension_oid() -> Result<Option<u32>, String> {
+    Spi::get_one::<pg_sys::Oid>("SELECT x.oid FROM pg_catalog.pg_extension AS x WHERE x.extname = 'outbox'")
+        .map(|o| o.map(|o| o.to_u32()))
         .map_err(client_err)
 }
 
@@ -145,7 +145,7 @@ pub fn load_endpoints() -> Result<Vec<EndpointRow>, String> {
 
 /// The latest tick's id.
 pub fn latest_tick() -> Result<i64, String> {
-    Spi::get_one::<i64>("SELECT max(id) FROM outbox.ticks").map(|id| id.unwrap_or(0)).map_err(client_err)
+    Spi::get_one::<i64>("SELECT pg_catalog.max(id) FROM outbox.ticks").map(|id| id.unwrap_or(0)).map_err(client_err)
 }
 
 /// Take a new tick if events committed since the last one, or `always`;
@@ -157,10 +157,10 @@ pub fn take_tick(always: bool, order: impl FnOnce(&mut Vec<Txn>) -> bool) -> Res
         let row = client
             .select(
                 "SELECT last.id, last.snap_xmax, last.snap_xip,
-                        pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
-                        ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(s) AS x)
+                        pg_catalog.pg_snapshot_xmin(s)::pg_catalog.text::bigint, pg_catalog.pg_snapshot_xmax(s)::pg_catalog.text::bigint,
+                        ARRAY(SELECT x::pg_catalog.text::bigint FROM pg_catalog.pg_snapshot_xip(s) AS x)
                  FROM (SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER BY id DESC LIMIT 1) AS last,
-                      pg_current_snapshot() AS s",
+                      pg_catalog.pg_current_snapshot() AS s",
                 Some(1),
                 &[],
             )?
@@ -175,10 +175,10 @@ pub fn take_tick(always: bool, order: impl FnOnce(&mut Vec<Txn>) -> bool) -> Res
         // their commit timestamps when track_commit_timestamp is on.
         let row = client
             .select(
-                "SELECT coalesce(array_agg(txid ORDER BY txid), '{}'), coalesce(array_agg(ts ORDER BY txid), '{}')
+                "SELECT coalesce(pg_catalog.array_agg(txid ORDER BY txid), '{}'), coalesce(pg_catalog.array_agg(ts ORDER BY txid), '{}')
                  FROM (SELECT txid,
-                              CASE WHEN current_setting('track_commit_timestamp')::bool
-                                   THEN (extract(epoch FROM pg_xact_commit_timestamp((txid % 4294967296)::text::xid))
+                              CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::pg_catalog.bool
+                                   THEN (extract(epoch FROM pg_catalog.pg_xact_commit_timestamp((txid % 4294967296)::pg_catalog.text::pg_catalog.xid))
                                          * 1000000)::bigint
                               END AS ts
                        FROM (SELECT DISTINCT txid FROM (
@@ -240,9 +240,9 @@ pub fn load_ticks(ids: &[i64]) -> Result<Vec<Tick>, String> {
 /// The columns an Event is built from (see `event_from`), of table alias e.
 macro_rules! event_columns {
     () => {
-        "e.txid, e.n, e.id::text, e.topic, e.key, e.type, e.payload::text, e.headers::text,
-         to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-         extract(epoch FROM e.created_at)::float8"
+        "e.txid, e.n, e.id::pg_catalog.text, e.topic, e.key, e.type, e.payload::pg_catalog.text, e.headers::pg_catalog.text,
+         pg_catalog.to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+         extract(epoch FROM e.created_at)::pg_catalog.float8"
     };
 }
 
@@ -284,61 +284,99 @@ fn event_from(row: &SpiHeapTupleData<'_>, batch: i64, rank: i64) -> SpiResult<Ev
     })
 }
 
+// The reads below return at most $limit rows and stop after the row whose
+// size (outbox.events.size: payload uncompressed, key, type, headers)
+// crosses $bytes, so one page never holds much more than the window has
+// room for, whatever writers put in their events. Each row also says how
+// many rows the LIMIT let through (`candidates`): fewer rows than that
+// means the byte budget cut the page.
+
 /// Rest of one transaction's events after emit number `after_n`, by index.
+/// $1 txid, $2 after_n, $3 patterns, $4 limit, $5 bytes.
 const READ_TRANSACTION: &str = concat!(
-    "SELECT 0::bigint, ",
+    "SELECT 0::pg_catalog.int8, ",
     event_columns!(),
-    " FROM outbox.events AS e WHERE e.txid = $1 AND e.n > $2 AND e.topic LIKE ANY ($3) ORDER BY e.n LIMIT $4"
+    ", e.candidates
+     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.n) AS upto, pg_catalog.count(*) OVER () AS candidates
+           FROM (SELECT * FROM outbox.events AS y
+                 WHERE y.txid = $1 AND y.n > $2 AND y.topic LIKE ANY ($3) ORDER BY y.n LIMIT $4) AS w) AS e
+     WHERE e.upto - e.size < $5
+     ORDER BY e.n"
 );
 
 /// Events of the next transactions in commit order (ordinal in the slice
 /// first). Each transaction contributes at most $3 rows, and the text
-/// columns are built after the LIMIT, so a page costs what it returns.
+/// columns are built after the limits, so a page costs what it returns.
+/// $1 txids, $2 patterns, $3 limit, $4 bytes.
 const READ_TRANSACTIONS: &str = concat!(
     "SELECT e.i, ",
     event_columns!(),
-    " FROM (SELECT o.i, x.* FROM unnest($1::bigint[]) WITH ORDINALITY AS o(txid, i)
-            CROSS JOIN LATERAL (SELECT * FROM outbox.events AS y
-                                WHERE y.txid = o.txid AND y.topic LIKE ANY ($2) ORDER BY y.n LIMIT $3) AS x
-            ORDER BY o.i, x.n LIMIT $3) AS e
-      ORDER BY e.i, e.n"
+    ", e.candidates
+     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.i, w.n) AS upto,
+                  pg_catalog.count(*) OVER () AS candidates
+           FROM (SELECT o.i, x.* FROM pg_catalog.unnest($1::pg_catalog.int8[]) WITH ORDINALITY AS o(txid, i)
+                 CROSS JOIN LATERAL (SELECT * FROM outbox.events AS y
+                                     WHERE y.txid = o.txid AND y.topic LIKE ANY ($2) ORDER BY y.n LIMIT $3) AS x
+                 ORDER BY o.i, x.n LIMIT $3) AS w) AS e
+     WHERE e.upto - e.size < $4
+     ORDER BY e.i, e.n"
 );
 
 /// Batches too large to order: txid order, over two index ranges
 /// (transactions in progress at `lo`, and those that started after it), so
 /// that events `lo` already saw are never scanned, however long ago an
 /// open transaction elsewhere began.
+/// $1 lo.xip, $2 lo.xmax, $3 hi.xmax, $4/$5 after (txid, n), $6 hi.xip,
+/// $7 patterns, $8 limit, $9 bytes.
 const READ_UNORDERED: &str = concat!(
     "SELECT e.txid, ",
     event_columns!(),
-    " FROM (SELECT * FROM (SELECT * FROM outbox.events WHERE txid = ANY ($1) AND (txid, n) > ($4, $5)
-                          UNION ALL
-                          SELECT * FROM outbox.events WHERE txid >= $2 AND txid < $3 AND (txid, n) > ($4, $5)) AS u
-            WHERE NOT u.txid = ANY ($6) AND u.topic LIKE ANY ($7)
-            ORDER BY u.txid, u.n
-            LIMIT $8) AS e
-      ORDER BY e.txid, e.n"
+    ", e.candidates
+     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.txid, w.n) AS upto,
+                  pg_catalog.count(*) OVER () AS candidates
+           FROM (SELECT * FROM (SELECT * FROM outbox.events WHERE txid = ANY ($1) AND (txid, n) > ($4, $5)
+                                UNION ALL
+                                SELECT * FROM outbox.events WHERE txid >= $2 AND txid < $3 AND (txid, n) > ($4, $5)) AS u
+                 WHERE NOT u.txid = ANY ($6) AND u.topic LIKE ANY ($7)
+                 ORDER BY u.txid, u.n
+                 LIMIT $8) AS w) AS e
+     WHERE e.upto - e.size < $9
+     ORDER BY e.txid, e.n"
 );
+
+/// A page of a batch.
+pub struct Page {
+    pub events: Vec<Event>,
+    /// Everything of the batch after the starting position was read.
+    pub complete: bool,
+}
+
+/// Whether a query's rows were all it had: fewer than `limit` candidates,
+/// none cut by the byte budget.
+fn all_of_it(rows: usize, candidates: i64, limit: i64) -> bool {
+    candidates < limit && rows as i64 == candidates
+}
 
 /// Events of the batch between ticks `lo` and `hi` (committed after `lo`,
 /// visible at `hi`) that match `like`, after position `after` = (rank, n),
-/// in order, at most `limit`.
+/// in order: at most `limit`, and about `bytes` of them.
 pub fn read_batch(
     lo: &Tick,
     hi: &Tick,
     after: Option<(i64, i32)>,
     like: &[String],
     limit: i64,
-) -> Result<Vec<Event>, String> {
+    bytes: i64,
+) -> Result<Page, String> {
     Spi::connect(|client| match &hi.order {
-        Some(order) => read_ordered(client, hi.id, order, after, like, limit),
+        Some(order) => read_ordered(client, hi.id, order, after, like, limit, bytes),
         None => {
             use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID, TEXTARRAYOID};
             let (after_rank, after_n) = after.unwrap_or((-1, 0));
             let plan = prepared(
                 client,
                 READ_UNORDERED,
-                &[INT8ARRAYOID, INT8OID, INT8OID, INT8OID, INT4OID, INT8ARRAYOID, TEXTARRAYOID, INT8OID],
+                &[INT8ARRAYOID, INT8OID, INT8OID, INT8OID, INT4OID, INT8ARRAYOID, TEXTARRAYOID, INT8OID, INT8OID],
                 false,
             )?;
             let rows = client.select(
@@ -353,14 +391,18 @@ pub fn read_batch(
                     hi.xip.clone().into(),
                     like.to_vec().into(),
                     limit.into(),
+                    bytes.into(),
                 ],
             )?;
-            let mut out = Vec::with_capacity(rows.len());
+            let mut events = Vec::with_capacity(rows.len());
+            let mut candidates = 0;
             for row in rows {
                 let rank: i64 = row.get(1)?.unwrap_or_default();
-                out.push(event_from(&row, hi.id, rank)?);
+                candidates = row.get(12)?.unwrap_or_default();
+                events.push(event_from(&row, hi.id, rank)?);
             }
-            Ok(out)
+            let complete = all_of_it(events.len(), candidates, limit);
+            Ok(Page { events, complete })
         }
     })
     .map_err(client_err)
@@ -373,40 +415,65 @@ fn read_ordered(
     after: Option<(i64, i32)>,
     like: &[String],
     limit: i64,
-) -> SpiResult<Vec<Event>> {
+    bytes: i64,
+) -> SpiResult<Page> {
     use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID, TEXTARRAYOID};
-    let mut out = Vec::new();
+    let mut events = Vec::new();
+    let mut used = 0i64;
     let (rank, after_n) = after.unwrap_or((0, 0));
     // The transaction we stopped in (ranks are 1-based).
     if rank >= 1 && rank as usize <= order.len() {
-        let plan = prepared(client, READ_TRANSACTION, &[INT8OID, INT4OID, TEXTARRAYOID, INT8OID], false)?;
+        let plan = prepared(client, READ_TRANSACTION, &[INT8OID, INT4OID, TEXTARRAYOID, INT8OID, INT8OID], false)?;
         let rows = client.select(
             &*plan,
             None,
-            &[order[rank as usize - 1].into(), after_n.into(), like.to_vec().into(), limit.into()],
+            &[order[rank as usize - 1].into(), after_n.into(), like.to_vec().into(), limit.into(), bytes.into()],
         )?;
+        let mut candidates = 0;
+        let before = events.len();
         for row in rows {
-            out.push(event_from(&row, batch, rank)?);
+            candidates = row.get(12)?.unwrap_or_default();
+            let event = event_from(&row, batch, rank)?;
+            used += event.size() as i64;
+            events.push(event);
+        }
+        if !all_of_it(events.len() - before, candidates, limit) {
+            return Ok(Page { events, complete: false });
         }
     }
     // Then the following transactions, a few at first, more when they turn
     // out small: rows scanned stay near the rows returned.
     let mut next = rank.max(0) as usize;
     let mut width = 4;
-    while (out.len() as i64) < limit && next < order.len() {
+    while next < order.len() {
+        let remaining = limit - events.len() as i64;
+        let room = bytes - used;
+        if remaining <= 0 || room <= 0 {
+            return Ok(Page { events, complete: false });
+        }
         let end = (next + width).min(order.len());
-        let remaining = limit - out.len() as i64;
-        let plan = prepared(client, READ_TRANSACTIONS, &[INT8ARRAYOID, TEXTARRAYOID, INT8OID], false)?;
-        let rows =
-            client.select(&*plan, None, &[order[next..end].to_vec().into(), like.to_vec().into(), remaining.into()])?;
+        let plan = prepared(client, READ_TRANSACTIONS, &[INT8ARRAYOID, TEXTARRAYOID, INT8OID, INT8OID], false)?;
+        let rows = client.select(
+            &*plan,
+            None,
+            &[order[next..end].to_vec().into(), like.to_vec().into(), remaining.into(), room.into()],
+        )?;
+        let mut candidates = 0;
+        let before = events.len();
         for row in rows {
             let i: i64 = row.get(1)?.unwrap_or_default();
-            out.push(event_from(&row, batch, next as i64 + i)?);
+            candidates = row.get(12)?.unwrap_or_default();
+            let event = event_from(&row, batch, next as i64 + i)?;
+            used += event.size() as i64;
+            events.push(event);
+        }
+        if !all_of_it(events.len() - before, candidates, remaining) {
+            return Ok(Page { events, complete: false });
         }
         next = end;
         width = (width * 4).min(1024);
     }
-    Ok(out)
+    Ok(Page { events, complete: true })
 }
 
 pub fn save_progress(client: &mut SpiClient<'_>, u: &ProgressUpdate) -> SpiResult<()> {
@@ -427,12 +494,12 @@ pub fn save_progress(client: &mut SpiClient<'_>, u: &ProgressUpdate) -> SpiResul
              failed_attempts = failed_attempts + $6,
              in_flight = $7,
              retrying = $8,
-             last_success_at = CASE WHEN $9 THEN now() ELSE last_success_at END,
+             last_success_at = CASE WHEN $9 THEN pg_catalog.now() ELSE last_success_at END,
              last_error = coalesce($10, last_error),
-             last_error_at = CASE WHEN $10 IS NULL THEN last_error_at ELSE now() END,
+             last_error_at = CASE WHEN $10 IS NULL THEN last_error_at ELSE pg_catalog.now() END,
              latency_p50_ms = coalesce($11, latency_p50_ms),
              latency_p99_ms = coalesce($12, latency_p99_ms),
-             updated_at = now()
+             updated_at = pg_catalog.now()
          WHERE endpoint_id = $1",
         None,
         &[
@@ -468,13 +535,16 @@ pub fn park(client: &mut SpiClient<'_>, endpoint_id: i32, rows: &[ParkRow]) -> S
         "INSERT INTO outbox.parked (endpoint_id, event_id, seq, batch, rank, txid, n, topic, key, type, payload,
                                     headers, created_at, state, attempts, next_attempt_at, last_status, last_error,
                                     failed_at)
-         SELECT $1, e.id, nextval('outbox.parked_seq'), u.batch, u.rank, e.txid, e.n, e.topic, e.key, e.type,
+         SELECT $1, e.id, pg_catalog.nextval('outbox.parked_seq'), u.batch, u.rank, e.txid, e.n, e.topic, e.key, e.type,
                 e.payload, e.headers, e.created_at,
                 CASE WHEN u.dead THEN 'dead' ELSE 'pending' END, u.attempts,
-                CASE WHEN NOT u.dead THEN now() + u.retry_ms * interval '1 millisecond' END,
-                u.status, u.error, CASE WHEN u.dead THEN now() END
-         FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::int[], $6::bool[], $7::int[], $8::float8[],
-                     $9::int[], $10::text[]) WITH ORDINALITY
+                CASE WHEN NOT u.dead THEN pg_catalog.now() + u.retry_ms * interval '1 millisecond' END,
+                u.status, u.error, CASE WHEN u.dead THEN pg_catalog.now() END
+         FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::bigint[]),
+                         pg_catalog.unnest($4::bigint[]), pg_catalog.unnest($5::int[]),
+                         pg_catalog.unnest($6::pg_catalog.bool[]), pg_catalog.unnest($7::int[]),
+                         pg_catalog.unnest($8::pg_catalog.float8[]), pg_catalog.unnest($9::int[]),
+                         pg_catalog.unnest($10::pg_catalog.text[])) WITH ORDINALITY
                   AS u(batch, rank, txid, n, dead, attempts, retry_ms, status, error, ord)
          JOIN outbox.events AS e ON e.txid = u.txid AND e.n = u.n
          ORDER BY u.ord
@@ -501,14 +571,14 @@ pub fn write_parked(client: &mut SpiClient<'_>, endpoint_id: i32, writes: &[park
     for w in writes {
         match w {
             parked::Write::Delivered { event_id } => client.update(
-                "DELETE FROM outbox.parked WHERE endpoint_id = $1 AND event_id = $2::uuid",
+                "DELETE FROM outbox.parked WHERE endpoint_id = $1 AND event_id = $2::pg_catalog.uuid",
                 None,
                 &[endpoint_id.into(), event_id.as_str().into()],
             )?,
             parked::Write::Failed { event_id, attempts, retry_in, status, error } => client.update(
-                "UPDATE outbox.parked SET attempts = $3, next_attempt_at = now() + $4 * interval '1 millisecond',
+                "UPDATE outbox.parked SET attempts = $3, next_attempt_at = pg_catalog.now() + $4 * interval '1 millisecond',
                         last_status = $5, last_error = $6
-                 WHERE endpoint_id = $1 AND event_id = $2::uuid",
+                 WHERE endpoint_id = $1 AND event_id = $2::pg_catalog.uuid",
                 None,
                 &[
                     endpoint_id.into(),
@@ -521,8 +591,8 @@ pub fn write_parked(client: &mut SpiClient<'_>, endpoint_id: i32, writes: &[park
             )?,
             parked::Write::Dead { event_id, attempts, status, error } => client.update(
                 "UPDATE outbox.parked SET state = 'dead', attempts = $3, next_attempt_at = NULL,
-                        last_status = $4, last_error = $5, failed_at = now()
-                 WHERE endpoint_id = $1 AND event_id = $2::uuid",
+                        last_status = $4, last_error = $5, failed_at = pg_catalog.now()
+                 WHERE endpoint_id = $1 AND event_id = $2::pg_catalog.uuid",
                 None,
                 &[
                     endpoint_id.into(),
@@ -564,7 +634,7 @@ pub fn parked_heads(
           ORDER BY key, seq)
          UNION ALL
          SELECT {COLUMNS} FROM outbox.parked
-         WHERE endpoint_id = $1 AND key IS NULL AND event_id = ANY ($3::uuid[]) AND state = 'pending'",
+         WHERE endpoint_id = $1 AND key IS NULL AND event_id = ANY ($3::pg_catalog.uuid[]) AND state = 'pending'",
         true,
         &[endpoint_id.into(), keys.to_vec().into(), solo_ids.to_vec().into(), block.into()],
     )
@@ -577,11 +647,11 @@ fn parked_query(
 ) -> Result<Vec<ParkedHead>, String> {
     let sql = sql.replace(
         "{COLUMNS}",
-        "key, event_id::text, batch, rank, txid, n, state = 'dead', attempts,
-         coalesce(extract(epoch FROM next_attempt_at - now()), 0)::float8,
-         topic, type, payload::text, headers::text,
-         to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-         extract(epoch FROM created_at)::float8",
+        "key, event_id::pg_catalog.text, batch, rank, txid, n, state = 'dead', attempts,
+         coalesce(extract(epoch FROM next_attempt_at - pg_catalog.now()), 0)::pg_catalog.float8,
+         topic, type, payload::pg_catalog.text, headers::pg_catalog.text,
+         pg_catalog.to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+         extract(epoch FROM created_at)::pg_catalog.float8",
     );
     Spi::connect(|client| {
         let rows = client.select(&sql, None, args)?;
@@ -628,7 +698,7 @@ fn parked_query(
 
 pub fn disable_endpoint(client: &mut SpiClient<'_>, endpoint_id: i32, reason: &str) -> SpiResult<()> {
     client.update(
-        "UPDATE outbox.endpoints SET disabled_reason = $2, updated_at = now() WHERE id = $1",
+        "UPDATE outbox.endpoints SET disabled_reason = $2, updated_at = pg_catalog.now() WHERE id = $1",
         None,
         &[endpoint_id.into(), reason.into()],
     )?;

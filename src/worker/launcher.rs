@@ -1,0 +1,331 @@
+//! Which database workers run, and as whom.
+//!
+//! The postmaster starts one launcher. It is connected to no database, runs
+//! no SQL and reads only the shared catalogs (pg_database, pg_authid): for
+//! each database in `outbox.databases` that exists, it starts a worker as a
+//! dynamic background worker connected as the role `outbox_worker` (created
+//! by CREATE EXTENSION, never a superuser), and starts it again when it
+//! stops, with a growing pause when it keeps failing. A database that does
+//! not exist yet, or a cluster where no CREATE EXTENSION ran yet, is waited
+//! for quietly (one log line per change).
+//!
+//! Every backend also watches for statements that need a database free of
+//! connections (DROP DATABASE, ALTER DATABASE ... RENAME, CREATE DATABASE
+//! ... TEMPLATE): the worker of that database leaves at once and is not
+//! started again until the statement is over.
+
+use crate::{guc, shmem};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
+};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::CStr;
+use std::time::{Duration, Instant};
+
+/// The role database workers connect as.
+pub const WORKER_ROLE: &str = "outbox_worker";
+/// How often the launcher looks when nothing wakes it.
+const LOOK_EVERY: Duration = Duration::from_secs(2);
+/// A worker that stopped sooner than this after its start failed: the next
+/// start waits longer (1 s, 2 s, 4 s, ... up to MAX_PAUSE).
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+/// Register the launcher (postmaster, at preload).
+pub fn register() {
+    BackgroundWorkerBuilder::new("outbox launcher")
+        .set_type("outbox launcher")
+        .set_library("outbox")
+        .set_function("outbox_launcher_main")
+        .enable_spi_access()
+        // Only a primary delivers; a promoted standby starts its launcher.
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+/// What the launcher knows of one configured database.
+struct Database {
+    name: String,
+    worker: Option<(DynamicBackgroundWorker, Instant)>,
+    failures: u32,
+    next_start: Instant,
+    /// Why it is not running, as last logged (logged again only when it
+    /// changes).
+    waiting: Option<String>,
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn outbox_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // No database: shared catalogs only, and no SQL can run here.
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    shmem::publish_launcher();
+    let now = Instant::now();
+    let mut databases: Vec<Database> = guc::databases()
+        .into_iter()
+        .take(shmem::MAX_DATABASES)
+        .map(|name| Database { name, worker: None, failures: 0, next_start: now, waiting: None })
+        .collect();
+    loop {
+        for (index, db) in databases.iter_mut().enumerate() {
+            look_after(index, db);
+        }
+        let next = databases.iter().filter(|d| d.worker.is_none()).map(|d| d.next_start).min();
+        let wait = next.map_or(LOOK_EVERY, |t| t.saturating_duration_since(Instant::now()).min(LOOK_EVERY));
+        if !BackgroundWorker::wait_latch(Some(wait.max(Duration::from_millis(10)))) {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: main thread, outside any transaction.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
+}
+
+fn look_after(index: usize, db: &mut Database) {
+    let now = Instant::now();
+    if let Some((worker, started)) = &db.worker {
+        if worker.pid().is_ok() || matches!(worker.pid(), Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted)) {
+            return;
+        }
+        // It stopped: start it again, sooner when it had run a while.
+        db.failures = if started.elapsed() < HEALTHY_AFTER { db.failures + 1 } else { 0 };
+        let pause = Duration::from_secs(1 << db.failures.min(6)).min(MAX_PAUSE);
+        db.next_start = now + pause;
+        db.worker = None;
+    }
+    if now < db.next_start || shmem::releasing(index) || shmem::slot_taken(index) {
+        return;
+    }
+    match worker_target(&db.name) {
+        // Looked at again on the next wake-up (CREATE EXTENSION and
+        // CREATE DATABASE wake the launcher) or after LOOK_EVERY.
+        Err(why) => {
+            if db.waiting.as_deref() != Some(why.as_str()) {
+                pgrx::log!("outbox launcher: no worker for database {:?} yet: {why}", db.name);
+                db.waiting = Some(why);
+            }
+        }
+        Ok((db_oid, role_oid)) => {
+            db.waiting = None;
+            match start_worker(index, &db.name, db_oid, role_oid) {
+                Ok(worker) => db.worker = Some((worker, now)),
+                Err(()) => {
+                    pgrx::warning!(
+                        "outbox launcher: could not start the worker for database {:?}; \
+                         max_worker_processes may be too low",
+                        db.name
+                    );
+                    db.next_start = now + MAX_PAUSE;
+                }
+            }
+        }
+    }
+}
+
+/// The oids of the database and of the worker's role, or why not.
+fn worker_target(name: &str) -> Result<(pg_sys::Oid, pg_sys::Oid), String> {
+    // SAFETY: catalog reads in a transaction of our own, main thread.
+    let (db, role) = unsafe {
+        pg_sys::StartTransactionCommand();
+        let db = find_in_catalog::<pg_sys::FormData_pg_database, _>(pg_sys::DatabaseRelationId, |d| {
+            (pgrx::name_data_to_str(&d.datname) == name).then_some(d.oid)
+        });
+        let role = find_in_catalog::<pg_sys::FormData_pg_authid, _>(pg_sys::AuthIdRelationId, |a| {
+            (pgrx::name_data_to_str(&a.rolname) == WORKER_ROLE).then_some((a.oid, a.rolsuper))
+        });
+        pg_sys::CommitTransactionCommand();
+        (db, role)
+    };
+    let Some(db_oid) = db else {
+        return Err("the database does not exist (the worker starts when it is created)".into());
+    };
+    match role {
+        None => Err(format!("role {WORKER_ROLE} does not exist yet: run CREATE EXTENSION outbox in the database")),
+        Some((_, true)) => Err(format!("role {WORKER_ROLE} is a superuser; the worker never runs as one")),
+        Some((role_oid, false)) => Ok((db_oid, role_oid)),
+    }
+}
+
+/// The first row of shared catalog `relid` (pg_database, pg_authid) for
+/// which `pick` says something. A plain heap scan: without a database the
+/// launcher cannot use the catalog caches, whose indexes need pg_class.
+///
+/// # Safety
+/// Inside a transaction; `T` is the catalog's row struct.
+unsafe fn find_in_catalog<T, R>(relid: pg_sys::Oid, pick: impl Fn(&T) -> Option<R>) -> Option<R> {
+    use pg_sys::ScanOptions::*;
+    unsafe {
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetCatalogSnapshot(relid));
+        let flags = SO_TYPE_SEQSCAN | SO_ALLOW_STRAT | SO_ALLOW_SYNC | SO_ALLOW_PAGEMODE | SO_TEMP_SNAPSHOT;
+        let scan = pg_sys::heap_beginscan(rel, snapshot, 0, std::ptr::null_mut(), std::ptr::null_mut(), flags);
+        let mut found = None;
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            if let Some(r) = pick(&*pg_sys::heap_tuple_get_struct::<T>(tuple)) {
+                found = Some(r);
+                break;
+            }
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        found
+    }
+}
+
+fn start_worker(
+    index: usize,
+    name: &str,
+    db_oid: pg_sys::Oid,
+    role_oid: pg_sys::Oid,
+) -> Result<DynamicBackgroundWorker, ()> {
+    BackgroundWorkerBuilder::new(&format!("outbox worker {name}"))
+        .set_type("outbox worker")
+        .set_library("outbox")
+        .set_function("outbox_worker_main")
+        .set_argument((index as i32).into_datum())
+        .set_extra(&format!("{} {}", db_oid.to_u32(), role_oid.to_u32()))
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        // The launcher restarts it.
+        .set_restart_time(None)
+        // SAFETY: MyProcPid is set in every process.
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic()
+        .map_err(|_| ())
+}
+
+/// The database and role a worker was started for (its `bgw_extra`).
+pub fn worker_target_of(extra: &str) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    let mut parts = extra.split(' ').map(|p| p.parse::<u32>().ok().map(pg_sys::Oid::from));
+    Some((parts.next()??, parts.next()??))
+}
+
+// ---------------------------------------------------------------------------
+// Letting go of a database.
+
+static mut PREVIOUS_HOOK: pg_sys::ProcessUtility_hook_type = None;
+
+/// Install the utility hook (every backend, at preload).
+pub fn install_hook() {
+    // SAFETY: _PG_init runs once per process, before any statement.
+    unsafe {
+        PREVIOUS_HOOK = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+/// The index of the configured database a statement needs free of
+/// connections, if any.
+unsafe fn database_to_release(stmt: *mut pg_sys::Node) -> Option<usize> {
+    if stmt.is_null() {
+        return None;
+    }
+    let name = unsafe {
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_DropdbStmt => (*(stmt as *mut pg_sys::DropdbStmt)).dbname,
+            pg_sys::NodeTag::T_RenameStmt
+                if (*(stmt as *mut pg_sys::RenameStmt)).renameType == pg_sys::ObjectType::OBJECT_DATABASE =>
+            {
+                (*(stmt as *mut pg_sys::RenameStmt)).subname
+            }
+            // Only SET TABLESPACE needs the database to itself.
+            pg_sys::NodeTag::T_AlterDatabaseStmt => {
+                let alter = stmt as *mut pg_sys::AlterDatabaseStmt;
+                option_text((*alter).options, c"tablespace")?;
+                (*alter).dbname
+            }
+            pg_sys::NodeTag::T_CreatedbStmt => {
+                let options = (*(stmt as *mut pg_sys::CreatedbStmt)).options;
+                option_text(options, c"template")?
+            }
+            _ => return None,
+        }
+    };
+    if name.is_null() {
+        return None;
+    }
+    let name = unsafe { CStr::from_ptr(name) }.to_bytes();
+    guc::database_index(name)
+}
+
+/// The text of option `name` in a list of DefElem.
+unsafe fn option_text(options: *mut pg_sys::List, name: &CStr) -> Option<*mut std::ffi::c_char> {
+    if options.is_null() {
+        return None;
+    }
+    unsafe {
+        for i in 0..(*options).length as usize {
+            let def = (*(*options).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
+            if !(*def).defname.is_null() && CStr::from_ptr((*def).defname) == name && !(*def).arg.is_null() {
+                // A template is written as a name (a String node).
+                let arg = (*def).arg;
+                #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+                if (*arg).type_ == pg_sys::NodeTag::T_String {
+                    return Some((*(arg as *mut pg_sys::String)).sval);
+                }
+                #[cfg(any(feature = "pg13", feature = "pg14"))]
+                if (*arg).type_ == pg_sys::NodeTag::T_String {
+                    return Some((*(arg as *mut pg_sys::Value)).val.str_);
+                }
+                return None;
+            }
+        }
+    }
+    None
+}
+
+// The hook runs around every utility statement of every backend, so it adds
+// nothing to them: no pg_guard (which would turn every DDL error into a
+// Rust panic and back), no allocation, nothing that can fail. The previous
+// hook is called through plain C declarations; an ERROR raised below
+// unwinds through this frame, which holds only plain values. The flag it
+// sets is cleared at the end of the transaction (xact.rs).
+unsafe extern "C-unwind" {
+    #[link_name = "standard_ProcessUtility"]
+    fn standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query: *const std::ffi::c_char,
+        #[cfg(not(feature = "pg13"))] read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    #[cfg(not(feature = "pg13"))] read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    unsafe {
+        if let Some(index) = database_to_release((*pstmt).utilityStmt) {
+            crate::xact::release_database_until_end(index);
+        }
+        #[cfg(not(feature = "pg13"))]
+        match PREVIOUS_HOOK {
+            Some(hook) => hook(pstmt, query, read_only_tree, context, params, env, dest, qc),
+            None => standard_process_utility(pstmt, query, read_only_tree, context, params, env, dest, qc),
+        }
+        #[cfg(feature = "pg13")]
+        match PREVIOUS_HOOK {
+            Some(hook) => hook(pstmt, query, context, params, env, dest, qc),
+            None => standard_process_utility(pstmt, query, context, params, env, dest, qc),
+        }
+    }
+}
