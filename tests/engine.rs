@@ -377,7 +377,7 @@ fn delivered_events_are_removed_by_rotation_and_the_worker_holds_no_snapshot() {
     // Two rotations: the table that held the events is emptied.
     wait_sql(
         &mut db,
-        WAIT,
+        2 * WAIT,
         "SELECT pg_total_relation_size('outbox.events_0') + pg_total_relation_size('outbox.events_1') < 1024 * 1024",
     );
     let after: i64 = db

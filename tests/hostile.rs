@@ -544,6 +544,7 @@ fn what_writers_control_is_bounded_and_the_worker_memory_too() {
     let rx = Receiver::start();
     rx.respond(|_, _| Reply::After(Duration::from_millis(20), Box::new(Reply::Status(200))));
     set_and_reload(&mut db, "outbox.window_memory", "4MB");
+    std::thread::sleep(Duration::from_millis(500)); // the worker takes the reload in
     webhook(&mut db, "slow", &rx.url("/"), &["*"], json!({"max_in_flight": 2}));
     let pid = worker_pid(&mut db);
     let before = private_mb(pid);
@@ -637,4 +638,141 @@ fn the_ordinary_delivery_path_runs_no_planted_code() {
     wait_sql(&mut check, WAIT, "SELECT pending = 0 FROM outbox.stats");
     admin.batch_execute("SELECT outbox.uncapture('public.orders'); SELECT outbox.drop_endpoint('hooks');").unwrap();
     nothing_gained(&mut check, &["admin1", "w1", "creator"]);
+}
+
+#[test]
+fn only_a_database_owner_can_make_its_worker_leave() {
+    // A statement that needs the database free of connections lets the
+    // worker go only for its own duration, and only for the database's
+    // owner or a superuser; a refused or rolled-back one changes nothing.
+    let cluster = Cluster::start("release", &["outbox.databases = 'app'"]);
+    let mut root = cluster.connect();
+    root.batch_execute("CREATE ROLE nobody LOGIN").unwrap();
+    root.batch_execute("CREATE DATABASE app").unwrap();
+    let mut db = cluster.connect_db("app");
+    db.batch_execute("CREATE EXTENSION outbox").unwrap();
+    let rx = Receiver::start();
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({}));
+    let pid = worker_pid(&mut db);
+
+    let mut nobody = cluster.connect_as("postgres", "nobody");
+    for sql in [
+        "DO $$BEGIN BEGIN ALTER DATABASE app RENAME TO x1; EXCEPTION WHEN OTHERS THEN END; END$$",
+        "DO $$BEGIN BEGIN ALTER DATABASE app SET TABLESPACE pg_default; EXCEPTION WHEN OTHERS THEN END; END$$",
+    ] {
+        nobody.batch_execute(sql).unwrap();
+    }
+    assert!(nobody.batch_execute("DROP DATABASE app").is_err());
+    // A superuser's statement that fails inside a transaction block.
+    root.batch_execute("BEGIN; SAVEPOINT s;").unwrap();
+    assert!(root.batch_execute("DROP DATABASE app").is_err());
+    root.batch_execute("ROLLBACK TO s; COMMIT;").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(worker_pid(&mut db), pid, "the worker was made to leave");
+    emit(&mut db, "t", json!({}), None);
+    rx.wait_for(1, WAIT);
+
+    // The owner's DROP DATABASE works, without stopping the server.
+    drop(db);
+    root.batch_execute("DROP DATABASE app").unwrap();
+}
+
+#[test]
+fn a_database_owner_cannot_take_over_a_qualified_emit_nor_break_the_worker_with_settings() {
+    let cluster = Cluster::start("extschema", &["outbox.databases = 'app'"]);
+    let mut root = cluster.connect();
+    root.batch_execute("CREATE ROLE appowner LOGIN").unwrap();
+    root.batch_execute("CREATE DATABASE app OWNER appowner").unwrap();
+    let mut db = cluster.connect_db("app");
+    db.batch_execute(LOG_TABLE).unwrap();
+    // outbox_emit lands in public, which the owner controls: a warning says
+    // so, and outbox.emit is there to call instead.
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let n = notices.clone();
+    let mut db = {
+        let mut config = postgres::Config::new();
+        config.host("127.0.0.1").port(cluster.port).user("postgres").dbname("app");
+        config
+            .notice_callback(move |notice| n.lock().unwrap().push(notice.message().to_string()))
+            .connect(postgres::NoTls)
+            .unwrap()
+    };
+    db.batch_execute("CREATE EXTENSION outbox").unwrap();
+    assert!(
+        notices.lock().unwrap().iter().any(|m| m.contains("outbox_emit is in schema public")),
+        "{:?}",
+        notices.lock().unwrap()
+    );
+    let rx = Receiver::start();
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({}));
+    let mut owner = cluster.connect_as("app", "appowner");
+    owner
+        .batch_execute(&format!(
+            "{}
+             CREATE FUNCTION public.outbox_emit(topic text, payload text) RETURNS uuid LANGUAGE plpgsql AS $f$
+             BEGIN PERFORM public.note('outbox_emit(text, text)'); RETURN NULL; END $f$;
+             ALTER DATABASE app SET standard_conforming_strings = off;",
+            note_function("public")
+        ))
+        .unwrap();
+    // The qualified call cannot be taken over.
+    let id: String = db.query_one("SELECT outbox.emit('t', '{\"via\": \"outbox.emit\"}')::text", &[]).unwrap().get(0);
+    assert_eq!(id.len(), 36);
+    // A worker that connects anew with the owner's settings still works.
+    root.batch_execute(
+        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'outbox worker'",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let got = rx.wait_for(1, WAIT);
+    assert_eq!(got[0].json()["data"]["via"], "outbox.emit");
+    let mut check = cluster.connect_db("app");
+    check.batch_execute("SET standard_conforming_strings = on").unwrap();
+    assert!(ran(&mut check).is_empty());
+    wait_sql(&mut check, WAIT, "SELECT pending = 0 FROM outbox.stats");
+}
+
+#[test]
+fn writers_cannot_forge_identity_headers_nor_pass_payload_limits_through_capture() {
+    let (cluster, mut db) = cluster_with_outbox("forge");
+    for name in ["outbox-id", "outbox-type", "ce_id", "ce-type", "webhook-id"] {
+        let err = db
+            .execute("SELECT outbox_emit('t', '{}', 'k', NULL, jsonb_build_object($1::text, 'forged'))", &[&name])
+            .unwrap_err();
+        assert_eq!(err.as_db_error().unwrap().code().code(), "22023", "{name}");
+    }
+    db.batch_execute("CREATE TABLE docs (id int PRIMARY KEY, body text); SELECT outbox.capture('docs');").unwrap();
+    db.batch_execute("SET outbox.max_payload_size = '64kB'").unwrap();
+    let err = db.batch_execute("INSERT INTO docs VALUES (1, repeat('x', 100000))").unwrap_err();
+    let e = err.as_db_error().unwrap();
+    assert_eq!(e.code().code(), "54000", "{}", e.message());
+    assert!(e.message().contains("max_payload_size"), "{}", e.message());
+    drop(cluster);
+}
+
+#[test]
+fn payloads_that_grow_as_text_do_not_blow_the_window() {
+    // Control characters print as six-byte escapes: 150 events of 300 kB
+    // each become 270 MB of text, for an endpoint that never answers.
+    let cluster = Cluster::start("expand", &["outbox.window_memory = '16MB'"]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox").unwrap();
+    let rx = Receiver::start();
+    rx.respond(|_, _| Reply::Hang);
+    webhook(&mut db, "slow", &rx.url("/"), &["*"], json!({"timeout_ms": 60000, "max_in_flight": 4}));
+    let pid = worker_pid(&mut db);
+    let before = private_mb(pid);
+    db.batch_execute(
+        "SELECT pg_catalog.count(outbox_emit('big', pg_catalog.to_jsonb(pg_catalog.repeat(pg_catalog.chr(1), 300000)), 'k' || i))
+         FROM pg_catalog.generate_series(1, 150) AS i",
+    )
+    .unwrap();
+    let mut peak = before;
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        peak = peak.max(private_mb(pid));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("worker private memory: {before:.1} MB before, {peak:.1} MB peak");
+    assert!(peak - before < 80.0, "a 16 MB window held {:.1} MB", peak - before);
 }

@@ -62,6 +62,9 @@ pub struct Load {
     pub savepoint_percent: u64,
     /// Pause between transactions of one writer.
     pub pace: Duration,
+    /// Transactions stay open up to this long (a random time) before they
+    /// end: they overlap ticks, rotations and endpoint changes.
+    pub hold_max: Duration,
     pub seed: u64,
     pub topic: String,
 }
@@ -153,6 +156,9 @@ fn one_transaction(
         sp.rollback()?;
         rolled_back.lock().unwrap().insert(gone);
     }
+    if !load.hold_max.is_zero() {
+        std::thread::sleep(Duration::from_millis(rng.below(load.hold_max.as_millis() as u64 + 1)));
+    }
     if rng.chance(load.rollback_percent) {
         tx.rollback()?;
         rolled_back.lock().unwrap().insert(id);
@@ -237,6 +243,22 @@ pub fn wait_all_delivered(db_port: u16, endpoint: &str, log: &Log, timeout: Dura
         std::thread::sleep(Duration::from_millis(200));
     }
     false
+}
+
+/// The committed events whose transaction committed inside `(from, to)`
+/// (microseconds since the epoch, by commit timestamp; needs
+/// track_commit_timestamp), for endpoints that existed only for a while.
+pub fn committed_between(db: &mut postgres::Client, from: i64, to: i64) -> HashSet<String> {
+    db.query(
+        "SELECT id::text FROM ledger
+         WHERE (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint > $1
+           AND (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint < $2",
+        &[&from, &to],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 /// Compare what committed with what arrived at each endpoint: `logs` pairs

@@ -6,7 +6,7 @@ pub mod faults;
 pub mod kafka;
 pub mod receiver;
 
-pub use cluster::Cluster;
+pub use cluster::{free_port, Cluster};
 pub use receiver::{Receiver, Reply, Request};
 
 use std::time::{Duration, Instant};

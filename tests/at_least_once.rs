@@ -1,0 +1,122 @@
+//! Guarantee 2, at least once: every committed event reaches every endpoint
+//! whose topics match, or its dead letters; no operation an application or
+//! a migration tool performs loses one.
+#![cfg(not(feature = "pg_test"))]
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Emit on topic `noise` every few milliseconds until stopped: the traffic
+/// that makes the worker take ticks (and drop old ones) meanwhile.
+fn background_traffic(cluster: &Cluster) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut db = cluster.connect();
+    let s = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let mut i = 0;
+        while !s.load(Ordering::SeqCst) {
+            i += 1;
+            emit(&mut db, "noise", json!({"i": i}), Some("n"));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    (stop, handle)
+}
+
+#[test]
+fn an_endpoint_created_in_a_long_transaction_receives_what_commits_after() {
+    // A migration tool: the endpoint is created in a transaction that stays
+    // open for seconds while other traffic flows and the worker ticks,
+    // drops old ticks and rotates tables (retention 1 s).
+    let cluster = Cluster::start("migration", &["outbox.retention = 1"]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox").unwrap();
+    let busy = Receiver::start();
+    webhook(&mut db, "busy", &busy.url("/"), &["noise"], json!({}));
+    let (stop, traffic) = background_traffic(&cluster);
+    busy.wait_for(20, WAIT);
+
+    let late = Receiver::start();
+    let mut migration = cluster.connect();
+    migration.batch_execute("BEGIN").unwrap();
+    migration.execute("SELECT outbox.create_endpoint('late', $1, topics => '{late}')", &[&late.url("/")]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    migration.batch_execute("COMMIT").unwrap();
+
+    for i in 0..5 {
+        emit(&mut db, "late", json!({"i": i}), Some("k"));
+    }
+    late.wait_for(5, WAIT);
+    // And the tables keep rotating (the endpoint holds nothing back).
+    let since: String = db.query_one("SELECT since::text FROM outbox.rotation WHERE current", &[]).unwrap().get(0);
+    wait_sql(&mut db, WAIT, &format!("SELECT since::text <> '{since}' FROM outbox.rotation WHERE current"));
+    stop.store(true, Ordering::SeqCst);
+    traffic.join().unwrap();
+    wait_sql(&mut db, WAIT, "SELECT bool_and(pending = 0) FROM outbox.stats");
+}
+
+#[test]
+fn a_reinstall_in_one_transaction_loses_nothing_emitted_after_it() {
+    let (cluster, mut db) = cluster_with_outbox("reinstall");
+    let first = Receiver::start();
+    webhook(&mut db, "first", &first.url("/"), &["*"], json!({}));
+    for i in 0..20 {
+        emit(&mut db, "t", json!({"i": i}), Some("k"));
+    }
+    first.wait_for(20, WAIT);
+
+    let rx = Receiver::start();
+    db.batch_execute(&format!(
+        "BEGIN;
+         DROP EXTENSION outbox CASCADE;
+         CREATE EXTENSION outbox;
+         SELECT outbox.create_endpoint('again', '{}', options => '{{\"backoff_base_ms\": 20}}');
+         COMMIT;",
+        rx.url("/")
+    ))
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(emit(&mut db, "t", json!({"after": i}), Some("k")));
+    }
+    let got = rx.wait_for(5, WAIT);
+    let seen: Vec<String> = got.iter().filter_map(|r| r.header("webhook-id").map(str::to_string)).collect();
+    assert!(ids.iter().all(|id| seen.contains(id)), "sent {ids:?}, received {seen:?}");
+    drop(cluster);
+}
+
+#[test]
+fn an_event_gone_from_the_table_before_parking_fails_loudly() {
+    // Parking copies the event from the events table; should the row ever
+    // be missing (a bug, or someone deleting from the table), that must be
+    // an error someone sees, never an event silently dropped.
+    let (cluster, mut db) = cluster_with_outbox("parkcopy");
+    let rx = Receiver::start();
+    rx.respond(|r, _| if r.json()["key"] == "doomed" { Reply::Status(500) } else { Reply::Status(200) });
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({"backoff_base_ms": 1500, "backoff_max_ms": 1500}));
+    let id = emit(&mut db, "t", json!({}), Some("doomed"));
+    rx.wait_for(1, WAIT);
+    db.execute("DELETE FROM outbox.events_0 WHERE id = $1::text::uuid", &[&id]).unwrap();
+    db.execute("DELETE FROM outbox.events_1 WHERE id = $1::text::uuid", &[&id]).unwrap();
+    // Other keys keep succeeding (the endpoint is not down), so after three
+    // failed attempts the key is parked: the copy finds nothing.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        emit(&mut db, "t", json!({}), Some("fine"));
+        let found: bool = db
+            .query_one("SELECT coalesce(last_error LIKE $1, false) FROM outbox.stats", &[&format!("%{id}%missing%")])
+            .unwrap()
+            .get(0);
+        if found {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no error says the event is missing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cluster.log().contains("missing from outbox.events"), "the server log says so");
+}
