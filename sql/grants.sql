@@ -26,6 +26,27 @@ BEGIN
     EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA outbox TO %I, %I, outbox_worker', writer, admin);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %I.outbox_emit(text, jsonb, text, text, jsonb) TO %I',
                               '@extschema@', writer);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION outbox.emit(text, jsonb, text, text, jsonb) TO %I', writer);
+
+    -- outbox_emit is called unqualified: whoever may create functions in
+    -- its schema can put one in its place for callers who do not qualify
+    -- it. Say so when that is someone other than a superuser.
+    IF EXISTS (SELECT FROM pg_catalog.pg_namespace AS n
+               JOIN pg_catalog.pg_roles AS o ON o.oid = n.nspowner
+               WHERE n.nspname = '@extschema@'
+                 AND NOT (o.rolsuper OR (o.rolname = 'pg_database_owner' AND (
+                     SELECT d.rolsuper FROM pg_catalog.pg_database AS db
+                     JOIN pg_catalog.pg_roles AS d ON d.oid = db.datdba
+                     WHERE db.datname = pg_catalog.current_database()))))
+       OR EXISTS (SELECT FROM pg_catalog.pg_roles AS r
+                  WHERE NOT r.rolsuper AND r.rolname NOT LIKE 'pg\_%'
+                    AND pg_catalog.has_schema_privilege(r.oid, '@extschema@', 'CREATE'))
+    THEN
+        RAISE WARNING 'outbox: outbox_emit is in schema %, where roles that are not superusers can create functions',
+                      '@extschema@'
+            USING HINT = 'Such a role can take over calls of outbox_emit that are not schema-qualified. '
+                         'Call outbox.emit(...) instead, or create the extension in a schema only superusers control.';
+    END IF;
 
     EXECUTE pg_catalog.format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA outbox TO %I', admin);
     EXECUTE pg_catalog.format('GRANT SELECT ON outbox.endpoints, outbox.progress, outbox.captures, outbox.stats,

@@ -136,23 +136,29 @@ CREATE TABLE outbox.rotation (
 INSERT INTO outbox.rotation (slot, current, empty) VALUES (0, true, false), (1, false, true);
 
 -- A tick is a snapshot taken by the worker: xmin, xmax and the in-progress
--- list, as 64-bit transaction ids.
+-- list, as 64-bit transaction ids (src/worker/ticks.rs).
 CREATE TABLE outbox.ticks (
     id         bigint      PRIMARY KEY,
     snap_xmin  bigint      NOT NULL,
     snap_xmax  bigint      NOT NULL,
     snap_xip   bigint[]    NOT NULL,
-    -- The batch's transactions in commit order; NULL for batches too large
-    -- to order (then txid order is used).
+    -- The batch's transactions in commit order (NULL only in ticks of
+    -- version 0.1.0, whose large batches were not ordered).
     commit_order bigint[],
+    -- How many of them were ordered by commit timestamp or transaction id
+    -- because the worker did not see them commit (see docs/design.md).
+    inexact    integer     NOT NULL DEFAULT 0,
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
--- Tick 0 sees no event: every event is written by this transaction or a
--- later one, and all of those have ids >= this transaction's.
+-- Tick 0 is this transaction's snapshot, with this transaction in progress:
+-- every transaction that was running (and may emit once the extension
+-- exists) and this one are in later batches.
 INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, snap_xip)
-SELECT 0, x, x, '{}'
-FROM (SELECT pg_catalog.pg_current_xact_id()::text::bigint AS x) AS me;
+SELECT 0, pg_catalog.pg_snapshot_xmin(s)::text::bigint, pg_catalog.pg_snapshot_xmax(s)::text::bigint,
+       ARRAY(SELECT x::text::bigint FROM pg_catalog.pg_snapshot_xip(s) AS x
+             UNION SELECT pg_catalog.pg_current_xact_id()::text::bigint)
+FROM pg_catalog.pg_current_snapshot() AS s;
 
 CREATE TABLE outbox.endpoints (
     id              integer     GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -163,6 +169,7 @@ CREATE TABLE outbox.endpoints (
     options         jsonb       NOT NULL DEFAULT '{}',
     paused          boolean     NOT NULL DEFAULT false,
     disabled_reason text,       -- set by the worker, e.g. when the endpoint answered 410 Gone
+    resumed_at      timestamptz, -- resume_endpoint: waiting events are tried again at once
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
@@ -171,7 +178,11 @@ CREATE TABLE outbox.endpoints (
 -- transactions (one row per endpoint, never one per event).
 CREATE TABLE outbox.progress (
     endpoint_id     integer     PRIMARY KEY REFERENCES outbox.endpoints (id) ON DELETE CASCADE,
-    tick            bigint      NOT NULL,  -- batches up to this tick are finished
+    -- batches up to this tick are finished; NULL until the worker has seen
+    -- the endpoint and started it after start_xid, the transaction that
+    -- created it (src/worker/store.rs, start_new_endpoints)
+    tick            bigint,
+    start_xid       bigint,
     after_rank      bigint,                -- inside batch tick+1: finished up to (after_rank, after_n),
     after_n         integer,               -- rank as in ticks.commit_order (or the txid)
     delivered       bigint      NOT NULL DEFAULT 0,
@@ -183,6 +194,9 @@ CREATE TABLE outbox.progress (
     last_error_at   timestamptz,
     latency_p50_ms  double precision,
     latency_p99_ms  double precision,
+    -- batches read whose commit order came from commit timestamps or
+    -- transaction ids (docs/design.md, "Commit order")
+    inexact_batches bigint      NOT NULL DEFAULT 0,
     updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
@@ -203,9 +217,10 @@ CREATE FUNCTION outbox._like_patterns(globs text[]) RETURNS text[]
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+    -- E'' strings: the same text whatever standard_conforming_strings is.
     SELECT coalesce(array_agg(
                replace(replace(replace(replace(replace(
-                   g, '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'), '?', '_')
+                   g, E'\\', E'\\\\'), '%', E'\\%'), '_', E'\\_'), '*', '%'), '?', '_')
                ORDER BY ord), '{}')
     FROM unnest(globs) WITH ORDINALITY AS u(g, ord)
 $$;
@@ -229,10 +244,11 @@ CREATE TABLE outbox.parked (
     payload         jsonb       NOT NULL,
     headers         jsonb       NOT NULL,
     created_at      timestamptz NOT NULL,
-    -- pending: to be delivered (its lane's first row is tried at
-    -- next_attempt_at); dead: given up, see outbox.dead_letters.
+    -- pending: to be delivered; dead: given up, see outbox.dead_letters.
     state           text        NOT NULL CHECK (state IN ('pending', 'dead')),
     attempts        integer     NOT NULL DEFAULT 0,
+    -- Only the head of a lane (its first pending row; a dead first row
+    -- blocks it under on_dead = block) has one: when it is tried next.
     next_attempt_at timestamptz,
     last_status     integer,
     last_error      text,
@@ -241,3 +257,6 @@ CREATE TABLE outbox.parked (
     PRIMARY KEY (endpoint_id, event_id)
 );
 CREATE INDEX parked_lane ON outbox.parked (endpoint_id, key, seq);
+-- Heads due for an attempt, when more lanes are parked than the worker
+-- holds in memory.
+CREATE INDEX parked_due ON outbox.parked (endpoint_id, next_attempt_at) WHERE state = 'pending';

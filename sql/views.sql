@@ -7,13 +7,19 @@ CREATE FUNCTION outbox._backlog(endpoint_id integer, OUT pending bigint, OUT old
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT count(ev.*), min(ev.created_at)
+    -- An endpoint the worker has not started yet (tick NULL: the moment
+    -- after its creation commits, or no worker runs in this database)
+    -- counts the events of transactions that began after the one that
+    -- created it: what it will receive, give or take transactions that
+    -- overlapped that one.
+    SELECT count(*), min(ev.created_at)
     FROM outbox.progress AS p
     JOIN outbox.endpoints AS e ON e.id = p.endpoint_id
-    JOIN outbox.ticks AS lo ON lo.id = p.tick
+    LEFT JOIN outbox.ticks AS lo ON lo.id = p.tick
     LEFT JOIN outbox.ticks AS hi ON hi.id = p.tick + 1
     JOIN outbox.events AS ev
-      ON (ev.txid >= lo.snap_xmax OR ev.txid = ANY (lo.snap_xip))
+      ON CASE WHEN p.tick IS NULL THEN ev.txid >= p.start_xid
+              ELSE ev.txid >= lo.snap_xmax OR ev.txid = ANY (lo.snap_xip) END
      AND ev.topic LIKE ANY (outbox._like_patterns(e.topics))
      AND NOT coalesce(ev.txid < hi.snap_xmax AND NOT ev.txid = ANY (hi.snap_xip)
                       AND (coalesce(array_position(hi.commit_order, ev.txid)::bigint, ev.txid), ev.n)
@@ -40,7 +46,8 @@ SELECT e.name AS endpoint,
        k.dead,
        p.latency_p50_ms,
        p.latency_p99_ms,
-       e.disabled_reason
+       e.disabled_reason,
+       p.inexact_batches AS inexact_order_batches
 FROM outbox.endpoints AS e
 JOIN outbox.progress AS p ON p.endpoint_id = e.id
 CROSS JOIN LATERAL outbox._backlog(e.id) AS b

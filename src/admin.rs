@@ -93,14 +93,15 @@ pub mod outbox {
             .hint("Use outbox.alter_endpoint to change it, or outbox.drop_endpoint first.")
             .raise();
         }
-        // The new endpoint starts at the worker's latest tick: it gets every
-        // event committed after that tick.
+        // The new endpoint gets every event committed after this
+        // transaction: the worker starts it at the last tick that does not
+        // see this transaction as committed (worker/store.rs).
         Spi::run_with_args(
             "WITH e AS (
                  INSERT INTO outbox.endpoints (name, url, kind, topics, options)
                  VALUES ($1, $2, $3, $4, $5) RETURNING id)
-             INSERT INTO outbox.progress (endpoint_id, tick)
-             SELECT e.id, (SELECT pg_catalog.max(id) FROM outbox.ticks) FROM e",
+             INSERT INTO outbox.progress (endpoint_id, tick, start_xid)
+             SELECT e.id, NULL, pg_catalog.pg_current_xact_id()::pg_catalog.text::bigint FROM e",
             &[name.into(), url.into(), kind.into(), topics.into(), JsonB(options).into()],
         )
         .expect("insert endpoint");
@@ -173,7 +174,8 @@ pub mod outbox {
         );
     }
 
-    /// Deliver to an endpoint again, also after it was disabled by 410 Gone.
+    /// Deliver to an endpoint again, also after it was disabled by 410 Gone;
+    /// events waiting out a backoff or a Retry-After are tried at once.
     #[pg_extern(security_definer)]
     #[search_path(pg_catalog, pg_temp)]
     fn resume_endpoint(name: Option<&str>) {
@@ -182,7 +184,8 @@ pub mod outbox {
         update_endpoint(
             F,
             name,
-            "UPDATE outbox.endpoints SET paused = false, disabled_reason = NULL, updated_at = pg_catalog.now()
+            "UPDATE outbox.endpoints SET paused = false, disabled_reason = NULL, resumed_at = pg_catalog.now(),
+                    updated_at = pg_catalog.now()
              WHERE name = $1 RETURNING id",
         );
     }
@@ -281,7 +284,18 @@ pub mod outbox {
         on_dead_letters(
             "discard",
             DeadFilter { event_id, endpoint, since, until },
-            "WITH done AS (DELETE FROM outbox.parked AS p WHERE {MATCH} RETURNING 1) SELECT pg_catalog.count(*) FROM done",
+            // A lane whose dead head is gone has a new head: give it its
+            // next attempt (the worker finds heads by next_attempt_at).
+            "WITH done AS (DELETE FROM outbox.parked AS p WHERE {MATCH} RETURNING p.endpoint_id, p.key),
+                  heads AS (UPDATE outbox.parked AS h SET next_attempt_at = coalesce(h.next_attempt_at, pg_catalog.now())
+                            WHERE h.state = 'pending'
+                              AND (h.endpoint_id, h.seq) IN (
+                                  SELECT q.endpoint_id, pg_catalog.min(q.seq) FROM outbox.parked AS q
+                                  JOIN (SELECT DISTINCT d.endpoint_id, d.key FROM done AS d WHERE d.key IS NOT NULL) AS k
+                                    ON q.endpoint_id = k.endpoint_id AND q.key = k.key AND q.state = 'pending'
+                                  GROUP BY q.endpoint_id, q.key)
+                            RETURNING 1)
+             SELECT pg_catalog.count(*) FROM done",
         )
     }
 

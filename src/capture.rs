@@ -121,6 +121,7 @@ pub unsafe extern "C-unwind" fn outbox_capture_row(fcinfo: pg_sys::FunctionCallI
     };
 
     let place = || format!("outbox capture of {schema}.{table}");
+    emit::check_payload_size(payload, &place());
     config::check_topic(topic).map_err(|e| e.in_function(&place())).or_raise();
     config::check_key_and_type(key.as_deref(), None).map_err(|e| e.in_function(&place())).or_raise();
     let text = |s: &str| s.into_datum().expect("text is never null");

@@ -588,6 +588,13 @@ pub fn check_event_headers(headers: &Value) -> Result<()> {
     }
     let mut bytes = 2;
     for (name, value) in map {
+        let lower = name.to_ascii_lowercase();
+        if ["outbox-", "ce_", "ce-", "webhook-"].iter().any(|p| lower.starts_with(p)) {
+            return Err(ConfigError::new(format!("header {:?} is set by outbox itself", shorten(name))).hint(
+                "Names starting with outbox-, ce_, ce- and webhook- carry the event's own id and type: \
+                 choose another name.",
+            ));
+        }
         let Value::String(text) = value else {
             return Err(ConfigError::new(format!(
                 "header {:?} must have a string value, got {}",
@@ -776,5 +783,9 @@ mod tests {
         assert!(check_event_headers(&json!({"a": "b"})).is_ok());
         assert!(check_event_headers(&json!([1])).is_err());
         assert!(check_event_headers(&json!({"a": 1})).unwrap_err().message.contains("string value"));
+        for reserved in ["outbox-id", "Outbox-Type", "ce_id", "ce-source", "webhook-id"] {
+            let e = check_event_headers(&json!({ reserved: "forged" })).unwrap_err();
+            assert!(e.message.contains("set by outbox"), "{reserved}: {}", e.message);
+        }
     }
 }

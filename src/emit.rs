@@ -35,10 +35,45 @@ AS 'MODULE_PATHNAME', 'outbox_emit';
 
 COMMENT ON FUNCTION outbox_emit(text, jsonb, text, text, jsonb) IS
 'Emit an event in the current transaction; returns its id. Delivered after commit, in order per key.';
+
+-- The same function in schema outbox, where only the extension creates
+-- objects: a call written outbox.emit(...) cannot be taken over by a
+-- function someone created in the extension's schema (see
+-- docs/security.md).
+CREATE FUNCTION outbox.emit(
+    topic      text,
+    payload    jsonb,
+    key        text  DEFAULT NULL,
+    event_type text  DEFAULT NULL,
+    headers    jsonb DEFAULT '{}'
+) RETURNS uuid
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'outbox_emit';
+
+COMMENT ON FUNCTION outbox.emit(text, jsonb, text, text, jsonb) IS
+'outbox_emit, in schema outbox: call it schema-qualified where others can create functions in the extension''s schema.';
 "#,
     name = "emit",
     requires = ["schema"]
 );
+
+/// Raise an error unless the jsonb `payload` fits outbox.max_payload_size;
+/// returns its size (uncompressed). `place` names the caller in the
+/// message.
+pub fn check_payload_size(payload: pg_sys::Datum, place: &str) -> usize {
+    // SAFETY: a jsonb datum of the caller.
+    let size = unsafe { pg_sys::toast_raw_datum_size(payload) };
+    let max = guc::MAX_PAYLOAD_SIZE.get().max(0) as usize;
+    if size > max {
+        SqlError::new(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("{place}: payload is {size} bytes, more than outbox.max_payload_size ({max} bytes)"),
+        )
+        .hint("Send a reference to large data instead, or raise outbox.max_payload_size.")
+        .raise();
+    }
+    size
+}
 
 /// A checked event, as datums valid for the current call.
 pub struct NewEvent {
@@ -140,16 +175,7 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
             .raise();
     }
     let payload = unsafe { pg_getarg_datum_raw(fcinfo, 1) };
-    let size = unsafe { pg_sys::toast_raw_datum_size(payload) };
-    let max = guc::MAX_PAYLOAD_SIZE.get().max(0) as usize;
-    if size > max {
-        SqlError::new(
-            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!("outbox_emit: payload is {size} bytes, more than outbox.max_payload_size ({max} bytes)"),
-        )
-        .hint("Send a reference to large data instead, or raise outbox.max_payload_size.")
-        .raise();
-    }
+    let size = check_payload_size(payload, "outbox_emit");
 
     let key: Option<&str> = unsafe { pg_getarg(fcinfo, 2) };
     let event_type: Option<&str> = unsafe { pg_getarg(fcinfo, 3) };

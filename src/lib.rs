@@ -31,6 +31,7 @@ mod net;
 mod schedule;
 mod search_path;
 mod shmem;
+mod utility_hook;
 mod worker;
 mod xact;
 
@@ -52,7 +53,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
         worker::register_all();
-        worker::launcher::install_hook();
+        utility_hook::install();
     }
 }
 

@@ -17,9 +17,10 @@ pub struct WorkerSlot {
     /// Pid of the worker that owns this slot, 0 when none: at most one
     /// worker per database, whoever started it.
     owner_pid: AtomicI32,
-    /// Its database must be free of connections (DROP DATABASE, say): the
-    /// worker leaves and is not started again until this is cleared.
-    releasing: AtomicBool,
+    /// Pid of a backend running a statement that needs the database free
+    /// of connections (DROP DATABASE, say), 0 for none: the worker leaves
+    /// and is not started again until that statement is over.
+    releasing: AtomicI32,
     db_oid: AtomicU32,
     /// `procno + 1` of the running worker, 0 when none runs.
     proc_plus_one: AtomicU32,
@@ -42,13 +43,19 @@ static SLOTS: PgAtomic<[WorkerSlot; MAX_DATABASES]> = unsafe { PgAtomic::new(c"o
 /// `procno + 1` of the launcher, 0 when none runs.
 static LAUNCHER: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"outbox_launcher") };
 
+/// The end of the latest commit record of a transaction that emitted
+/// (WAL position): what the worker flushes before sending, in case that
+/// commit was asynchronous (worker/mod.rs, flush_wal).
+static COMMIT_END: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"outbox_commit_end") };
+
 /// Set in the postmaster during preload and inherited by every child.
 static AVAILABLE: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
+    init_rings(crate::guc::databases().len().min(MAX_DATABASES));
     pg_shmem_init!(SLOTS);
     pg_shmem_init!(LAUNCHER);
-    pg_shmem_init!(COMMITS);
+    pg_shmem_init!(COMMIT_END);
     AVAILABLE.store(true, Ordering::Relaxed);
 }
 
@@ -103,17 +110,22 @@ pub fn slot_taken(index: usize) -> bool {
     slots().is_some_and(|s| s[index].owner_pid.load(Ordering::Acquire) != 0)
 }
 
-/// Ask the worker of slot `index` to let go of its database (or allow it
-/// back, with `false`).
-pub fn set_releasing(index: usize, releasing: bool) {
+/// Backend `pid` asks the worker of slot `index` to let go of its database
+/// (`true`), or is done (`false`; only the backend that asked can).
+pub fn set_releasing(index: usize, pid: i32, releasing: bool) {
     let Some(slots) = slots() else { return };
-    slots[index].releasing.store(releasing, Ordering::Release);
-    set_latch_of(slots[index].proc_plus_one.load(Ordering::Acquire));
+    let slot = &slots[index];
+    if releasing {
+        slot.releasing.store(pid, Ordering::Release);
+        set_latch_of(slot.proc_plus_one.load(Ordering::Acquire));
+    } else {
+        let _ = slot.releasing.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
     wake_launcher();
 }
 
 pub fn releasing(index: usize) -> bool {
-    slots().is_some_and(|s| s[index].releasing.load(Ordering::Acquire))
+    slots().is_some_and(|s| s[index].releasing.load(Ordering::Acquire) != 0)
 }
 
 /// Called by the launcher once it runs.
@@ -197,14 +209,16 @@ pub fn wake_worker(db_oid: pg_sys::Oid, config_changed: bool) {
     }
 }
 
-/// Commit order, as seen just before each commit.
+/// Commit order, as seen just before each commit: one ring per listed
+/// database, so that commits in one database never push another's out.
 ///
-/// Every transaction that emitted events takes the next sequence number in
-/// its pre-commit callback and writes its txid into the ring. Transactions
-/// that conflict (one waits for the other's row lock) reach pre-commit in
-/// their commit order, so the worker uses these numbers to order the
-/// transactions that became visible in the same tick (worker/commit_order.rs).
-pub const COMMIT_RING: usize = 16_384;
+/// Every transaction that emitted events takes the next sequence number of
+/// its database's ring in its pre-commit callback and writes its txid into
+/// it. Transactions that conflict (one waits for the other's row lock)
+/// reach pre-commit in their commit order, so the worker uses these numbers
+/// to order the transactions that became visible in the same tick
+/// (worker/ticks.rs).
+pub const COMMIT_RING: usize = 65_536;
 
 #[derive(Default)]
 pub struct CommitSlot {
@@ -213,38 +227,121 @@ pub struct CommitSlot {
     pub txid: AtomicU64,
 }
 
-// SAFETY: plain atomics.
-unsafe impl PGRXSharedMemory for CommitSlot {}
-
 pub struct CommitRing {
     pub next: AtomicU64,
     pub slots: [CommitSlot; COMMIT_RING],
 }
 
-// SAFETY: plain atomics.
-unsafe impl PGRXSharedMemory for CommitRing {}
-
-impl Default for CommitRing {
-    fn default() -> Self {
-        CommitRing { next: AtomicU64::new(0), slots: std::array::from_fn(|_| CommitSlot::default()) }
+impl CommitRing {
+    /// A ring in zeroed memory (all-zero is a valid, empty ring): a megabyte
+    /// is never built on a stack.
+    #[cfg(test)]
+    pub fn boxed() -> Box<CommitRing> {
+        // SAFETY: atomics of zero are valid values.
+        unsafe { Box::<CommitRing>::new_zeroed().assume_init() }
     }
 }
 
-static COMMITS: PgAtomic<CommitRing> = unsafe { PgAtomic::new(c"outbox_commit_ring") };
+/// The rings, one per slot of a listed database, in shared memory set up
+/// by hand (zeroed, not built by value as pg_shmem_init! would).
+static mut RINGS: *mut CommitRing = std::ptr::null_mut();
+static mut RING_COUNT: usize = 0;
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
 
-/// Record that `txid` is about to commit (pre-commit callback; must not fail).
-pub fn note_commit(txid: u64) {
-    if !available() {
-        return;
+fn rings_size() -> usize {
+    // SAFETY: set once in _PG_init.
+    std::mem::size_of::<CommitRing>() * unsafe { RING_COUNT }
+}
+
+/// Ask for the rings' shared memory (postmaster, at preload).
+fn init_rings(count: usize) {
+    // SAFETY: _PG_init runs once, in the postmaster, before any backend.
+    unsafe {
+        RING_COUNT = count;
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        {
+            PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(request_rings);
+        }
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        pg_sys::RequestAddinShmemSpace(rings_size());
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(startup_rings);
     }
-    let ring = COMMITS.get();
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+#[pg_guard]
+unsafe extern "C-unwind" fn request_rings() {
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(rings_size());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup_rings() {
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let ptr = pg_sys::ShmemInitStruct(c"outbox_commit_rings".as_ptr(), rings_size(), &mut found);
+        if !found {
+            std::ptr::write_bytes(ptr.cast::<u8>(), 0, rings_size());
+        }
+        RINGS = ptr.cast::<CommitRing>();
+        pg_sys::LWLockRelease(lock);
+    }
+}
+
+/// The ring of slot `index`.
+pub fn commit_ring(index: usize) -> Option<&'static CommitRing> {
+    // SAFETY: RINGS points at RING_COUNT rings for the life of the server.
+    unsafe { (available() && !RINGS.is_null() && index < RING_COUNT).then(|| &*RINGS.add(index)) }
+}
+
+/// Record that `txid` of database `db_oid` is about to commit (pre-commit
+/// callback; must not fail).
+pub fn note_commit(db_oid: pg_sys::Oid, txid: u64) {
+    let Some(slots) = slots() else { return };
+    let Some(index) = slots.iter().position(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32()) else {
+        return; // no worker reads this database's commits
+    };
+    let Some(ring) = commit_ring(index) else { return };
     let seq = ring.next.fetch_add(1, Ordering::AcqRel);
     let slot = &ring.slots[(seq % COMMIT_RING as u64) as usize];
     slot.txid.store(txid, Ordering::Relaxed);
     slot.seq_plus_one.store(seq + 1, Ordering::Release);
 }
 
-/// The ring, for the worker to read (None when not preloaded).
-pub fn commit_ring() -> Option<&'static CommitRing> {
-    available().then(|| COMMITS.get())
+/// Where the launcher found database `db_oid` for slot `index`: commits
+/// there are noted from now on, even before its worker runs.
+pub fn publish_database(index: usize, db_oid: pg_sys::Oid) {
+    if let Some(slots) = slots() {
+        slots[index].db_oid.store(db_oid.to_u32(), Ordering::Release);
+    }
+}
+
+/// A transaction that emitted committed, its commit record ending at `end`
+/// (commit callback; must not fail).
+pub fn note_commit_end(end: u64) {
+    if available() {
+        COMMIT_END.get().fetch_max(end, Ordering::AcqRel);
+    }
+}
+
+/// The end of the latest commit record of a transaction that emitted.
+pub fn commit_end() -> u64 {
+    if available() {
+        COMMIT_END.get().load(Ordering::Acquire)
+    } else {
+        0
+    }
 }

@@ -20,9 +20,6 @@ thread_local! {
     static CONFIG_CHANGED: Cell<bool> = const { Cell::new(false) };
     /// The top-level transaction id the events were emitted under.
     static TXID: Cell<u64> = const { Cell::new(0) };
-    /// `1 +` the worker slot whose database this transaction needs free of
-    /// connections (launcher.rs), 0 for none.
-    static RELEASING: Cell<usize> = const { Cell::new(0) };
 }
 
 fn ensure_registered() {
@@ -50,20 +47,6 @@ pub fn next_event_number(txid: u64) -> i32 {
     n
 }
 
-/// Keep the worker of slot `index` out of its database until this
-/// transaction ends (DROP DATABASE and the like).
-pub fn release_database_until_end(index: usize) {
-    ensure_registered();
-    RELEASING.set(index + 1);
-    shmem::set_releasing(index, true);
-}
-
-fn end_release() {
-    if let Some(index) = RELEASING.replace(0).checked_sub(1) {
-        shmem::set_releasing(index, false);
-    }
-}
-
 /// Tell the worker, at commit, that endpoint configuration changed.
 pub fn note_config_changed() {
     ensure_registered();
@@ -76,10 +59,14 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     match event {
         // Last moment before the commit record: take a place in the commit
         // order (see shmem::note_commit).
-        XACT_EVENT_PRE_COMMIT if EMITTED.get() > 0 => shmem::note_commit(TXID.get()),
+        // SAFETY: MyDatabaseId is set in every backend that can emit.
+        XACT_EVENT_PRE_COMMIT if EMITTED.get() > 0 => shmem::note_commit(unsafe { pg_sys::MyDatabaseId }, TXID.get()),
         XACT_EVENT_COMMIT => {
-            end_release();
             let emitted = EMITTED.replace(0) > 0;
+            if emitted {
+                // SAFETY: set by this commit, read in this backend.
+                shmem::note_commit_end(unsafe { pg_sys::XactLastCommitEnd });
+            }
             let changed = CONFIG_CHANGED.replace(false);
             if emitted || changed {
                 // SAFETY: MyDatabaseId is set in every backend that can emit.
@@ -93,7 +80,6 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         // A prepared transaction commits later, possibly in another
         // backend: the worker's poll timer picks its events up.
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
-            end_release();
             EMITTED.set(0);
             CONFIG_CHANGED.set(false);
         }

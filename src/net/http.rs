@@ -102,6 +102,8 @@ impl Client {
     /// its status, or why there is none.
     pub async fn send(&self, request: Request) -> Result<Answer, Failure> {
         let Request { mut url, headers, body } = request;
+        // One copy of the body, shared by every attempt.
+        let body = bytes::Bytes::from(body);
         let origin = url.origin();
         for hop in 0.. {
             if !self.egress.allowed.allows(&url) {
@@ -195,12 +197,10 @@ impl reqwest::dns::Resolve for Resolver {
             let (allowed, refused): (Vec<SocketAddr>, Vec<SocketAddr>) =
                 found.into_iter().partition(|a| is_proxy || egress.allowed.allows_address(a.ip()));
             if allowed.is_empty() {
-                let addresses: Vec<String> = refused.iter().map(|a| a.ip().to_string()).collect();
-                return Err(format!(
-                    "{host} resolves to {}, which outbox.allowed_hosts does not allow",
-                    if addresses.is_empty() { "no address".to_string() } else { addresses.join(", ") }
-                )
-                .into());
+                // The addresses are not named: admins need not learn what
+                // internal names resolve to.
+                let what = if refused.is_empty() { "no address" } else { "only addresses" };
+                return Err(format!("{host} resolves to {what} which outbox.allowed_hosts does not allow").into());
             }
             let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
             Ok(addrs)

@@ -1,16 +1,27 @@
-//! One endpoint as the worker sees it: its configuration, the window of
-//! events read from the stream (the scheduler), its parked lanes, its read
-//! position and health, and the figures not yet written to
-//! `outbox.progress`.
+//! One endpoint as the worker sees it.
+//!
+//! Its state is grouped by concern: `setup` (configuration and target),
+//! `window` (events read from the stream, in lanes), `parked` (lanes worked
+//! off from outbox.parked), `cursor` (where reading is and what is
+//! persisted), `health` (failures, holds, requests in flight) and `stats`
+//! (figures not yet written). The worker drives it through a narrow
+//! interface: `sync` does the endpoint's database work for a step (in a
+//! subtransaction of its own, see mod.rs), `take_jobs` hands out requests,
+//! `on_outcome` takes their results, `next_wake` says when it needs the
+//! worker again.
 
-use super::parked::{self, Parked};
-use super::store::{Cursor, EndpointRow, ParkRow, ParkedHead, ProgressUpdate};
+use super::error::Result;
+use super::parked::{ParkRow, Parked, Status};
+use super::store::{self, EndpointRow, ProgressUpdate};
+use super::stream::{self, Cursor};
+use super::ticks::Ticks;
 use crate::config::{self, OnDead};
 use crate::egress::Egress;
 use crate::event::{Event, Position};
-use crate::net::{Failure, NetError, Target, Verdict};
+use crate::net::{Failure, Job, NetError, Outcome, Target, Verdict};
 use crate::schedule::{LaneId, Scheduler};
-use std::collections::VecDeque;
+use pgrx::prelude::*;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,44 +36,87 @@ const DOWN_AFTER_FAILURES: u32 = 3;
 const PARK_AFTER_ATTEMPTS: u32 = 3;
 /// Latency samples kept for the p50/p99 in outbox.stats.
 const LATENCY_SAMPLES: usize = 1024;
+/// Events read per endpoint per step, so one step stays short.
+const READ_PER_STEP: usize = 5_000;
+/// Rows per read query.
+const PAGE: usize = 1_000;
+/// How much larger an event may be as text than its stored size says:
+/// jsonb prints a control character as a six-byte \u escape. Pages are cut
+/// by stored sizes times this, so whatever writers put in their payloads a
+/// page holds no more text than the window has room for.
+const WORST_TEXT_EXPANSION: usize = 6;
 
-pub struct EndpointState {
-    pub id: i32,
-    pub generation: u64,
-    pub target: Arc<Target>,
-    pub like: Vec<String>,
-    pub active: bool,
-    pub sched: Scheduler<Arc<Event>>,
-    pub parked: Parked,
-    /// Parked lanes must be (re)read from the table.
-    pub parked_stale: bool,
-    /// Events to copy into outbox.parked in the next transaction.
-    pub to_park: Vec<ParkRow>,
-    /// Where reading continues.
-    pub read: Cursor,
-    /// What `outbox.progress` says.
+/// What a step gives every endpoint.
+pub struct Step<'a> {
+    pub ticks: &'a mut Ticks,
+    pub latest_tick: i64,
+    /// outbox.window_events, outbox.window_memory (bytes).
+    pub window: (usize, usize),
+    pub now: Instant,
+}
+
+/// Configuration and where requests go.
+struct Setup {
+    target: Arc<Target>,
+    egress: Arc<Egress>,
+    /// CloudEvents source of this database's events.
+    source: String,
+    /// Topic patterns as LIKE patterns.
+    like: Vec<String>,
+    /// Not paused, not disabled.
+    active: bool,
+    /// resume_endpoint last seen.
+    resumed_at: Option<f64>,
+}
+
+/// Where reading is, and what outbox.progress says.
+struct Cursors {
+    read: Cursor,
     saved: Cursor,
+    /// Batches read whose commit order was not exact (ticks.rs), not yet
+    /// written.
+    inexact_batches: i64,
+}
+
+/// How the endpoint is doing.
+#[derive(Default)]
+struct Health {
     consecutive_failures: u32,
     /// Set from Retry-After: send nothing before this instant.
     hold_until: Option<Instant>,
+    /// Set when the endpoint answered 410 Gone; written as disabled_reason.
+    gone: Option<String>,
+    /// Whether `gone` was written.
+    gone_written: bool,
+    /// Requests in flight (a batch is one request).
+    requests: usize,
+    /// A partial batch has been waiting since (see linger_ms).
+    lingering_since: Option<Instant>,
+}
+
+/// Figures not yet written to outbox.progress.
+#[derive(Default)]
+struct Stats {
     latencies: VecDeque<f64>,
-    // Not yet written:
     delivered: i64,
     failed_attempts: i64,
     succeeded: bool,
     last_error: Option<String>,
     latency_changed: bool,
     reported: (i32, i32),
-    /// Set when the endpoint answered 410 Gone; written as disabled_reason.
-    pub gone: Option<String>,
-    /// CloudEvents source of this database's events.
-    source: String,
-    /// Egress settings the target was built with.
-    egress: Arc<Egress>,
-    /// Requests in flight (a batch is one request).
-    requests: usize,
-    /// A partial batch has been waiting since (see linger_ms).
-    lingering_since: Option<Instant>,
+}
+
+pub struct EndpointState {
+    pub id: i32,
+    /// Which incarnation of this state sent a job: outcomes of an older one
+    /// are dropped (the events are read again from the tables).
+    pub generation: u64,
+    setup: Setup,
+    window: Scheduler<Arc<Event>>,
+    parked: Parked,
+    cursor: Cursors,
+    health: Health,
+    stats: Stats,
 }
 
 impl EndpointState {
@@ -72,219 +126,241 @@ impl EndpointState {
         generation: u64,
         source: &str,
         egress: &Arc<Egress>,
-    ) -> Result<EndpointState, NetError> {
+        parked_cap: usize,
+    ) -> std::result::Result<EndpointState, NetError> {
         Ok(EndpointState {
             id: row.id,
             generation,
-            target: Arc::new(Target::new(config, source, egress.clone())?),
-            egress: egress.clone(),
-            like: row.like.clone(),
-            active: row.active,
-            sched: Scheduler::default(),
-            parked: Parked::default(),
-            parked_stale: true,
-            to_park: Vec::new(),
-            read: row.cursor,
-            saved: row.cursor,
-            consecutive_failures: 0,
-            hold_until: None,
-            latencies: VecDeque::new(),
-            delivered: 0,
-            failed_attempts: 0,
-            succeeded: false,
-            last_error: None,
-            latency_changed: false,
-            reported: (0, 0),
-            gone: None,
-            source: source.to_string(),
-            requests: 0,
-            lingering_since: None,
+            setup: Setup {
+                target: Arc::new(Target::new(config, source, egress.clone())?),
+                egress: egress.clone(),
+                source: source.to_string(),
+                like: row.like.clone(),
+                active: row.active,
+                resumed_at: row.resumed_at,
+            },
+            window: Scheduler::default(),
+            parked: Parked::new(parked_cap),
+            cursor: Cursors { read: row.cursor, saved: row.cursor, inexact_batches: 0 },
+            health: Health::default(),
+            stats: Stats::default(),
         })
-    }
-
-    /// Take a changed configuration without losing loaded events, when
-    /// what was loaded is still what the endpoint wants.
-    pub fn reconfigure(&mut self, row: &EndpointRow, config: &config::Endpoint, egress: &Arc<Egress>) -> bool {
-        if row.like != self.like || config.kind != self.config().kind {
-            return false;
-        }
-        if config != self.config() || **egress != *self.egress {
-            match Target::new(config.clone(), &self.source, egress.clone()) {
-                Ok(target) => self.target = Arc::new(target),
-                Err(_) => return false,
-            }
-            self.egress = egress.clone();
-        }
-        if row.active && !self.active {
-            // Resumed (also after 410 Gone): try waiting lanes right away.
-            self.gone = None;
-            self.hold_until = None;
-            self.sched.wake_all();
-        }
-        self.active = row.active;
-        // Replay, discard and on_dead changes show in the parked table.
-        self.parked_stale = true;
-        true
     }
 
     /// The endpoint's configuration, as its target holds it.
     pub fn config(&self) -> &config::Endpoint {
-        &self.target.endpoint
+        &self.setup.target.endpoint
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.setup.active
+    }
+
+    /// The tick reading continues after.
+    pub fn read_tick(&self) -> i64 {
+        self.cursor.read.tick
+    }
+
+    /// Take a changed configuration without losing loaded events, when
+    /// what was loaded is still what the endpoint wants. False: build the
+    /// state anew from the persisted cursor.
+    pub fn reconfigure(&mut self, row: &EndpointRow, config: &config::Endpoint, egress: &Arc<Egress>) -> bool {
+        if row.like != self.setup.like || config.kind != self.config().kind {
+            return false;
+        }
+        if config != self.config() || **egress != *self.setup.egress {
+            match Target::new(config.clone(), &self.setup.source, egress.clone()) {
+                Ok(target) => self.setup.target = Arc::new(target),
+                Err(_) => return false,
+            }
+            self.setup.egress = egress.clone();
+        }
+        if row.active && (!self.setup.active || row.resumed_at != self.setup.resumed_at) {
+            // Resumed (also after 410 Gone, or while not paused): try
+            // waiting lanes right away.
+            self.health.gone = None;
+            self.health.gone_written = false;
+            self.health.hold_until = None;
+            self.window.wake_all();
+        }
+        self.setup.resumed_at = row.resumed_at;
+        self.setup.active = row.active;
+        // Replay, discard and on_dead changes show in the parked table.
+        self.parked.mark_stale();
+        true
     }
 
     fn block_on_dead(&self) -> bool {
         self.config().options.on_dead == OnDead::Block
     }
 
-    /// Take in the parked lanes as the table has them, keeping lanes that
-    /// have an event loaded or in flight.
-    pub fn load_parked(&mut self, heads: Vec<ParkedHead>, now: Instant) {
-        let mut lanes = std::mem::take(&mut self.parked.lanes);
-        for head in heads {
-            let lane = lane_of(head.key.as_deref(), head.position);
-            let busy = lanes
-                .get(&lane)
-                .is_some_and(|l| matches!(l.status, parked::Status::InFlight(_) | parked::Status::Ready(_)));
-            if busy {
-                let l = lanes.remove(&lane).expect("checked");
-                self.parked.lanes.insert(lane, l);
-                continue;
-            }
-            let status = if head.dead {
-                parked::Status::Blocked
-            } else {
-                parked::Status::Due(now + Duration::from_secs_f64(head.due_in_s.max(0.0)))
-            };
-            let event_id = head.key.is_none().then_some(head.event_id);
-            self.parked
-                .lanes
-                .insert(lane, parked::Lane { status, attempts: head.attempts, event_id, behind_window: false });
+    // ------------------------------------------------------------------
+    // The database part of a step.
+
+    /// Everything this endpoint does in the database during a step:
+    /// persist what it learned, take in parked lanes, read new events.
+    /// Returns how many events it read. Runs in a subtransaction: should it
+    /// fail, the worker rebuilds this state from the tables and nothing it
+    /// wrote remains.
+    pub fn sync(&mut self, step: &mut Step) -> Result<usize> {
+        let (block, now) = (self.block_on_dead(), step.now);
+        self.write_back()?;
+        self.parked.refresh(self.id, block, now)?;
+        if !self.setup.active {
+            return Ok(0);
         }
-        // Lanes gone from the table stay only while busy.
-        for (id, l) in lanes {
-            if matches!(l.status, parked::Status::InFlight(_) | parked::Status::Ready(_)) {
-                self.parked.lanes.insert(id, l);
-            }
-        }
-        self.parked_stale = false;
+        self.park_stuck_lanes(step.window, now);
+        let read = self.read_events(step)?;
+        self.flush_parked()?;
+        let room = self.send_limit(now).saturating_sub(self.health.requests) * self.config().options.batch_size;
+        self.parked.set_behind_window(|id| self.window.has_lane(id));
+        self.parked.load_heads(self.id, block, room, now)?;
+        Ok(read)
     }
 
-    /// Lanes and unkeyed events whose first parked row to read now.
-    pub fn parked_to_load(&mut self, now: Instant) -> (Vec<String>, Vec<String>, Vec<LaneId>) {
-        for (id, lane) in self.parked.lanes.iter_mut() {
-            lane.behind_window = self.sched.has_lane(id);
+    /// Write what the worker learned since the last step: parked and dead
+    /// events, outcomes of parked events, a 410, progress. Parked copies
+    /// are written before the cursor that passes them.
+    fn write_back(&mut self) -> Result<()> {
+        self.flush_parked()?;
+        let update = self.progress();
+        let gone = self.health.gone.clone().filter(|_| !self.health.gone_written && self.setup.active);
+        Spi::connect_mut(|client| {
+            if let Some(reason) = &gone {
+                store::disable_endpoint(client, self.id, reason)?;
+            }
+            if let Some(update) = &update {
+                store::save_progress(client, update)?;
+            }
+            Ok::<(), super::error::WorkerError>(())
+        })?;
+        if gone.is_some() {
+            self.health.gone_written = true;
+            self.setup.active = false;
         }
-        let room = self.send_limit(now).saturating_sub(self.requests) * self.config().options.batch_size;
-        let (next, due) = self.parked.to_load(now, room);
-        let mut keys = Vec::new();
-        let mut solo = Vec::new();
-        let asked: Vec<LaneId> = next.into_iter().chain(due).collect();
-        for id in &asked {
-            match id {
-                LaneId::Key(k) => keys.push(k.clone()),
-                LaneId::Solo(_) => {
-                    if let Some(eid) = self.parked.lanes.get(id).and_then(|l| l.event_id.clone()) {
-                        solo.push(eid);
-                    }
+        if let Some(update) = update {
+            self.saved(&update);
+        }
+        Ok(())
+    }
+
+    fn flush_parked(&mut self) -> Result<()> {
+        let (id, block) = (self.id, self.block_on_dead());
+        Spi::connect_mut(|client| self.parked.flush(client, id, block))
+    }
+
+    /// Read the next events of the stream into the window, a page that fits
+    /// at a time; returns how many.
+    fn read_events(&mut self, step: &mut Step) -> Result<usize> {
+        let (max_events, max_bytes) = step.window;
+        let mut budget = READ_PER_STEP;
+        loop {
+            let room = self.window_room(max_events, max_bytes).min(budget).min(PAGE);
+            let lo_id = self.cursor.read.tick;
+            if room == 0 || lo_id >= step.latest_tick {
+                return Ok(READ_PER_STEP - budget);
+            }
+            step.ticks.need(lo_id..=(lo_id + 64).min(step.latest_tick))?;
+            let (Some(lo), Some(hi)) = (step.ticks.get(lo_id), step.ticks.get(lo_id + 1)) else {
+                return Ok(READ_PER_STEP - budget); // not there (yet): next step
+            };
+            let bytes = (max_bytes.saturating_sub(self.window.bytes()) / WORST_TEXT_EXPANSION).max(1) as i64;
+            let page = stream::read_batch(lo, hi, self.cursor.read.after, &self.setup.like, room as i64, bytes)?;
+            let inexact = hi.inexact > 0;
+            budget = budget.saturating_sub(page.events.len());
+            self.take_page(page.events)?;
+            if page.complete {
+                self.cursor.read = Cursor { tick: lo_id + 1, after: None };
+                if inexact {
+                    self.cursor.inexact_batches += 1;
                 }
             }
         }
-        (keys, solo, asked)
     }
 
-    /// The first rows read for the lanes in `asked`.
-    pub fn parked_loaded(&mut self, asked: Vec<LaneId>, heads: Vec<ParkedHead>, now: Instant) {
-        let mut found = std::collections::HashSet::new();
-        for head in heads {
-            let lane_id = lane_of(head.key.as_deref(), head.position);
-            found.insert(lane_id.clone());
-            let Some(lane) = self.parked.lanes.get_mut(&lane_id) else { continue };
-            lane.attempts = head.attempts;
-            lane.status = match head.event {
-                _ if head.dead => parked::Status::Blocked,
-                Some(event) if head.due_in_s <= 0.0 => parked::Status::Ready(Arc::new(event)),
-                _ => parked::Status::Due(now + Duration::from_secs_f64(head.due_in_s.max(0.0))),
-            };
+    /// Events read from the stream: into the window, or parked behind their
+    /// lane when it is parked.
+    fn take_page(&mut self, events: Vec<Event>) -> Result<()> {
+        let parked_keys = if self.parked.partial() {
+            let keys: HashSet<String> = events
+                .iter()
+                .filter_map(|e| e.key.clone())
+                .filter(|k| !self.parked.contains(&LaneId::Key(k.clone())))
+                .collect();
+            self.parked.keys_parked(self.id, self.block_on_dead(), &keys.into_iter().collect::<Vec<_>>())?
+        } else {
+            HashSet::new()
+        };
+        for event in events {
+            let lane = LaneId::of(event.key.as_deref(), event.position);
+            let position = event.position;
+            self.cursor.read.after = Some((position.rank, position.n));
+            let in_table = event.key.as_ref().is_some_and(|k| parked_keys.contains(k));
+            if self.parked.contains(&lane) || in_table {
+                self.parked.park(ParkRow::waiting(position, &event.id));
+                continue;
+            }
+            let size = event.size();
+            self.window.push(lane, position, Arc::new(event), size);
         }
-        // No rows left: the lane returns to the stream.
-        for id in asked.into_iter().filter(|id| !found.contains(id)) {
-            self.parked.lanes.remove(&id);
-        }
+        Ok(())
     }
 
     /// How many more events the window takes.
-    pub fn window_room(&self, max_events: usize, max_bytes: usize) -> usize {
-        if self.sched.bytes() >= max_bytes {
+    fn window_room(&self, max_events: usize, max_bytes: usize) -> usize {
+        if self.window.bytes() >= max_bytes {
             return 0;
         }
-        max_events.saturating_sub(self.sched.len())
-    }
-
-    /// Events read from the stream: queued, or parked behind their lane.
-    pub fn push(&mut self, event: Event) {
-        let lane = LaneId::of(event.key.as_deref(), event.position);
-        let position = event.position;
-        self.read.after = Some((position.rank, position.n));
-        if self.parked.contains(&lane) {
-            self.to_park.push(ParkRow::waiting(position));
-            return;
-        }
-        let size = event.size();
-        self.sched.push(lane, position, Arc::new(event), size);
+        max_events.saturating_sub(self.window.len())
     }
 
     /// When the oldest event of the window is waiting out a backoff, and
     /// the window is full or that event failed a few times, move its lane
     /// to outbox.parked so other lanes and the cursor go on.
-    pub fn park_stuck_lanes(&mut self, max_events: usize, max_bytes: usize, now: Instant) {
+    fn park_stuck_lanes(&mut self, (max_events, max_bytes): (usize, usize), now: Instant) {
         if self.is_down() {
             return;
         }
-        while let Some(lane) = self.sched.stuck_lane() {
-            let full = self.sched.len() >= max_events || self.sched.bytes() >= max_bytes;
-            if !full && self.sched.attempts(&lane) < PARK_AFTER_ATTEMPTS {
+        while let Some(lane) = self.window.stuck_lane() {
+            let full = self.window.len() >= max_events || self.window.bytes() >= max_bytes;
+            if !full && self.window.attempts(&lane) < PARK_AFTER_ATTEMPTS {
                 break;
             }
-            let Some(taken) = self.sched.take_lane(&lane) else { break };
+            let Some(taken) = self.window.take_lane(&lane) else { break };
             let due = taken.due.unwrap_or(now);
             let event_id = matches!(lane, LaneId::Solo(_)).then(|| taken.events[0].1.id.clone());
-            for (i, (position, _)) in taken.events.iter().enumerate() {
-                self.to_park.push(if i == 0 {
+            for (i, (position, event)) in taken.events.iter().enumerate() {
+                self.parked.park(if i == 0 {
                     // The head keeps its failures and its next attempt.
                     ParkRow {
                         attempts: taken.attempts,
                         retry_in: Some(due.saturating_duration_since(now)),
-                        error: self.last_error.clone(),
-                        ..ParkRow::waiting(*position)
+                        error: self.stats.last_error.clone(),
+                        ..ParkRow::waiting(*position, &event.id)
                     }
                 } else {
-                    ParkRow::waiting(*position)
+                    ParkRow::waiting(*position, &event.id)
                 });
             }
-            self.parked.lanes.insert(
-                lane,
-                parked::Lane {
-                    status: parked::Status::Due(due),
-                    attempts: taken.attempts,
-                    event_id,
-                    behind_window: false,
-                },
-            );
+            self.parked.insert(lane, Status::Due(due), taken.attempts, event_id);
         }
     }
 
+    // ------------------------------------------------------------------
+    // Requests and their outcomes.
+
     fn is_down(&self) -> bool {
-        self.consecutive_failures >= DOWN_AFTER_FAILURES
+        self.health.consecutive_failures >= DOWN_AFTER_FAILURES
     }
 
     /// Requests in flight, from the window and from parked lanes.
-    pub fn in_flight(&self) -> usize {
-        self.sched.in_flight() + self.parked.in_flight()
+    fn in_flight(&self) -> usize {
+        self.window.in_flight() + self.parked.in_flight()
     }
 
     /// How many requests may be in flight now.
-    pub fn send_limit(&self, now: Instant) -> usize {
-        if !self.active || self.gone.is_some() || self.hold_until.is_some_and(|t| t > now) {
+    fn send_limit(&self, now: Instant) -> usize {
+        if !self.setup.active || self.health.gone.is_some() || self.health.hold_until.is_some_and(|t| t > now) {
             return 0;
         }
         if self.is_down() {
@@ -294,40 +370,63 @@ impl EndpointState {
         }
     }
 
-    pub fn next_wake(&self) -> Option<Instant> {
-        let linger_ends = self.lingering_since.map(|t| t + self.config().options.linger);
-        [self.sched.next_wake(), self.parked.next_wake(), self.hold_until, linger_ends].into_iter().flatten().min()
+    /// When this endpoint next has something to do that no outcome or
+    /// commit will wake the worker for: a backoff or a hold ending, a
+    /// parked lane coming due, a partial batch done lingering. Never an
+    /// instant in the past: what is due now was handled by the step.
+    pub fn next_wake(&self, now: Instant) -> Option<Instant> {
+        if !self.setup.active || self.health.gone.is_some() {
+            return None; // resume_endpoint wakes the worker
+        }
+        if let Some(hold) = self.health.hold_until.filter(|t| *t > now) {
+            return Some(hold);
+        }
+        if self.health.requests >= self.send_limit(now) {
+            return None; // an outcome comes first
+        }
+        let linger_ends = self
+            .health
+            .lingering_since
+            .filter(|_| self.window.ready_len() + self.parked.ready_len() > 0)
+            .map(|t| t + self.config().options.linger);
+        [self.window.next_wake(), self.parked.next_due(), linger_ends].into_iter().flatten().filter(|t| *t > now).min()
     }
 
     /// Requests to send now, each a batch of events (one event per lane;
     /// one topic per batch), parked lanes first (they are older). A partial
     /// batch waits up to linger_ms while another request is in flight.
-    pub fn take_jobs(&mut self, now: Instant) -> Vec<Vec<(LaneId, Arc<Event>)>> {
-        self.sched.wake_due(now);
+    pub fn take_jobs(&mut self, now: Instant) -> Vec<Job> {
+        self.window.wake_due(now);
         let limit = self.send_limit(now);
         let batch = self.config().options.batch_size;
+        let linger = self.config().options.linger;
         let mut jobs = Vec::new();
-        while self.requests < limit {
-            let ready = self.parked.ready_len() + self.sched.ready_len();
+        while self.health.requests < limit {
+            let ready = self.parked.ready_len() + self.window.ready_len();
             if ready == 0 {
-                self.lingering_since = None;
+                self.health.lingering_since = None;
                 break;
             }
-            if ready < batch && self.requests > 0 {
-                let since = *self.lingering_since.get_or_insert(now);
-                if now < since + self.config().options.linger {
+            if ready < batch && self.health.requests > 0 {
+                let since = *self.health.lingering_since.get_or_insert(now);
+                if now < since + linger {
                     break;
                 }
             }
-            self.lingering_since = None;
+            self.health.lingering_since = None;
             let mut events = self.parked.take_ready(batch);
             while events.len() < batch {
-                let Some(d) = self.sched.next() else { break };
+                let Some(d) = self.window.next() else { break };
                 events.push((d.lane, d.item));
             }
             for group in self.by_topic(events, now) {
-                self.requests += 1;
-                jobs.push(group);
+                self.health.requests += 1;
+                jobs.push(Job {
+                    endpoint_id: self.id,
+                    generation: self.generation,
+                    target: self.setup.target.clone(),
+                    events: group,
+                });
             }
         }
         jobs
@@ -336,17 +435,16 @@ impl EndpointState {
     /// Split a batch by topic (one topic per Kafka request). Events whose
     /// topic Kafka cannot take fail here, for good.
     fn by_topic(&mut self, events: Vec<(LaneId, Arc<Event>)>, now: Instant) -> Vec<Vec<(LaneId, Arc<Event>)>> {
+        let kafka = self.config().kind.is_kafka();
         let mut groups: Vec<Vec<(LaneId, Arc<Event>)>> = Vec::new();
         for (lane, event) in events {
-            if self.config().kind.is_kafka() {
+            if kafka {
                 if let Err(e) = config::check_kafka_topic(&event.topic) {
-                    let failure = Failure { verdict: Verdict::Reject, status: None, message: e.message };
-                    let position = event.position;
-                    self.on_outcome(&lane, position, Err(failure), now);
+                    self.on_result(&lane, event.position, Err(Failure::reject(e.message)), now);
                     continue;
                 }
             }
-            match groups.iter_mut().find(|g| g[0].1.topic == event.topic || !self.config().kind.is_kafka()) {
+            match groups.iter_mut().find(|g| g[0].1.topic == event.topic || !kafka) {
                 Some(g) => g.push((lane, event)),
                 None => groups.push(vec![(lane, event)]),
             }
@@ -354,16 +452,18 @@ impl EndpointState {
         groups
     }
 
-    /// A request came back (its events' outcomes follow).
-    pub fn job_done(&mut self) {
-        self.requests = self.requests.saturating_sub(1);
+    /// A request came back with what the endpoint did with each event.
+    pub fn on_outcome(&mut self, outcome: Outcome, now: Instant) {
+        self.health.requests = self.health.requests.saturating_sub(1);
+        for (lane, position, result) in outcome.results {
+            self.on_result(&lane, position, result, now);
+        }
     }
 
-    /// An outcome from the network side.
-    pub fn on_outcome(&mut self, lane: &LaneId, position: Position, result: Result<(), Failure>, now: Instant) {
+    fn on_result(&mut self, lane: &LaneId, position: Position, result: std::result::Result<(), Failure>, now: Instant) {
         let (event, parked) = match self.parked.in_flight_event(lane, position) {
             Some(e) => (e, true),
-            None => match self.sched.head(lane).filter(|e| e.position == position) {
+            None => match self.window.head(lane).filter(|e| e.position == position) {
                 Some(e) => (e, false),
                 // From state rebuilt since: the event is read again.
                 None => return,
@@ -379,31 +479,30 @@ impl EndpointState {
         if parked {
             self.parked.delivered(lane, event);
         } else {
-            self.sched.finish_head(lane);
+            self.window.finish_head(lane);
         }
         let ms = SystemTime::now().duration_since(event.created).unwrap_or_default().as_secs_f64() * 1000.0;
-        if self.latencies.len() == LATENCY_SAMPLES {
-            self.latencies.pop_front();
+        if self.stats.latencies.len() == LATENCY_SAMPLES {
+            self.stats.latencies.pop_front();
         }
-        self.latencies.push_back(ms);
-        self.latency_changed = true;
+        self.stats.latencies.push_back(ms);
+        self.stats.latency_changed = true;
         if self.is_down() {
             // The endpoint is back: lanes waiting out their backoff because
             // of the outage need not wait any longer.
-            self.sched.wake_all();
+            self.window.wake_all();
         }
-        self.consecutive_failures = 0;
-        self.hold_until = None;
-        self.delivered += 1;
-        self.succeeded = true;
+        self.health.consecutive_failures = 0;
+        self.health.hold_until = None;
+        self.stats.delivered += 1;
+        self.stats.succeeded = true;
     }
 
     fn on_failure(&mut self, lane: &LaneId, event: &Event, parked: bool, failure: Failure, now: Instant) {
-        self.failed_attempts += 1;
-        self.consecutive_failures += 1;
-        self.last_error = Some(failure.message.clone());
-        let attempts =
-            1 + if parked { self.parked.lanes.get(lane).map_or(0, |l| l.attempts) } else { self.sched.attempts(lane) };
+        self.stats.failed_attempts += 1;
+        self.health.consecutive_failures += 1;
+        self.stats.last_error = Some(failure.message.clone());
+        let attempts = 1 + if parked { self.parked.attempts(lane) } else { self.window.attempts(lane) };
         let opts = &self.config().options;
         let age = SystemTime::now().duration_since(event.created).unwrap_or_default();
         let exhausted =
@@ -411,7 +510,7 @@ impl EndpointState {
         let retry_at = match failure.verdict {
             Verdict::Gone => {
                 // The event stays: it goes out when the endpoint is resumed.
-                self.gone = Some(failure.message.clone());
+                self.health.gone = Some(failure.message.clone());
                 Some(now)
             }
             Verdict::Retry { .. } if exhausted => None,
@@ -421,7 +520,7 @@ impl EndpointState {
                 // Retry-After arrives capped (net/failure.rs): adding it to
                 // a clock cannot overflow.
                 if let Some(a) = after {
-                    self.hold_until = Some(now + a);
+                    self.health.hold_until = Some(now + a);
                 }
                 Some(now + after.map_or(delay, |a| a.max(delay)))
             }
@@ -429,7 +528,7 @@ impl EndpointState {
         match (retry_at, parked) {
             (Some(at), true) => self.parked.retry(lane, event, at, now, failure.status, failure.message),
             (Some(at), false) => {
-                self.sched.retry_head(lane, at);
+                self.window.retry_head(lane, at);
             }
             (None, true) => {
                 let block = self.block_on_dead();
@@ -442,81 +541,82 @@ impl EndpointState {
     /// The head of a window lane goes to dead letters. With on_dead=block
     /// its key's later events are parked behind it; otherwise they go on.
     fn dead_from_window(&mut self, lane: &LaneId, event: &Event, attempts: u32, failure: Failure) {
-        self.to_park.push(ParkRow {
-            position: event.position,
+        self.parked.park(ParkRow {
             dead: true,
             attempts,
-            retry_in: None,
             status: failure.status,
             error: Some(failure.message),
+            ..ParkRow::waiting(event.position, &event.id)
         });
         if self.block_on_dead() && matches!(lane, LaneId::Key(_)) {
             // Out of flight, then out of the window with everything behind it.
-            self.sched.retry_head(lane, Instant::now());
-            if let Some(taken) = self.sched.take_lane(lane) {
-                for (position, _) in taken.events.into_iter().skip(1) {
-                    self.to_park.push(ParkRow::waiting(position));
+            self.window.retry_head(lane, Instant::now());
+            if let Some(taken) = self.window.take_lane(lane) {
+                for (position, e) in taken.events.into_iter().skip(1) {
+                    self.parked.park(ParkRow::waiting(position, &e.id));
                 }
             }
-            self.parked.lanes.insert(
-                lane.clone(),
-                parked::Lane { status: parked::Status::Blocked, attempts, event_id: None, behind_window: false },
-            );
+            self.parked.insert(lane.clone(), Status::Blocked, attempts, None);
         } else {
-            self.sched.finish_head(lane);
+            self.window.finish_head(lane);
         }
     }
 
+    // ------------------------------------------------------------------
+    // Progress.
+
     /// The cursor to persist: just before the first unfinished event, or
     /// where reading stopped when everything loaded is finished.
-    pub fn cursor(&self) -> Cursor {
-        match self.sched.first_unfinished() {
+    fn persisted_cursor(&self) -> Cursor {
+        match self.window.first_unfinished() {
             Some(p) => Cursor { tick: p.batch - 1, after: Some((p.rank, p.n - 1)) },
-            None => self.read,
+            None => self.cursor.read,
         }
     }
 
     /// What to write to outbox.progress, if anything changed.
-    pub fn progress(&self) -> Option<ProgressUpdate> {
-        let cursor = self.cursor();
-        let gauges = (self.in_flight() as i32, self.sched.retrying() as i32);
-        let changed = cursor != self.saved
-            || self.delivered != 0
-            || self.failed_attempts != 0
-            || self.last_error.is_some()
-            || self.latency_changed
-            || gauges != self.reported;
+    fn progress(&self) -> Option<ProgressUpdate> {
+        let cursor = self.persisted_cursor();
+        let gauges = (self.in_flight() as i32, self.window.retrying() as i32);
+        let s = &self.stats;
+        let changed = cursor != self.cursor.saved
+            || s.delivered != 0
+            || s.failed_attempts != 0
+            || s.last_error.is_some()
+            || s.latency_changed
+            || gauges != s.reported
+            || self.cursor.inexact_batches != 0;
         changed.then(|| ProgressUpdate {
             endpoint_id: self.id,
-            cursor: (cursor != self.saved).then_some(cursor),
-            delivered: self.delivered,
-            failed_attempts: self.failed_attempts,
+            cursor: (cursor != self.cursor.saved).then_some(cursor),
+            delivered: s.delivered,
+            failed_attempts: s.failed_attempts,
             in_flight: gauges.0,
             retrying: gauges.1,
-            succeeded: self.succeeded,
-            last_error: self.last_error.clone(),
-            latency_ms: self.latency_changed.then(|| percentiles(&self.latencies)),
+            succeeded: s.succeeded,
+            last_error: s.last_error.clone(),
+            latency_ms: s.latency_changed.then(|| percentiles(&s.latencies)),
+            inexact_batches: self.cursor.inexact_batches,
         })
     }
 
-    /// `update` was committed.
-    pub fn saved(&mut self, update: &ProgressUpdate) {
+    /// `update` was written (and commits with the step, or the state is
+    /// rebuilt).
+    fn saved(&mut self, update: &ProgressUpdate) {
         if let Some(c) = update.cursor {
-            self.saved = c;
+            self.cursor.saved = c;
         }
-        self.delivered -= update.delivered;
-        self.failed_attempts -= update.failed_attempts;
-        self.succeeded = false;
-        if self.last_error == update.last_error {
-            self.last_error = None;
+        self.cursor.inexact_batches -= update.inexact_batches;
+        let s = &mut self.stats;
+        s.delivered -= update.delivered;
+        s.failed_attempts -= update.failed_attempts;
+        s.succeeded = false;
+        if s.last_error == update.last_error {
+            s.last_error = None;
         }
-        self.latency_changed = false;
-        self.reported = (update.in_flight, update.retrying);
+        s.latency_changed = false;
+        s.reported = (update.in_flight, update.retrying);
     }
-}
-
-fn lane_of(key: Option<&str>, position: Position) -> LaneId {
-    LaneId::of(key, position)
 }
 
 /// Exponential backoff with full jitter: a uniformly random delay between

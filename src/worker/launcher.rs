@@ -9,10 +9,9 @@
 //! not exist yet, or a cluster where no CREATE EXTENSION ran yet, is waited
 //! for quietly (one log line per change).
 //!
-//! Every backend also watches for statements that need a database free of
-//! connections (DROP DATABASE, ALTER DATABASE ... RENAME, CREATE DATABASE
-//! ... TEMPLATE): the worker of that database leaves at once and is not
-//! started again until the statement is over.
+//! A worker leaves its database when a statement needs it free of
+//! connections (utility_hook.rs); the launcher starts it again once that
+//! statement is over.
 
 use crate::{guc, shmem};
 use pgrx::bgworkers::{
@@ -20,7 +19,6 @@ use pgrx::bgworkers::{
 };
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
 /// The role database workers connect as.
@@ -111,6 +109,8 @@ fn look_after(index: usize, db: &mut Database) {
         }
         Ok((db_oid, role_oid)) => {
             db.waiting = None;
+            // Commits there take their place in the order from now on.
+            shmem::publish_database(index, db_oid);
             match start_worker(index, &db.name, db_oid, role_oid) {
                 Ok(worker) => db.worker = Some((worker, now)),
                 Err(()) => {
@@ -206,126 +206,4 @@ fn start_worker(
 pub fn worker_target_of(extra: &str) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     let mut parts = extra.split(' ').map(|p| p.parse::<u32>().ok().map(pg_sys::Oid::from));
     Some((parts.next()??, parts.next()??))
-}
-
-// ---------------------------------------------------------------------------
-// Letting go of a database.
-
-static mut PREVIOUS_HOOK: pg_sys::ProcessUtility_hook_type = None;
-
-/// Install the utility hook (every backend, at preload).
-pub fn install_hook() {
-    // SAFETY: _PG_init runs once per process, before any statement.
-    unsafe {
-        PREVIOUS_HOOK = pg_sys::ProcessUtility_hook;
-        pg_sys::ProcessUtility_hook = Some(process_utility);
-    }
-}
-
-/// The index of the configured database a statement needs free of
-/// connections, if any.
-unsafe fn database_to_release(stmt: *mut pg_sys::Node) -> Option<usize> {
-    if stmt.is_null() {
-        return None;
-    }
-    let name = unsafe {
-        match (*stmt).type_ {
-            pg_sys::NodeTag::T_DropdbStmt => (*(stmt as *mut pg_sys::DropdbStmt)).dbname,
-            pg_sys::NodeTag::T_RenameStmt
-                if (*(stmt as *mut pg_sys::RenameStmt)).renameType == pg_sys::ObjectType::OBJECT_DATABASE =>
-            {
-                (*(stmt as *mut pg_sys::RenameStmt)).subname
-            }
-            // Only SET TABLESPACE needs the database to itself.
-            pg_sys::NodeTag::T_AlterDatabaseStmt => {
-                let alter = stmt as *mut pg_sys::AlterDatabaseStmt;
-                option_text((*alter).options, c"tablespace")?;
-                (*alter).dbname
-            }
-            pg_sys::NodeTag::T_CreatedbStmt => {
-                let options = (*(stmt as *mut pg_sys::CreatedbStmt)).options;
-                option_text(options, c"template")?
-            }
-            _ => return None,
-        }
-    };
-    if name.is_null() {
-        return None;
-    }
-    let name = unsafe { CStr::from_ptr(name) }.to_bytes();
-    guc::database_index(name)
-}
-
-/// The text of option `name` in a list of DefElem.
-unsafe fn option_text(options: *mut pg_sys::List, name: &CStr) -> Option<*mut std::ffi::c_char> {
-    if options.is_null() {
-        return None;
-    }
-    unsafe {
-        for i in 0..(*options).length as usize {
-            let def = (*(*options).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
-            if !(*def).defname.is_null() && CStr::from_ptr((*def).defname) == name && !(*def).arg.is_null() {
-                // A template is written as a name (a String node).
-                let arg = (*def).arg;
-                #[cfg(not(any(feature = "pg13", feature = "pg14")))]
-                if (*arg).type_ == pg_sys::NodeTag::T_String {
-                    return Some((*(arg as *mut pg_sys::String)).sval);
-                }
-                #[cfg(any(feature = "pg13", feature = "pg14"))]
-                if (*arg).type_ == pg_sys::NodeTag::T_String {
-                    return Some((*(arg as *mut pg_sys::Value)).val.str_);
-                }
-                return None;
-            }
-        }
-    }
-    None
-}
-
-// The hook runs around every utility statement of every backend, so it adds
-// nothing to them: no pg_guard (which would turn every DDL error into a
-// Rust panic and back), no allocation, nothing that can fail. The previous
-// hook is called through plain C declarations; an ERROR raised below
-// unwinds through this frame, which holds only plain values. The flag it
-// sets is cleared at the end of the transaction (xact.rs).
-unsafe extern "C-unwind" {
-    #[link_name = "standard_ProcessUtility"]
-    fn standard_process_utility(
-        pstmt: *mut pg_sys::PlannedStmt,
-        query: *const std::ffi::c_char,
-        #[cfg(not(feature = "pg13"))] read_only_tree: bool,
-        context: pg_sys::ProcessUtilityContext::Type,
-        params: pg_sys::ParamListInfo,
-        env: *mut pg_sys::QueryEnvironment,
-        dest: *mut pg_sys::DestReceiver,
-        qc: *mut pg_sys::QueryCompletion,
-    );
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe extern "C-unwind" fn process_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query: *const std::ffi::c_char,
-    #[cfg(not(feature = "pg13"))] read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    unsafe {
-        if let Some(index) = database_to_release((*pstmt).utilityStmt) {
-            crate::xact::release_database_until_end(index);
-        }
-        #[cfg(not(feature = "pg13"))]
-        match PREVIOUS_HOOK {
-            Some(hook) => hook(pstmt, query, read_only_tree, context, params, env, dest, qc),
-            None => standard_process_utility(pstmt, query, read_only_tree, context, params, env, dest, qc),
-        }
-        #[cfg(feature = "pg13")]
-        match PREVIOUS_HOOK {
-            Some(hook) => hook(pstmt, query, context, params, env, dest, qc),
-            None => standard_process_utility(pstmt, query, context, params, env, dest, qc),
-        }
-    }
 }

@@ -1,44 +1,52 @@
-//! The background worker: one per database named in `outbox.databases`.
+//! The background worker: one per database named in `outbox.databases`,
+//! started by the launcher (launcher.rs) as role outbox_worker.
 //!
 //! Its main thread is the Postgres side: it waits on its latch (set by
 //! commits, by the network side and by signals), then runs one short
-//! transaction that records outcomes, takes a tick and reads new events,
-//! and finally hands ready events to the network side. It never holds a
-//! transaction or snapshot while requests are in flight.
+//! transaction that takes a tick and lets every endpoint persist what it
+//! learned and read new events, each endpoint in a subtransaction of its
+//! own (one endpoint's failure undoes only its own work), and finally hands
+//! ready events to the network side. It never holds a transaction or
+//! snapshot while requests are in flight.
+//!
+//! Modules: `ticks` (snapshots and commit order), `stream` (reading
+//! batches), `parked` (lanes in outbox.parked), `store` (endpoints and
+//! progress), `endpoint` (one endpoint's state), `rotation` (emptying the
+//! events tables), `error` (the error type and (sub)transactions),
+//! `session` and `launcher` (who runs, as whom).
 
-mod commit_order;
 mod endpoint;
+mod error;
 pub mod launcher;
 mod parked;
 mod rotation;
 mod session;
 mod store;
+mod stream;
+mod ticks;
 
-use crate::config;
 use crate::egress::{AllowList, Egress};
 use crate::guc;
-use crate::net::{self, Job, Network, Outcome};
+use crate::net::{self, Network, Outcome};
 use crate::shmem;
-use endpoint::EndpointState;
+use endpoint::{EndpointState, Step};
+use error::{subtransaction, transaction, Result, WorkerError};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use store::Tick;
 
-/// Events read per endpoint per step, so one step stays short.
-const READ_PER_STEP: usize = 5_000;
-/// Rows per read query.
-const PAGE: usize = 1_000;
-/// Ticks held in memory beyond the oldest one an endpoint reads from.
-const MAX_TICKS_LOADED: i64 = 10_000;
 /// How often rotation and tick cleanup run.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 /// Endpoint rows are re-read at least this often, even unasked.
 const RELOAD_EVERY: Duration = Duration::from_secs(10);
+/// Take a tick once this many commits were noted since the last one, even
+/// when no endpoint has caught up: batches stay small.
+const TICK_AFTER_COMMITS: u64 = 1_000;
+/// After the worker's own step failed, or an endpoint's, wait this long.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// Register the launcher, which starts one worker per configured database
 /// (postmaster, at preload).
@@ -96,6 +104,13 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     // SAFETY: connected.
     unsafe { shmem::publish_worker(index, pg_sys::MyDatabaseId) };
 
+    // Large buffers (request bodies, payload text) always get memory of
+    // their own, returned when freed: with glibc's adaptive threshold they
+    // would come from heaps that keep their size, and the worker's memory
+    // would creep above its window.
+    // SAFETY: a malloc setting of this process, set before any thread.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+
     let latch = unsafe { pg_sys::MyLatch } as usize;
     let wake: net::Waker = Arc::new(move || unsafe { set_latch_from_any_thread(latch as *mut pg_sys::Latch) });
     let network = match Network::start(2, wake) {
@@ -137,10 +152,10 @@ struct Worker {
     egress: Arc<Egress>,
     network: Network,
     endpoints: Vec<EndpointState>,
-    ticks: HashMap<i64, Tick>,
+    ticks: ticks::Ticks,
     latest_tick: i64,
     last_tick: Instant,
-    commit_order: commit_order::CommitOrder,
+    commit_order: ticks::CommitOrder,
     /// The oid of the extension the state below belongs to: a reinstall
     /// (DROP and CREATE EXTENSION) starts over from the new tables.
     extension: Option<u32>,
@@ -148,10 +163,15 @@ struct Worker {
     next_generation: u64,
     last_reload: Instant,
     last_maintenance: Instant,
+    /// After an error of the whole step, wait until then.
+    error_pause_until: Option<Instant>,
+    /// Endpoints whose step failed: rebuilt from the tables, not before.
+    broken: HashMap<i32, Instant>,
+    /// Events were read in this step: their commits must be durable
+    /// before anything is sent.
+    read_events: bool,
     /// The worker's role was found to be a superuser: stop.
     superuser: bool,
-    /// After an error, wait this long before trying again.
-    error_pause_until: Option<Instant>,
 }
 
 impl Worker {
@@ -162,21 +182,23 @@ impl Worker {
             egress: Arc::new(read_egress()),
             network,
             endpoints: Vec::new(),
-            ticks: HashMap::new(),
+            ticks: ticks::Ticks::default(),
             latest_tick: 0,
             last_tick: Instant::now(),
-            commit_order: commit_order::CommitOrder::default(),
+            commit_order: ticks::CommitOrder::default(),
             extension: None,
             config_generation: None,
             next_generation: 1,
             last_reload: Instant::now(),
             last_maintenance: Instant::now(),
             error_pause_until: None,
+            broken: HashMap::new(),
+            read_events: false,
             superuser: false,
         }
     }
 
-    /// After SIGHUP: targets are rebuilt when the allow-list changed.
+    /// After SIGHUP: targets are rebuilt when the egress settings changed.
     fn settings_reloaded(&mut self) {
         let egress = read_egress();
         if egress != *self.egress {
@@ -185,11 +207,12 @@ impl Worker {
         }
     }
 
-    /// How long to sleep when nothing wakes the latch.
+    /// How long to sleep when nothing wakes the latch: until the poll
+    /// interval ends, or an endpoint has something to do.
     fn timeout(&self) -> Duration {
         let now = Instant::now();
         let mut until = now + poll_interval();
-        for t in self.endpoints.iter().filter_map(EndpointState::next_wake) {
+        for t in self.endpoints.iter().filter_map(|e| e.next_wake(now)) {
             until = until.min(t);
         }
         if let Some(t) = self.error_pause_until {
@@ -208,37 +231,31 @@ impl Worker {
         self.error_pause_until = None;
         self.apply_outcomes();
 
-        let result = transaction(AssertUnwindSafe(|| self.sync()));
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) | Err(e) => {
-                pgrx::warning!("outbox worker: {e}");
-                // Forget what may not have been written; start again from
-                // the tables after a pause.
-                self.extension = None;
-                self.endpoints.clear();
-                shmem::want_commits(self.slot, false);
-                self.ticks.clear();
-                self.error_pause_until = Some(Instant::now() + Duration::from_secs(1));
-                return;
-            }
+        self.read_events = false;
+        if let Err(e) = transaction(|| self.sync()) {
+            pgrx::warning!("outbox worker: {e}");
+            // Forget what may not have been written; start again from
+            // the tables after a pause.
+            self.forget_all();
+            self.error_pause_until = Some(Instant::now() + ERROR_PAUSE);
+            return;
+        }
+        if self.read_events {
+            flush_wal();
         }
         self.dispatch(Instant::now());
 
         if self.extension.is_some() && self.last_maintenance.elapsed() >= MAINTAIN_EVERY {
             self.last_maintenance = Instant::now();
-            let retention = guc::RETENTION_S.get().max(1) as f64;
-            let slot = self.slot;
-            match transaction(AssertUnwindSafe(|| {
-                rotation::drop_old_ticks()?;
-                rotation::maintain(slot, retention)
-            })) {
-                Ok(Ok(Some(what))) => pgrx::debug1!("outbox worker: {what}"),
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => pgrx::warning!("outbox worker: table maintenance: {e}"),
-                Err(e) => pgrx::warning!("outbox worker: table maintenance: {e}"),
-            }
+            self.maintain();
         }
+    }
+
+    fn forget_all(&mut self) {
+        self.extension = None;
+        self.endpoints.clear();
+        self.ticks.clear();
+        shmem::want_commits(self.slot, false);
     }
 
     fn apply_outcomes(&mut self) {
@@ -249,130 +266,90 @@ impl Worker {
             // again from the tables.
             if let Some(ep) = self.endpoints.iter_mut().find(|e| e.id == o.endpoint_id && e.generation == o.generation)
             {
-                ep.job_done();
-                for (lane, position, result) in o.results {
-                    ep.on_outcome(&lane, position, result, now);
-                }
+                ep.on_outcome(o, now);
             }
         }
     }
 
     /// The database part of a step, in one transaction.
-    fn sync(&mut self) -> Result<(), String> {
+    fn sync(&mut self) -> Result<()> {
         // SAFETY: a catalog-cache lookup of our own role, in a transaction.
         if unsafe { pg_sys::superuser() } {
             self.superuser = true;
             return Ok(());
         }
-        let extension = store::extension_oid()?;
+        let extension = store::pin_extension()?;
         if extension != self.extension {
             // Installed, dropped or installed anew: nothing known so far
             // belongs to the tables now there.
-            self.endpoints.clear();
-            self.ticks.clear();
-            shmem::want_commits(self.slot, false);
+            self.forget_all();
             self.extension = extension;
             self.config_generation = None;
             if extension.is_none() {
                 return Ok(());
             }
-            self.latest_tick = store::latest_tick()?;
+            self.latest_tick = ticks::latest()?;
         }
         if extension.is_none() {
             return Ok(());
         }
-        self.write_back()?;
 
         let generation = shmem::config_generation(self.slot);
-        if self.config_generation != Some(generation) || self.last_reload.elapsed() >= RELOAD_EVERY {
-            rotation::publish_current(self.slot).map_err(|e| e.to_string())?;
+        let broken_due = self.broken.values().any(|t| *t <= Instant::now());
+        if self.config_generation != Some(generation) || self.last_reload.elapsed() >= RELOAD_EVERY || broken_due {
+            rotation::publish_current(self.slot)?;
             self.reload_endpoints()?;
             self.config_generation = Some(generation);
             self.last_reload = Instant::now();
         }
-        let now = Instant::now();
-        for ep in self.endpoints.iter_mut().filter(|e| e.parked_stale) {
-            let heads = store::parked_lanes(ep.id, ep.config().options.on_dead == config::OnDead::Block)?;
-            ep.load_parked(heads, now);
-        }
-
-        let (max_events, max_bytes) = window();
-        for ep in &mut self.endpoints {
-            ep.park_stuck_lanes(max_events, max_bytes, now);
-        }
-        self.flush_parks()?;
         self.tick()?;
-        self.read_events()?;
-        self.flush_parks()?;
-        self.load_parked_heads(now)?;
-        Ok(())
-    }
 
-    /// Write what the worker learned since the last step: parked and dead
-    /// events, outcomes of parked events, disabled endpoints, progress.
-    fn write_back(&mut self) -> Result<(), String> {
-        self.flush_parks()?;
-        let mut updates = Vec::new();
-        Spi::connect_mut(|client| {
-            for ep in &mut self.endpoints {
-                store::write_parked(client, ep.id, &ep.parked.writes)?;
-                ep.parked.writes.clear();
-                if let Some(reason) = &ep.gone {
-                    if ep.active {
-                        store::disable_endpoint(client, ep.id, reason)?;
-                        ep.active = false;
-                    }
-                }
-                if let Some(update) = ep.progress() {
-                    store::save_progress(client, &update)?;
-                    updates.push(update);
-                }
-            }
-            pgrx::spi::SpiResult::Ok(())
-        })
-        .map_err(|e| e.to_string())?;
-        // Marked saved now; if the commit fails the step's error path
-        // drops all state and reloads it from the tables.
-        for update in &updates {
-            if let Some(ep) = self.endpoints.iter_mut().find(|e| e.id == update.endpoint_id) {
-                ep.saved(update);
+        let mut step =
+            Step { ticks: &mut self.ticks, latest_tick: self.latest_tick, window: window(), now: Instant::now() };
+        let mut failed = Vec::new();
+        for ep in &mut self.endpoints {
+            let before = ep.read_tick();
+            match subtransaction(|| ep.sync(&mut step)) {
+                Err(e) => failed.push((ep.id, e)),
+                Ok(read) => self.read_events |= read > 0 || ep.read_tick() != before,
             }
         }
-        Ok(())
-    }
-
-    /// Copy the events endpoints moved out of their windows into
-    /// outbox.parked. Must commit no later than the cursors that pass them.
-    fn flush_parks(&mut self) -> Result<(), String> {
-        Spi::connect_mut(|client| {
-            for ep in self.endpoints.iter_mut().filter(|e| !e.to_park.is_empty()) {
-                store::park(client, ep.id, &ep.to_park)?;
-                ep.to_park.clear();
-            }
-            pgrx::spi::SpiResult::Ok(())
-        })
-        .map_err(|e| e.to_string())
-    }
-
-    /// Read the first rows of parked lanes that are due or moved on.
-    fn load_parked_heads(&mut self, now: Instant) -> Result<(), String> {
-        for ep in self.endpoints.iter_mut().filter(|e| e.active) {
-            let (keys, solo, asked) = ep.parked_to_load(now);
-            if asked.is_empty() {
-                continue;
-            }
-            let block = ep.config().options.on_dead == config::OnDead::Block;
-            let heads = store::parked_heads(ep.id, &keys, &solo, block)?;
-            ep.parked_loaded(asked, heads, now);
+        for (id, e) in failed {
+            self.endpoint_failed(id, e);
         }
+        // Keep only the ticks endpoints read between next.
+        let needed: std::collections::HashSet<i64> =
+            self.endpoints.iter().flat_map(|e| [e.read_tick(), e.read_tick() + 1]).collect();
+        self.ticks.retain(|id| needed.contains(&id));
         Ok(())
     }
 
-    fn reload_endpoints(&mut self) -> Result<(), String> {
+    /// One endpoint's step failed (in its subtransaction, rolled back): its
+    /// state is dropped and rebuilt from the tables after a pause; others
+    /// go on. The error goes to the log and to its last_error.
+    fn endpoint_failed(&mut self, id: i32, e: WorkerError) {
+        pgrx::warning!("outbox worker: endpoint {id}: {e}");
+        let message = format!("outbox worker: {e}");
+        if let Err(e2) = subtransaction(|| store::report_error(id, &message)) {
+            pgrx::warning!("outbox worker: endpoint {id}: recording the error: {e2}");
+        }
+        self.endpoints.retain(|ep| ep.id != id);
+        self.broken.insert(id, Instant::now() + ERROR_PAUSE);
+    }
+
+    fn reload_endpoints(&mut self) -> Result<()> {
+        store::start_new_endpoints()?;
         let rows = store::load_endpoints()?;
+        let now = Instant::now();
+        let parked_cap = window().0;
         let mut next = Vec::with_capacity(rows.len());
         for row in rows {
-            let config = match config::Endpoint::parse(&row.name, &row.url, &row.kind, &row.topics, &row.options) {
+            if self.broken.get(&row.id).is_some_and(|t| *t > now) {
+                continue;
+            }
+            self.broken.remove(&row.id);
+            let config = match crate::config::Endpoint::parse(&row.name, &row.url, &row.kind, &row.topics, &row.options)
+            {
                 Ok(c) => c,
                 Err(e) => {
                     pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name);
@@ -388,87 +365,35 @@ impl Worker {
             }
             // A new endpoint, or its topics or kind changed: (re)start from
             // the persisted cursor.
-            match EndpointState::new(&row, config, self.next_generation, &self.source, &self.egress) {
+            match EndpointState::new(&row, config, self.next_generation, &self.source, &self.egress, parked_cap) {
                 Ok(ep) => next.push(ep),
                 Err(e) => pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name),
             }
             self.next_generation += 1;
         }
         self.endpoints = next;
-        shmem::want_commits(self.slot, self.endpoints.iter().any(|e| e.active));
+        shmem::want_commits(self.slot, self.endpoints.iter().any(EndpointState::is_active));
         Ok(())
     }
 
     /// Take a tick when an endpoint has read everything up to the latest
-    /// one (more ticks would only cut the backlog into smaller batches). At
-    /// least once per poll interval a tick is taken even without new
-    /// events: the oldest tick in use decides what rotation may remove, so
-    /// it must move on when all is quiet.
-    fn tick(&mut self) -> Result<(), String> {
-        let caught_up = self.endpoints.iter().any(|e| e.active && e.read.tick >= self.latest_tick);
+    /// one, when many commits were noted since the last tick, and at least
+    /// once per poll interval even without new events (the oldest tick in
+    /// use decides what rotation may remove, so it must move on when all
+    /// is quiet).
+    fn tick(&mut self) -> Result<()> {
+        let caught_up = self.endpoints.iter().any(|e| e.is_active() && e.read_tick() >= self.latest_tick);
+        let ring = shmem::commit_ring(self.slot);
+        let many = ring.is_some_and(|ring| self.commit_order.unread(ring) >= TICK_AFTER_COMMITS);
         let overdue = self.last_tick.elapsed() >= poll_interval();
-        if !caught_up && !overdue {
+        if !caught_up && !overdue && !many {
             return Ok(());
         }
-        let order = &mut self.commit_order;
-        let latest = store::take_tick(overdue, |txids| {
-            if txids.len() > commit_order::MAX_ORDERED {
-                return false;
-            }
-            if let Some(ring) = shmem::commit_ring() {
-                order.read(ring);
-            }
-            order.sort(txids);
-            true
-        })?;
+        let latest = ticks::take(overdue, &mut self.commit_order, ring)?;
         if latest != self.latest_tick {
             self.latest_tick = latest;
             self.last_tick = Instant::now();
         }
-        Ok(())
-    }
-
-    fn read_events(&mut self) -> Result<(), String> {
-        let (max_events, max_bytes) = window();
-        let latest = self.latest_tick;
-        let Some(oldest) = self.endpoints.iter().filter(|e| e.active).map(|e| e.read.tick).min() else {
-            return Ok(());
-        };
-        // The ticks endpoints read between, from the oldest position on
-        // (bounded: an endpoint far behind catches up step by step).
-        let missing: Vec<i64> =
-            (oldest..=latest.min(oldest + MAX_TICKS_LOADED)).filter(|id| !self.ticks.contains_key(id)).collect();
-        if !missing.is_empty() {
-            for t in store::load_ticks(&missing)? {
-                self.ticks.insert(t.id, t);
-            }
-        }
-
-        for ep in self.endpoints.iter_mut().filter(|e| e.active) {
-            let mut budget = READ_PER_STEP;
-            loop {
-                let room = ep.window_room(max_events, max_bytes).min(budget).min(PAGE);
-                if room == 0 || ep.read.tick >= latest {
-                    break;
-                }
-                let lo_id = ep.read.tick;
-                let (Some(lo), Some(hi)) = (self.ticks.get(&lo_id), self.ticks.get(&(lo_id + 1))) else {
-                    break; // beyond what is loaded: next step
-                };
-                let bytes = max_bytes.saturating_sub(ep.sched.bytes()).max(1) as i64;
-                let page = store::read_batch(lo, hi, ep.read.after, &ep.like, room as i64, bytes)?;
-                budget = budget.saturating_sub(page.events.len());
-                for event in page.events {
-                    ep.push(event);
-                }
-                if page.complete {
-                    ep.read = store::Cursor { tick: lo_id + 1, after: None };
-                }
-            }
-        }
-        // Forget ticks no endpoint reads from anymore.
-        let oldest = self.endpoints.iter().filter(|e| e.active).map(|e| e.read.tick).min().unwrap_or(latest);
-        self.ticks.retain(|id, _| *id >= oldest);
         Ok(())
     }
 
@@ -479,15 +404,49 @@ impl Worker {
             return;
         }
         for ep in &mut self.endpoints {
-            for events in ep.take_jobs(now) {
-                self.network.submit(Job {
-                    endpoint_id: ep.id,
-                    generation: ep.generation,
-                    target: ep.target.clone(),
-                    events,
-                });
+            for job in ep.take_jobs(now) {
+                self.network.submit(job);
             }
         }
+    }
+
+    /// Rotation and tick cleanup, in a transaction of their own.
+    fn maintain(&mut self) {
+        let retention = guc::RETENTION_S.get().max(1) as f64;
+        match transaction(|| {
+            if store::pin_extension()? != self.extension {
+                return Ok(rotation::Done::Nothing); // the next step looks again
+            }
+            ticks::drop_old()?;
+            rotation::maintain(retention)
+        }) {
+            Ok(rotation::Done::Switched(slot)) => {
+                // Committed: emitters may use the new table now. Then, in a
+                // transaction that starts after that, bound the table left.
+                shmem::publish_events_table(self.slot, Some(slot));
+                pgrx::debug1!("outbox worker: outbox.events_{slot} is now current");
+                if let Err(e) = transaction(|| rotation::maintain(retention)) {
+                    pgrx::warning!("outbox worker: table maintenance: {e}");
+                }
+            }
+            Ok(done) => pgrx::debug2!("outbox worker: maintenance: {done:?}"),
+            Err(e) => pgrx::warning!("outbox worker: table maintenance: {e}"),
+        }
+    }
+}
+
+/// Make every commit this step may have read events of durable before the
+/// events go out: with synchronous_commit = off a commit returns before its
+/// WAL is flushed, and a crash would undo a transaction whose events were
+/// already delivered. Every transaction that emits records where its
+/// commit record ends (xact.rs); flushing up to the latest such position
+/// covers every commit the step saw. With synchronous commits it is
+/// flushed already, and this returns at once.
+fn flush_wal() {
+    let end = shmem::commit_end();
+    if end > 0 {
+        // SAFETY: main thread; flushing WAL needs no transaction.
+        unsafe { pg_sys::XLogFlush(end) };
     }
 }
 
@@ -510,34 +469,4 @@ fn poll_interval() -> Duration {
 /// The per-endpoint window: events and payload bytes held in memory.
 fn window() -> (usize, usize) {
     (guc::WINDOW_EVENTS.get().max(1) as usize, guc::WINDOW_KB.get().max(1) as usize * 1024)
-}
-
-/// Run `f` in its own transaction. A Postgres error inside aborts the
-/// transaction and comes back as `Err` instead of ending the worker.
-fn transaction<R>(f: AssertUnwindSafe<impl FnOnce() -> R>) -> Result<R, String> {
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let body = AssertUnwindSafe(move || {
-        let r = (f.0)();
-        unsafe {
-            pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
-        }
-        Ok(r)
-    });
-    PgTryBuilder::new(body)
-        .catch_others(|e| {
-            let message = match &e {
-                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
-                    r.message().to_string()
-                }
-                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-            };
-            unsafe { pg_sys::AbortCurrentTransaction() };
-            Err(message)
-        })
-        .execute()
 }

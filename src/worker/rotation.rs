@@ -5,13 +5,16 @@
 //! it is empty. The table it left is emptied with one TRUNCATE as soon as
 //! every endpoint is past everything in it.
 //!
-//! Why that is safe: an emitter takes its transaction id first and reads
-//! the current table after, so every event in the table we left has a txid
-//! below `left_txid` (the xmax of a snapshot taken once the switch was
-//! published). When the oldest tick any endpoint still reads from has an
-//! xmin above `left_txid`, all those transactions are over and every
-//! endpoint has finished their events.
+//! Why that is safe (docs/design.md has the whole argument): an emitter
+//! takes its transaction id first and reads which table is current after,
+//! so every event in the table we left has a txid below `left_txid`, the
+//! worker's own transaction id taken in a transaction that starts after the
+//! switch committed and was published. When the oldest tick any endpoint
+//! still reads from has an xmin above `left_txid`, all those transactions
+//! are over and every endpoint has finished their events. An endpoint that
+//! has not started yet (its tick is still NULL) holds everything back.
 
+use super::error::Result;
 use crate::shmem;
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
@@ -25,8 +28,8 @@ struct Table {
 }
 
 fn tables() -> SpiResult<Vec<Table>> {
-    Spi::connect(|client| {
-        let rows = client.select(
+    Spi::connect_mut(|client| {
+        let rows = client.update(
             "SELECT slot::pg_catalog.int4, current, extract(epoch FROM pg_catalog.now() - since)::pg_catalog.float8, left_txid, empty
              FROM outbox.rotation ORDER BY slot",
             None,
@@ -48,31 +51,49 @@ fn tables() -> SpiResult<Vec<Table>> {
 
 /// Tell emitters which table is current. Runs inside a transaction that
 /// read outbox.rotation, so a concurrent DROP EXTENSION waits for it.
-pub fn publish_current(worker: usize) -> SpiResult<()> {
+pub fn publish_current(worker: usize) -> Result<()> {
     let current = tables()?.into_iter().find(|t| t.current).map(|t| t.slot);
     shmem::publish_events_table(worker, current);
     Ok(())
 }
 
-/// One maintenance pass; runs in its own transaction. Returns what it did,
-/// for the log.
-pub fn maintain(worker: usize, retention_s: f64) -> SpiResult<Option<String>> {
+/// What a maintenance pass did.
+#[derive(Debug, PartialEq)]
+pub enum Done {
+    Nothing,
+    /// Table `slot` is current now: publish it once this commits.
+    Switched(usize),
+    /// The table left behind is bounded (left_txid set).
+    Bounded(usize),
+    /// Table `slot` was emptied.
+    Emptied(usize),
+}
+
+/// One maintenance pass; runs in its own transaction.
+pub fn maintain(retention_s: f64) -> Result<Done> {
+    Ok(rotate(retention_s)?)
+}
+
+fn rotate(retention_s: f64) -> SpiResult<Done> {
     let tables = tables()?;
     let (Some(current), Some(other)) = (tables.iter().find(|t| t.current), tables.iter().find(|t| !t.current)) else {
-        return Ok(None);
+        return Ok(Done::Nothing);
     };
 
     if !other.empty {
         let Some(left_txid) = other.left_txid else {
-            // A switch whose second half never ran: the switch is published
-            // (at start-up at the latest), so a snapshot's xmax now bounds
-            // every txid written to the table we left.
+            // The second half of a switch, in a transaction of its own that
+            // began after the switch committed and was published: every
+            // transaction that could still write into the table we left
+            // took its id before, so ours bounds them all.
             set_left_txid(other.slot)?;
-            return Ok(None);
+            return Ok(Done::Bounded(other.slot));
         };
         let horizon = Spi::get_one::<i64>(
             "SELECT t.snap_xmin FROM outbox.ticks AS t
-             WHERE t.id = (SELECT coalesce(pg_catalog.min(p.tick), (SELECT pg_catalog.max(id) FROM outbox.ticks)) FROM outbox.progress AS p)",
+             WHERE t.id = (SELECT coalesce(pg_catalog.min(p.tick), (SELECT pg_catalog.max(id) FROM outbox.ticks))
+                           FROM outbox.progress AS p)
+               AND NOT EXISTS (SELECT FROM outbox.progress AS p WHERE p.tick IS NULL)",
         )?;
         if horizon.is_some_and(|h| h > left_txid) {
             // lock_timeout: never queue behind a reader of the table.
@@ -82,9 +103,9 @@ pub fn maintain(worker: usize, retention_s: f64) -> SpiResult<Option<String>> {
                 "UPDATE outbox.rotation SET empty = true, left_txid = NULL WHERE slot = $1",
                 &[(other.slot as i16).into()],
             )?;
-            return Ok(Some(format!("emptied outbox.events_{}", other.slot)));
+            return Ok(Done::Emptied(other.slot));
         }
-        return Ok(None);
+        return Ok(Done::Nothing);
     }
 
     let has_events = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT FROM outbox.events_{})", current.slot))?;
@@ -95,26 +116,19 @@ pub fn maintain(worker: usize, retention_s: f64) -> SpiResult<Option<String>> {
                     empty = CASE WHEN slot = $1 THEN false ELSE empty END",
             &[(other.slot as i16).into()],
         )?;
-        shmem::publish_events_table(worker, Some(other.slot));
-        // A new statement, so a new snapshot: taken after the publish.
-        set_left_txid(current.slot)?;
-        return Ok(Some(format!("outbox.events_{} is now current", other.slot)));
+        // Published by the caller once this commits; left_txid is set by
+        // the next pass, in a transaction that starts after that (above).
+        return Ok(Done::Switched(other.slot));
     }
-    Ok(None)
+    Ok(Done::Nothing)
 }
 
 fn set_left_txid(slot: usize) -> SpiResult<()> {
+    // pg_current_xact_id() assigns this transaction its id now: higher than
+    // every id handed out before.
     Spi::run_with_args(
-        "UPDATE outbox.rotation SET left_txid = pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text::bigint WHERE slot = $1",
+        "UPDATE outbox.rotation SET left_txid = pg_catalog.pg_current_xact_id()::pg_catalog.text::bigint
+         WHERE slot = $1",
         &[(slot as i16).into()],
-    )
-}
-
-/// Forget ticks no endpoint reads from anymore (keeps the latest).
-pub fn drop_old_ticks() -> SpiResult<()> {
-    Spi::run(
-        "DELETE FROM outbox.ticks
-         WHERE id < (SELECT coalesce(pg_catalog.min(p.tick), (SELECT pg_catalog.max(id) FROM outbox.ticks)) FROM outbox.progress AS p)
-           AND id < (SELECT pg_catalog.max(id) FROM outbox.ticks)",
     )
 }

@@ -18,13 +18,18 @@ const PINNED: &[(&CStr, &CStr)] = &[
     (c"default_transaction_read_only", c"off"),
     (c"default_transaction_isolation", c"read committed"),
     (c"statement_timeout", c"0"),
-    (c"lock_timeout", c"0"),
+    // Below deadlock_timeout: the worker, not a user's DDL (DROP EXTENSION
+    // in a migration, say), gives up when the two wait on each other; it
+    // tries again a moment later.
+    (c"lock_timeout", c"100ms"),
     (c"idle_in_transaction_session_timeout", c"0"),
     (c"TimeZone", c"UTC"),
     (c"DateStyle", c"ISO, MDY"),
     (c"IntervalStyle", c"postgres"),
     (c"extra_float_digits", c"1"),
     (c"row_security", c"off"),
+    (c"standard_conforming_strings", c"on"),
+    (c"backslash_quote", c"safe_encoding"),
 ];
 
 /// Connect to the database as the worker role.

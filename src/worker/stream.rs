@@ -1,0 +1,283 @@
+//! The stream: reading the events of a batch for one endpoint, from where
+//! it is, in commit order, a page that fits its window at a time.
+
+use super::error::Result;
+use super::ticks::Tick;
+use crate::event::{Event, Position};
+use pgrx::pg_sys::{self, PgOid};
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData, SpiResult};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+/// "Batches up to `tick` are done; inside batch `tick + 1`, everything up
+/// to and including position `after` = (rank, n) is done."
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub tick: i64,
+    pub after: Option<(i64, i32)>,
+}
+
+/// The 8 columns an Event's content is read from (see `event_at`), of the
+/// table alias `$t` whose event id is `$id`.
+macro_rules! event_columns {
+    ($t:literal, $id:literal) => {
+        concat!(
+            $id,
+            "::pg_catalog.text, ",
+            $t,
+            ".topic, ",
+            $t,
+            ".key, ",
+            $t,
+            ".type, ",
+            $t,
+            ".payload::pg_catalog.text, ",
+            $t,
+            ".headers::pg_catalog.text, ",
+            "pg_catalog.to_char(",
+            $t,
+            ".created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), ",
+            "extract(epoch FROM ",
+            $t,
+            ".created_at)::pg_catalog.float8"
+        )
+    };
+}
+pub(crate) use event_columns;
+
+/// The Event at `position` whose `event_columns!` start at column `first`
+/// (1-based) of `row`: the one reader of rows into events, for the stream
+/// and for parked events.
+pub fn event_at(row: &SpiHeapTupleData<'_>, first: usize, position: Position) -> SpiResult<Event> {
+    let epoch: f64 = row.get(first + 7)?.unwrap_or_default();
+    Ok(Event {
+        position,
+        id: row.get(first)?.unwrap_or_default(),
+        topic: row.get(first + 1)?.unwrap_or_default(),
+        key: row.get(first + 2)?,
+        event_type: row.get(first + 3)?,
+        payload: row.get(first + 4)?.unwrap_or_else(|| "null".into()),
+        headers: row.get(first + 5)?.unwrap_or_else(|| "{}".into()),
+        timestamp: row.get(first + 6)?.unwrap_or_default(),
+        created: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0)),
+    })
+}
+
+/// A row of the reads below: rank, txid, n, then `event_columns!`.
+fn stream_event(row: &SpiHeapTupleData<'_>, batch: i64, rank: i64) -> SpiResult<Event> {
+    let position = Position { batch, rank, txid: row.get(2)?.unwrap_or_default(), n: row.get(3)?.unwrap_or_default() };
+    event_at(row, 4, position)
+}
+
+thread_local! {
+    /// The stream's statements, planned once per process.
+    static PREPARED: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+fn prepared(
+    client: &mut SpiClient<'_>,
+    sql: &'static str,
+    types: &[pg_sys::Oid],
+) -> SpiResult<Rc<OwnedPreparedStatement>> {
+    if let Some(plan) = PREPARED.with(|m| m.borrow().get(sql).cloned()) {
+        return Ok(plan);
+    }
+    let types: Vec<PgOid> = types.iter().map(|t| PgOid::from(*t)).collect();
+    let plan = Rc::new(client.prepare_mut(sql, &types)?.keep());
+    PREPARED.with(|m| m.borrow_mut().insert(sql, plan.clone()));
+    Ok(plan)
+}
+
+// The reads below return at most $limit rows and stop after the row whose
+// size (outbox.events.size: payload uncompressed, key, type, headers)
+// crosses $bytes, so one page never holds much more than the window has
+// room for, whatever writers put in their events. Each row also says how
+// many rows the LIMIT let through (`candidates`): fewer rows than that
+// means the byte budget cut the page.
+
+/// Rest of one transaction's events after emit number `after_n`, by index.
+/// $1 txid, $2 after_n, $3 patterns, $4 limit, $5 bytes.
+const READ_TRANSACTION: &str = concat!(
+    "SELECT 0::pg_catalog.int8, e.txid, e.n, ",
+    event_columns!("e", "e.id"),
+    ", e.candidates
+     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.n) AS upto, pg_catalog.count(*) OVER () AS candidates
+           FROM (SELECT * FROM outbox.events AS y
+                 WHERE y.txid = $1 AND y.n > $2 AND y.topic LIKE ANY ($3) ORDER BY y.n LIMIT $4) AS w) AS e
+     WHERE e.upto - e.size < $5
+     ORDER BY e.n"
+);
+
+/// Events of the next transactions in commit order (ordinal in the slice
+/// first). Each transaction contributes at most $3 rows, and the text
+/// columns are built after the limits, so a page costs what it returns.
+/// $1 txids, $2 patterns, $3 limit, $4 bytes.
+const READ_TRANSACTIONS: &str = concat!(
+    "SELECT e.i, e.txid, e.n, ",
+    event_columns!("e", "e.id"),
+    ", e.candidates
+     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.i, w.n) AS upto,
+                  pg_catalog.count(*) OVER () AS candidates
+           FROM (SELECT o.i, x.* FROM pg_catalog.unnest($1::pg_catalog.int8[]) WITH ORDINALITY AS o(txid, i)
+                 CROSS JOIN LATERAL (SELECT * FROM outbox.events AS y
+                                     WHERE y.txid = o.txid AND y.topic LIKE ANY ($2) ORDER BY y.n LIMIT $3) AS x
+                 ORDER BY o.i, x.n LIMIT $3) AS w) AS e
+     WHERE e.upto - e.size < $4
+     ORDER BY e.i, e.n"
+);
+
+/// Batches of version 0.1.0 ticks that stored no order: txid order, over
+/// two index ranges
+/// (transactions in progress at `lo`, and those that started after it), so
+/// that events `lo` already saw are never scanned, however long ago an
+/// open transaction elsewhere began.
+/// $1 lo.xip, $2 lo.xmax, $3 hi.xmax, $4/$5 after (txid, n), $6 hi.xip,
+/// $7 patterns, $8 limit, $9 bytes.
+const READ_UNORDERED: &str = concat!(
+    "SELECT e.txid, e.txid, e.n, ",
+    event_columns!("e", "e.id"),
+    ", e.candidates
+     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.txid, w.n) AS upto,
+                  pg_catalog.count(*) OVER () AS candidates
+           FROM (SELECT * FROM (SELECT * FROM outbox.events WHERE txid = ANY ($1) AND (txid, n) > ($4, $5)
+                                UNION ALL
+                                SELECT * FROM outbox.events WHERE txid >= $2 AND txid < $3 AND (txid, n) > ($4, $5)) AS u
+                 WHERE NOT u.txid = ANY ($6) AND u.topic LIKE ANY ($7)
+                 ORDER BY u.txid, u.n
+                 LIMIT $8) AS w) AS e
+     WHERE e.upto - e.size < $9
+     ORDER BY e.txid, e.n"
+);
+
+/// A page of a batch.
+pub struct Page {
+    pub events: Vec<Event>,
+    /// Everything of the batch after the starting position was read.
+    pub complete: bool,
+}
+
+/// Whether a query's rows were all it had: fewer than `limit` candidates,
+/// none cut by the byte budget.
+fn all_of_it(rows: usize, candidates: i64, limit: i64) -> bool {
+    candidates < limit && rows as i64 == candidates
+}
+
+/// Events of the batch between ticks `lo` and `hi` (committed after `lo`,
+/// visible at `hi`) that match `like`, after position `after` = (rank, n),
+/// in order: at most `limit`, and about `bytes` of them.
+pub fn read_batch(
+    lo: &Tick,
+    hi: &Tick,
+    after: Option<(i64, i32)>,
+    like: &[String],
+    limit: i64,
+    bytes: i64,
+) -> Result<Page> {
+    Ok(Spi::connect_mut(|client| match &hi.order {
+        Some(order) => read_ordered(client, hi.id, order, after, like, limit, bytes),
+        None => {
+            use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID, TEXTARRAYOID};
+            let (after_rank, after_n) = after.unwrap_or((-1, 0));
+            let plan = prepared(
+                client,
+                READ_UNORDERED,
+                &[INT8ARRAYOID, INT8OID, INT8OID, INT8OID, INT4OID, INT8ARRAYOID, TEXTARRAYOID, INT8OID, INT8OID],
+            )?;
+            let rows = client.update(
+                &*plan,
+                None,
+                &[
+                    lo.xip.clone().into(),
+                    lo.xmax.into(),
+                    hi.xmax.into(),
+                    after_rank.into(),
+                    after_n.into(),
+                    hi.xip.clone().into(),
+                    like.to_vec().into(),
+                    limit.into(),
+                    bytes.into(),
+                ],
+            )?;
+            let mut events = Vec::with_capacity(rows.len());
+            let mut candidates = 0;
+            for row in rows {
+                let rank: i64 = row.get(1)?.unwrap_or_default();
+                candidates = row.get(12)?.unwrap_or_default();
+                events.push(stream_event(&row, hi.id, rank)?);
+            }
+            let complete = all_of_it(events.len(), candidates, limit);
+            Ok(Page { events, complete })
+        }
+    })?)
+}
+
+fn read_ordered(
+    client: &mut SpiClient<'_>,
+    batch: i64,
+    order: &[i64],
+    after: Option<(i64, i32)>,
+    like: &[String],
+    limit: i64,
+    bytes: i64,
+) -> SpiResult<Page> {
+    use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID, TEXTARRAYOID};
+    let mut events = Vec::new();
+    let mut used = 0i64;
+    let (rank, after_n) = after.unwrap_or((0, 0));
+    // The transaction we stopped in (ranks are 1-based).
+    if rank >= 1 && rank as usize <= order.len() {
+        let plan = prepared(client, READ_TRANSACTION, &[INT8OID, INT4OID, TEXTARRAYOID, INT8OID, INT8OID])?;
+        let rows = client.update(
+            &*plan,
+            None,
+            &[order[rank as usize - 1].into(), after_n.into(), like.to_vec().into(), limit.into(), bytes.into()],
+        )?;
+        let mut candidates = 0;
+        let before = events.len();
+        for row in rows {
+            candidates = row.get(12)?.unwrap_or_default();
+            let event = stream_event(&row, batch, rank)?;
+            used += event.size() as i64;
+            events.push(event);
+        }
+        if !all_of_it(events.len() - before, candidates, limit) {
+            return Ok(Page { events, complete: false });
+        }
+    }
+    // Then the following transactions, a few at first, more when they turn
+    // out small: rows scanned stay near the rows returned.
+    let mut next = rank.max(0) as usize;
+    let mut width = 4;
+    while next < order.len() {
+        let remaining = limit - events.len() as i64;
+        let room = bytes - used;
+        if remaining <= 0 || room <= 0 {
+            return Ok(Page { events, complete: false });
+        }
+        let end = (next + width).min(order.len());
+        let plan = prepared(client, READ_TRANSACTIONS, &[INT8ARRAYOID, TEXTARRAYOID, INT8OID, INT8OID])?;
+        let rows = client.update(
+            &*plan,
+            None,
+            &[order[next..end].to_vec().into(), like.to_vec().into(), remaining.into(), room.into()],
+        )?;
+        let mut candidates = 0;
+        let before = events.len();
+        for row in rows {
+            let i: i64 = row.get(1)?.unwrap_or_default();
+            candidates = row.get(12)?.unwrap_or_default();
+            let event = stream_event(&row, batch, next as i64 + i)?;
+            used += event.size() as i64;
+            events.push(event);
+        }
+        if !all_of_it(events.len() - before, candidates, remaining) {
+            return Ok(Page { events, complete: false });
+        }
+        next = end;
+        width = (width * 4).min(1024);
+    }
+    Ok(Page { events, complete: true })
+}

@@ -1,0 +1,309 @@
+//! Ticks, and the commit order of the transactions between two ticks.
+//!
+//! A tick is a snapshot the worker takes: which transactions had committed
+//! when it looked. The events of batch N are those of transactions visible
+//! at tick N and not at tick N-1 (PgQ's design): a transaction that commits
+//! late lands in a later batch, and one left open elsewhere delays nothing
+//! but itself.
+//!
+//! A snapshot says which transactions committed, not in which order, and
+//! transaction ids do not tell either (an id is handed out at the first
+//! write, long before the commit). Every transaction that emitted takes a
+//! number in shared memory just before it commits (shmem::note_commit, and
+//! the utility hook for COMMIT PREPARED): for two transactions that waited
+//! on each other that is their commit order. The worker reads those numbers
+//! when it takes a tick and stores the batch's order in the tick, whatever
+//! the batch's size. Transactions it has no number for (they committed
+//! before the server restarted, or more committed than the ring holds
+//! between two ticks) come first, by commit timestamp when
+//! `track_commit_timestamp` is on, else by transaction id; the tick counts
+//! them (`inexact`) and `outbox.stats` shows how many such batches an
+//! endpoint read. See docs/design.md.
+
+use super::error::Result;
+use crate::shmem::{CommitRing, COMMIT_RING};
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+/// A tick as the worker reads batches with it.
+#[derive(Debug, Clone)]
+pub struct Tick {
+    pub id: i64,
+    pub xmax: i64,
+    pub xip: Vec<i64>,
+    /// The batch's transactions in commit order; None only for ticks taken
+    /// by version 0.1.0, whose large batches were stored unordered.
+    pub order: Option<Vec<i64>>,
+    /// Transactions of the batch whose place came from commit timestamps
+    /// or transaction ids rather than from the commit ring.
+    pub inexact: i32,
+}
+
+/// A transaction of a new batch, with its commit timestamp (microseconds)
+/// when PostgreSQL tracks them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Txn {
+    pub txid: i64,
+    pub committed_at: Option<i64>,
+}
+
+/// Commits noted since this worker started reading the ring.
+#[derive(Default)]
+pub struct CommitOrder {
+    /// Next ring sequence number to read.
+    next_seq: u64,
+    /// Numbers taken but not yet written when last read.
+    unwritten: Vec<u64>,
+    seq_of: HashMap<i64, u64>,
+}
+
+impl CommitOrder {
+    /// Take in what the ring recorded since the last call.
+    pub fn read(&mut self, ring: &CommitRing) {
+        let end = ring.next.load(Ordering::Acquire);
+        // Entries older than the ring's size are overwritten: skip them.
+        let oldest = end.saturating_sub(COMMIT_RING as u64);
+        let start = self.next_seq.max(oldest);
+        let retry = std::mem::take(&mut self.unwritten);
+        for seq in retry.into_iter().filter(|s| *s >= oldest).chain(start..end) {
+            let slot = &ring.slots[(seq % COMMIT_RING as u64) as usize];
+            let stamp = slot.seq_plus_one.load(Ordering::Acquire);
+            if stamp == seq + 1 {
+                self.seq_of.insert(slot.txid.load(Ordering::Relaxed) as i64, seq);
+            } else if stamp < seq + 1 {
+                // Taken, not written yet: that transaction has not
+                // committed. Look again next time.
+                self.unwritten.push(seq);
+            }
+        }
+        self.next_seq = end;
+        // Forget what no new batch can contain anymore.
+        let forget_before = end.saturating_sub(2 * COMMIT_RING as u64);
+        self.seq_of.retain(|_, s| *s >= forget_before);
+    }
+
+    /// Put `txns` in commit order; returns how many were ordered by commit
+    /// timestamp or transaction id (not known to the ring). Those are older
+    /// than every known one, so they come first.
+    pub fn sort(&self, txns: &mut [Txn]) -> usize {
+        txns.sort_by_key(|t| match self.seq_of.get(&t.txid) {
+            None => (0, t.committed_at.unwrap_or(i64::MIN), t.txid as u64),
+            Some(seq) => (1, 0, *seq),
+        });
+        txns.iter().filter(|t| !self.seq_of.contains_key(&t.txid)).count()
+    }
+
+    /// Commits noted in the ring and not yet read.
+    pub fn unread(&self, ring: &CommitRing) -> u64 {
+        ring.next.load(Ordering::Acquire).saturating_sub(self.next_seq)
+    }
+
+    #[cfg(test)]
+    fn learn(&mut self, txid: i64, seq: u64) {
+        self.seq_of.insert(txid, seq);
+    }
+}
+
+/// The latest tick's id.
+pub fn latest() -> Result<i64> {
+    Ok(Spi::get_one::<i64>("SELECT pg_catalog.max(id) FROM outbox.ticks")?.unwrap_or(0))
+}
+
+/// Take a new tick if transactions committed since the last one, or
+/// `always`; returns the latest tick id either way.
+pub fn take(always: bool, order: &mut CommitOrder, ring: Option<&CommitRing>) -> Result<i64> {
+    Ok(Spi::connect_mut(|client| {
+        let row = client
+            .select(
+                "SELECT last.id, last.snap_xmax, last.snap_xip,
+                        pg_catalog.pg_snapshot_xmin(s)::pg_catalog.text::bigint,
+                        pg_catalog.pg_snapshot_xmax(s)::pg_catalog.text::bigint,
+                        ARRAY(SELECT x::pg_catalog.text::bigint FROM pg_catalog.pg_snapshot_xip(s) AS x)
+                 FROM (SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER BY id DESC LIMIT 1) AS last,
+                      pg_catalog.pg_current_snapshot() AS s",
+                Some(1),
+                &[],
+            )?
+            .first();
+        let last_id: i64 = row.get(1)?.unwrap_or(0);
+        let last_xmax: i64 = row.get(2)?.unwrap_or(0);
+        let last_xip: Vec<i64> = row.get(3)?.unwrap_or_default();
+        let (xmin, xmax, xip): (i64, i64, Vec<i64>) =
+            (row.get(4)?.unwrap_or(0), row.get(5)?.unwrap_or(0), row.get(6)?.unwrap_or_default());
+        // The transactions whose events became visible since the last tick,
+        // with their commit timestamps when track_commit_timestamp is on.
+        let row = client
+            .select(
+                "SELECT coalesce(pg_catalog.array_agg(txid ORDER BY txid), '{}'),
+                        coalesce(pg_catalog.array_agg(ts ORDER BY txid), '{}')
+                 FROM (SELECT txid,
+                              CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::boolean
+                                   THEN (extract(epoch FROM pg_catalog.pg_xact_commit_timestamp(
+                                             (txid % 4294967296)::pg_catalog.text::pg_catalog.xid)) * 1000000)::bigint
+                              END AS ts
+                       FROM (SELECT DISTINCT txid FROM (
+                                 SELECT txid FROM outbox.events WHERE txid = ANY ($2)
+                                 UNION ALL
+                                 SELECT txid FROM outbox.events WHERE txid >= $1 AND txid < $3) AS e
+                             WHERE NOT txid = ANY ($4)) AS d) AS t",
+                Some(1),
+                &[last_xmax.into(), last_xip.into(), xmax.into(), xip.clone().into()],
+            )?
+            .first();
+        let ids: Vec<i64> = row.get(1)?.unwrap_or_default();
+        let stamps: Vec<Option<i64>> = row.get(2)?.unwrap_or_default();
+        if ids.is_empty() && !always {
+            return pgrx::spi::SpiResult::Ok(last_id);
+        }
+        // Read the ring after the snapshot: every transaction the snapshot
+        // sees as committed wrote its number before that.
+        if let Some(ring) = ring {
+            order.read(ring);
+        }
+        let mut txns: Vec<Txn> =
+            ids.into_iter().zip(stamps).map(|(txid, committed_at)| Txn { txid, committed_at }).collect();
+        let inexact = order.sort(&mut txns) as i32;
+        let commit_order: Vec<i64> = txns.iter().map(|t| t.txid).collect();
+        client.update(
+            "INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, snap_xip, commit_order, inexact)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            None,
+            &[(last_id + 1).into(), xmin.into(), xmax.into(), xip.into(), commit_order.into(), inexact.into()],
+        )?;
+        Ok(last_id + 1)
+    })?)
+}
+
+/// Ticks by id.
+pub fn load(ids: &[i64]) -> Result<Vec<Tick>> {
+    Ok(Spi::connect_mut(|client| {
+        let rows = client.update(
+            "SELECT id, snap_xmax, snap_xip, commit_order, inexact FROM outbox.ticks WHERE id = ANY ($1)",
+            None,
+            &[ids.to_vec().into()],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(Tick {
+                id: row.get(1)?.unwrap_or_default(),
+                xmax: row.get(2)?.unwrap_or_default(),
+                xip: row.get(3)?.unwrap_or_default(),
+                order: row.get(4)?,
+                inexact: row.get(5)?.unwrap_or(0),
+            });
+        }
+        pgrx::spi::SpiResult::Ok(out)
+    })?)
+}
+
+/// Forget ticks no endpoint reads from anymore (keeps the latest). Nothing
+/// is dropped while an endpoint has not started (see
+/// store::start_new_endpoints).
+pub fn drop_old() -> Result<()> {
+    Spi::run(
+        "DELETE FROM outbox.ticks
+         WHERE id < (SELECT coalesce(pg_catalog.min(p.tick), (SELECT pg_catalog.max(id) FROM outbox.ticks))
+                     FROM outbox.progress AS p)
+           AND id < (SELECT pg_catalog.max(id) FROM outbox.ticks)
+           AND NOT EXISTS (SELECT FROM outbox.progress AS p WHERE p.tick IS NULL)",
+    )?;
+    Ok(())
+}
+
+/// The ticks endpoints read between, loaded on demand and forgotten when
+/// no endpoint needs them.
+#[derive(Default)]
+pub struct Ticks {
+    loaded: HashMap<i64, Tick>,
+}
+
+impl Ticks {
+    /// Make sure ticks `ids` are loaded (those that exist).
+    pub fn need(&mut self, ids: impl IntoIterator<Item = i64>) -> Result<()> {
+        let missing: Vec<i64> = ids.into_iter().filter(|id| !self.loaded.contains_key(id)).collect();
+        if !missing.is_empty() {
+            for t in load(&missing)? {
+                self.loaded.insert(t.id, t);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: i64) -> Option<&Tick> {
+        self.loaded.get(&id)
+    }
+
+    /// Keep only ticks `keep` says are still needed.
+    pub fn retain(&mut self, keep: impl Fn(i64) -> bool) {
+        self.loaded.retain(|id, _| keep(*id));
+    }
+
+    pub fn clear(&mut self) {
+        self.loaded.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn txns(ids: &[(i64, Option<i64>)]) -> Vec<Txn> {
+        ids.iter().map(|(txid, committed_at)| Txn { txid: *txid, committed_at: *committed_at }).collect()
+    }
+
+    fn ids(txns: &[Txn]) -> Vec<i64> {
+        txns.iter().map(|t| t.txid).collect()
+    }
+
+    #[test]
+    fn unknown_first_by_commit_time_then_known_by_sequence() {
+        let mut order = CommitOrder::default();
+        order.learn(10, 7);
+        order.learn(20, 3);
+        // 5 and 30 committed before the ring knew them (a crash, say): 30
+        // committed first although its id is higher.
+        let mut t = txns(&[(30, Some(100)), (10, None), (5, Some(200)), (20, None)]);
+        assert_eq!(order.sort(&mut t), 2);
+        assert_eq!(ids(&t), [30, 5, 20, 10]);
+        // Without commit timestamps, the unknown ones go by txid.
+        let mut t = txns(&[(30, None), (10, None), (5, None), (20, None)]);
+        order.sort(&mut t);
+        assert_eq!(ids(&t), [5, 30, 20, 10]);
+    }
+
+    #[test]
+    fn any_number_of_known_transactions_is_exact() {
+        let mut order = CommitOrder::default();
+        // Commit order is the reverse of the ids, for 50,000 transactions.
+        for i in 0..50_000i64 {
+            order.learn(100_000 - i, i as u64);
+        }
+        let mut t: Vec<Txn> = (50_001..=100_000).map(|txid| Txn { txid, committed_at: None }).collect();
+        assert_eq!(order.sort(&mut t), 0);
+        assert!(t.windows(2).all(|w| w[0].txid > w[1].txid));
+    }
+
+    #[test]
+    fn reads_the_ring_and_waits_for_unwritten_slots() {
+        let ring = CommitRing::boxed();
+        let write = |seq: u64, txid: u64| {
+            let slot = &ring.slots[seq as usize % COMMIT_RING];
+            slot.txid.store(txid, Ordering::Relaxed);
+            slot.seq_plus_one.store(seq + 1, Ordering::Release);
+        };
+        ring.next.store(3, Ordering::Release);
+        write(0, 100);
+        write(2, 300); // seq 1 was taken but is not written yet
+        let mut order = CommitOrder::default();
+        order.read(&ring);
+        let mut t = txns(&[(300, None), (100, None)]);
+        order.sort(&mut t);
+        assert_eq!(ids(&t), [100, 300]);
+        write(1, 200);
+        order.read(&ring);
+        let mut t = txns(&[(300, None), (200, None), (100, None)]);
+        assert_eq!(order.sort(&mut t), 0);
+        assert_eq!(ids(&t), [100, 200, 300]);
+    }
+}
