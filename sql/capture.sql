@@ -1,5 +1,5 @@
 -- outbox.capture / outbox.uncapture: change capture on a table through row
--- triggers (outbox._capture_row, src/capture.rs) that write an event in the
+-- triggers (outbox._capture_row, src/write/capture.rs) that write an event in the
 -- writing transaction, with the writer's rights.
 --
 -- Identifiers never reach SQL text unquoted: the table goes through regclass

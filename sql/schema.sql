@@ -1,6 +1,6 @@
 -- outbox: tables and roles. Runs first when the extension is created.
 --
--- Storage model (see ../shared/DESIGN.md, "The shape"):
+-- Storage model (see docs/design.md, "Storage model"):
 --   * events are immutable rows written by outbox_emit in the caller's
 --     transaction and never updated;
 --   * the worker takes "ticks": snapshots of which transactions had

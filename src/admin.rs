@@ -3,7 +3,7 @@
 //! (SECURITY DEFINER) because admins get no write access to the tables.
 //!
 //! Every change notes itself in the transaction so the worker reloads its
-//! endpoints as soon as the change commits (xact.rs).
+//! endpoints as soon as the change commits (write/commit.rs).
 
 use pgrx::prelude::*;
 
@@ -11,7 +11,7 @@ use pgrx::prelude::*;
 pub mod outbox {
     use crate::config::{self, ConfigError};
     use crate::error::{OrRaise, SqlError};
-    use crate::xact;
+    use crate::write::commit;
     use pgrx::datum::TimestampWithTimeZone;
     use pgrx::prelude::*;
     use pgrx::JsonB;
@@ -105,7 +105,7 @@ pub mod outbox {
             &[name.into(), url.into(), kind.into(), topics.into(), JsonB(options).into()],
         )
         .expect("insert endpoint");
-        xact::note_config_changed();
+        commit::note_config_changed();
     }
 
     /// Change an endpoint. `options` is merged into the stored options (a
@@ -148,7 +148,7 @@ pub mod outbox {
             &[name.into(), url.into(), topics.into(), JsonB(merged).into()],
         )
         .expect("update endpoint");
-        xact::note_config_changed();
+        commit::note_config_changed();
     }
 
     /// Remove an endpoint with its progress. Undelivered events for it are
@@ -195,7 +195,7 @@ pub mod outbox {
         if id.is_none() {
             unknown_endpoint(function, name);
         }
-        xact::note_config_changed();
+        commit::note_config_changed();
     }
 
     /// Which dead letters a replay or discard is about.
@@ -243,7 +243,7 @@ pub mod outbox {
         .expect("dead letter statement")
         .unwrap_or(0);
         if count > 0 {
-            xact::note_config_changed();
+            commit::note_config_changed();
         }
         count
     }
@@ -305,14 +305,14 @@ pub mod outbox {
     fn _installed() {
         crate::shmem::forget_events_table(unsafe { pg_sys::MyDatabaseId });
         // ...and make the worker look again once this commits.
-        xact::note_config_changed();
+        commit::note_config_changed();
     }
 
     /// Whether `sql` is exactly the CREATE TRIGGER statement capture()
     /// means to run (see capture::is_capture_trigger).
     #[pg_extern(immutable, parallel_safe)]
     fn _is_capture_trigger(sql: &str, with_when: bool, args: Vec<String>) -> bool {
-        crate::capture::is_capture_trigger(sql, with_when, &args)
+        crate::write::capture::is_capture_trigger(sql, with_when, &args)
     }
 
     /// Raise an error unless `topic` is a valid topic (used by capture()).

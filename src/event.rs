@@ -8,8 +8,8 @@ use std::time::SystemTime;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
     pub batch: i64,
-    /// Place in the batch's commit order (1, 2, ...), or the txid when the
-    /// batch was too large to order (see worker/commit_order.rs).
+    /// Place in the batch's commit order (1, 2, ...), or the txid in a
+    /// batch taken before commit orders were recorded (worker/ticks.rs).
     pub rank: i64,
     /// Identifies the event together with `n`.
     pub txid: i64,

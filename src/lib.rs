@@ -1,31 +1,29 @@
 //! `outbox`: the transactional outbox inside PostgreSQL.
 //!
 //! Applications call `outbox_emit(...)` in their own transaction; a
-//! background worker delivers the committed events to HTTP endpoints.
-//!
-//! The crate is split along the seam described in DESIGN.md:
+//! background worker delivers the committed events to HTTP endpoints and
+//! Kafka. docs/design.md describes the design and this layout.
 //!
 //! * Postgres side (main thread only: SPI, latches, `ereport`):
-//!   [`emit`] (the write path), [`admin`] (endpoint management SQL API),
-//!   [`xact`] (commit hooks that wake the worker), [`shmem`], [`guc`] and
-//!   [`worker`] (the background worker's loop and its SQL).
-//! * Network side (tokio threads, never a Postgres call): [`net`].
+//!   [`write`] (everything that runs in the application's transaction),
+//!   [`admin`] (endpoint management SQL API), [`worker`] (the launcher and
+//!   the per-database workers), [`utility_hook`], [`shmem`], [`guc`],
+//!   [`search_path`].
+//! * Network side (tokio threads, never a Postgres call): [`net`], with
+//!   [`egress`] (which addresses it may reach).
 //! * Plain logic shared by both, testable without a server: [`config`]
-//!   (endpoint configuration and validation), [`event`], [`schedule`]
-//!   (per-key ordering, windows and retries).
+//!   (endpoint configuration and event limits), [`event`], [`schedule`]
+//!   (per-key ordering, windows and retries), [`error`].
 
 use pgrx::prelude::*;
 
 pgrx::pg_module_magic!(name, version);
 
 mod admin;
-mod capture;
 mod config;
 mod egress;
-mod emit;
 mod error;
 mod event;
-mod events;
 mod guc;
 mod net;
 mod schedule;
@@ -33,7 +31,7 @@ mod search_path;
 mod shmem;
 mod utility_hook;
 mod worker;
-mod xact;
+mod write;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/views.sql", name = "views", requires = ["schema"]);
@@ -49,7 +47,7 @@ pub extern "C-unwind" fn _PG_init() {
     guc::init();
     // Shared memory and the background workers exist only when the library
     // is preloaded; a backend that loads it later gets the SQL functions and
-    // a clear error from outbox_emit (see emit.rs).
+    // a clear error from outbox_emit (see write/emit.rs).
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
         worker::register_all();

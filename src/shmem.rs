@@ -1,8 +1,8 @@
 //! Shared memory: where each database's worker can be woken.
 //!
-//! One slot per configured database. The worker publishes its PGPROC index
-//! in its slot; backends set that process's latch when they commit events or
-//! change endpoints (see xact.rs). A bumped `config_generation` tells the
+//! One entry per configured database (its index in `outbox.databases`).
+//! The worker publishes its PGPROC index in its entry; backends set that process's latch when they commit events or
+//! change endpoints (see write/commit.rs). A bumped `config_version` tells the
 //! worker to reload endpoints. The worker also publishes which events table
 //! is current, so outbox_emit need not look it up (see worker/rotation.rs).
 
@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 pub const MAX_DATABASES: usize = 16;
 
 #[derive(Default)]
-pub struct WorkerSlot {
-    /// Pid of the worker that owns this slot, 0 when none: at most one
+pub struct DatabaseEntry {
+    /// Pid of the worker that owns this entry, 0 when none: at most one
     /// worker per database, whoever started it.
     owner_pid: AtomicI32,
     /// Pid of a backend running a statement that needs the database free
@@ -24,7 +24,7 @@ pub struct WorkerSlot {
     db_oid: AtomicU32,
     /// `procno + 1` of the running worker, 0 when none runs.
     proc_plus_one: AtomicU32,
-    config_generation: AtomicU64,
+    config_version: AtomicU64,
     /// `1 + ` the events table outbox_emit writes into, 0 when unknown.
     events_table_plus_one: AtomicU32,
     /// The worker has endpoints to deliver to: commits should wake it.
@@ -36,9 +36,9 @@ pub struct WorkerSlot {
 }
 
 // SAFETY: plain atomics, no pointers.
-unsafe impl PGRXSharedMemory for WorkerSlot {}
+unsafe impl PGRXSharedMemory for DatabaseEntry {}
 
-static SLOTS: PgAtomic<[WorkerSlot; MAX_DATABASES]> = unsafe { PgAtomic::new(c"outbox_worker_slots") };
+static DATABASES: PgAtomic<[DatabaseEntry; MAX_DATABASES]> = unsafe { PgAtomic::new(c"outbox_databases") };
 
 /// `procno + 1` of the launcher, 0 when none runs.
 static LAUNCHER: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"outbox_launcher") };
@@ -53,7 +53,7 @@ static AVAILABLE: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
     init_rings(crate::guc::databases().len().min(MAX_DATABASES));
-    pg_shmem_init!(SLOTS);
+    pg_shmem_init!(DATABASES);
     pg_shmem_init!(LAUNCHER);
     pg_shmem_init!(COMMIT_END);
     AVAILABLE.store(true, Ordering::Relaxed);
@@ -64,8 +64,8 @@ pub fn available() -> bool {
     AVAILABLE.load(Ordering::Relaxed)
 }
 
-fn slots() -> Option<&'static [WorkerSlot; MAX_DATABASES]> {
-    available().then(|| SLOTS.get())
+fn entries() -> Option<&'static [DatabaseEntry; MAX_DATABASES]> {
+    available().then(|| DATABASES.get())
 }
 
 /// This process's PGPROC index.
@@ -88,44 +88,44 @@ fn set_latch_of(proc_plus_one: u32) {
     }
 }
 
-/// Take slot `index` for this process; false when another worker owns it.
-pub fn claim_slot(index: usize, pid: i32) -> bool {
-    let Some(slots) = slots() else { return false };
-    slots[index].owner_pid.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire).is_ok()
+/// Become the worker of database `index`; false when another worker is.
+pub fn claim_worker(index: usize, pid: i32) -> bool {
+    let Some(entries) = entries() else { return false };
+    entries[index].owner_pid.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire).is_ok()
 }
 
-/// Give slot `index` up (at exit), if this process owns it.
-pub fn release_slot(index: usize, pid: i32) {
-    if let Some(slots) = slots() {
-        let slot = &slots[index];
-        if slot.owner_pid.load(Ordering::Acquire) == pid {
-            slot.proc_plus_one.store(0, Ordering::Release);
-            slot.owner_pid.store(0, Ordering::Release);
+/// Stop being the worker of database `index` (at exit), if this process is.
+pub fn leave_worker(index: usize, pid: i32) {
+    if let Some(entries) = entries() {
+        let entry = &entries[index];
+        if entry.owner_pid.load(Ordering::Acquire) == pid {
+            entry.proc_plus_one.store(0, Ordering::Release);
+            entry.owner_pid.store(0, Ordering::Release);
         }
     }
 }
 
-/// Whether a worker owns slot `index`.
-pub fn slot_taken(index: usize) -> bool {
-    slots().is_some_and(|s| s[index].owner_pid.load(Ordering::Acquire) != 0)
+/// Whether database `index` has a worker.
+pub fn has_worker(index: usize) -> bool {
+    entries().is_some_and(|s| s[index].owner_pid.load(Ordering::Acquire) != 0)
 }
 
-/// Backend `pid` asks the worker of slot `index` to let go of its database
+/// Backend `pid` asks the worker of database `index` to let go of its database
 /// (`true`), or is done (`false`; only the backend that asked can).
 pub fn set_releasing(index: usize, pid: i32, releasing: bool) {
-    let Some(slots) = slots() else { return };
-    let slot = &slots[index];
+    let Some(entries) = entries() else { return };
+    let entry = &entries[index];
     if releasing {
-        slot.releasing.store(pid, Ordering::Release);
-        set_latch_of(slot.proc_plus_one.load(Ordering::Acquire));
+        entry.releasing.store(pid, Ordering::Release);
+        set_latch_of(entry.proc_plus_one.load(Ordering::Acquire));
     } else {
-        let _ = slot.releasing.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
+        let _ = entry.releasing.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
     }
     wake_launcher();
 }
 
 pub fn releasing(index: usize) -> bool {
-    slots().is_some_and(|s| s[index].releasing.load(Ordering::Acquire) != 0)
+    entries().is_some_and(|s| s[index].releasing.load(Ordering::Acquire) != 0)
 }
 
 /// Called by the launcher once it runs.
@@ -142,70 +142,70 @@ pub fn wake_launcher() {
     }
 }
 
-/// Called by the worker of slot `index` once connected to `db_oid`.
+/// Called by the worker of database `index` once connected to `db_oid`.
 pub fn publish_worker(index: usize, db_oid: pg_sys::Oid) {
-    let Some(slots) = slots() else { return };
-    let slot = &slots[index];
-    slot.db_oid.store(db_oid.to_u32(), Ordering::Release);
-    slot.proc_plus_one.store(my_procno() + 1, Ordering::Release);
+    let Some(entries) = entries() else { return };
+    let entry = &entries[index];
+    entry.db_oid.store(db_oid.to_u32(), Ordering::Release);
+    entry.proc_plus_one.store(my_procno() + 1, Ordering::Release);
 }
 
-fn slot_of(db_oid: pg_sys::Oid) -> Option<&'static WorkerSlot> {
-    slots()?.iter().find(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32())
+fn entry_of(db_oid: pg_sys::Oid) -> Option<&'static DatabaseEntry> {
+    entries()?.iter().find(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32())
 }
 
 /// The events table outbox_emit writes into in `db_oid`, if a worker
 /// published it.
 pub fn events_table(db_oid: pg_sys::Oid) -> Option<usize> {
-    let v = slot_of(db_oid)?.events_table_plus_one.load(Ordering::Acquire);
+    let v = entry_of(db_oid)?.events_table_plus_one.load(Ordering::Acquire);
     (v > 0).then(|| v as usize - 1)
 }
 
 pub fn publish_events_table(index: usize, table: Option<usize>) {
-    if let Some(slots) = slots() {
-        slots[index].events_table_plus_one.store(table.map_or(0, |t| t as u32 + 1), Ordering::Release);
+    if let Some(entries) = entries() {
+        entries[index].events_table_plus_one.store(table.map_or(0, |t| t as u32 + 1), Ordering::Release);
     }
 }
 
 /// Forget the published table of `db_oid` (the extension was created anew:
 /// until its worker looks again, outbox_emit asks the table).
 pub fn forget_events_table(db_oid: pg_sys::Oid) {
-    if let Some(slot) = slot_of(db_oid) {
-        slot.events_table_plus_one.store(0, Ordering::Release);
+    if let Some(entry) = entry_of(db_oid) {
+        entry.events_table_plus_one.store(0, Ordering::Release);
     }
 }
 
-/// The worker of slot `index` starts a step: the next commit wakes it
+/// The worker of database `index` starts a step: the next commit wakes it
 /// again. Returns nothing; call before reading the tables.
 pub fn worker_awake(index: usize) {
-    if let Some(slots) = slots() {
-        slots[index].wake_pending.store(false, Ordering::Release);
+    if let Some(entries) = entries() {
+        entries[index].wake_pending.store(false, Ordering::Release);
     }
 }
 
-/// Whether commits should wake the worker of slot `index` (it has endpoints).
+/// Whether commits should wake the worker of database `index` (it has endpoints).
 pub fn want_commits(index: usize, want: bool) {
-    if let Some(slots) = slots() {
-        slots[index].wants_commits.store(want, Ordering::Release);
+    if let Some(entries) = entries() {
+        entries[index].wants_commits.store(want, Ordering::Release);
     }
 }
 
-pub fn config_generation(index: usize) -> u64 {
-    slots().map_or(0, |s| s[index].config_generation.load(Ordering::Acquire))
+pub fn config_version(index: usize) -> u64 {
+    entries().map_or(0, |s| s[index].config_version.load(Ordering::Acquire))
 }
 
 /// Wake the worker serving `db_oid`, optionally telling it that endpoint
 /// configuration changed. Runs in commit callbacks: must not fail.
 pub fn wake_worker(db_oid: pg_sys::Oid, config_changed: bool) {
-    let Some(slots) = slots() else { return };
-    for slot in slots.iter().filter(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32()) {
+    let Some(entries) = entries() else { return };
+    for entry in entries.iter().filter(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32()) {
         if config_changed {
-            slot.config_generation.fetch_add(1, Ordering::AcqRel);
-        } else if !slot.wants_commits.load(Ordering::Acquire) || slot.wake_pending.swap(true, Ordering::AcqRel) {
+            entry.config_version.fetch_add(1, Ordering::AcqRel);
+        } else if !entry.wants_commits.load(Ordering::Acquire) || entry.wake_pending.swap(true, Ordering::AcqRel) {
             // No endpoint to deliver to, or the worker is woken already.
             continue;
         }
-        set_latch_of(slot.proc_plus_one.load(Ordering::Acquire));
+        set_latch_of(entry.proc_plus_one.load(Ordering::Acquire));
     }
 }
 
@@ -221,7 +221,7 @@ pub fn wake_worker(db_oid: pg_sys::Oid, config_changed: bool) {
 pub const COMMIT_RING: usize = 65_536;
 
 #[derive(Default)]
-pub struct CommitSlot {
+pub struct CommitEntry {
     /// `seq + 1` of the entry written here, 0 when never written.
     pub seq_plus_one: AtomicU64,
     pub txid: AtomicU64,
@@ -229,7 +229,7 @@ pub struct CommitSlot {
 
 pub struct CommitRing {
     pub next: AtomicU64,
-    pub slots: [CommitSlot; COMMIT_RING],
+    pub entries: [CommitEntry; COMMIT_RING],
 }
 
 impl CommitRing {
@@ -242,7 +242,7 @@ impl CommitRing {
     }
 }
 
-/// The rings, one per slot of a listed database, in shared memory set up
+/// The rings, one per listed database, in shared memory set up
 /// by hand (zeroed, not built by value as pg_shmem_init! would).
 static mut RINGS: *mut CommitRing = std::ptr::null_mut();
 static mut RING_COUNT: usize = 0;
@@ -301,7 +301,7 @@ unsafe extern "C-unwind" fn startup_rings() {
     }
 }
 
-/// The ring of slot `index`.
+/// The ring of database `index`.
 pub fn commit_ring(index: usize) -> Option<&'static CommitRing> {
     // SAFETY: RINGS points at RING_COUNT rings for the life of the server.
     unsafe { (available() && !RINGS.is_null() && index < RING_COUNT).then(|| &*RINGS.add(index)) }
@@ -310,22 +310,22 @@ pub fn commit_ring(index: usize) -> Option<&'static CommitRing> {
 /// Record that `txid` of database `db_oid` is about to commit (pre-commit
 /// callback; must not fail).
 pub fn note_commit(db_oid: pg_sys::Oid, txid: u64) {
-    let Some(slots) = slots() else { return };
-    let Some(index) = slots.iter().position(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32()) else {
+    let Some(entries) = entries() else { return };
+    let Some(index) = entries.iter().position(|s| s.db_oid.load(Ordering::Acquire) == db_oid.to_u32()) else {
         return; // no worker reads this database's commits
     };
     let Some(ring) = commit_ring(index) else { return };
     let seq = ring.next.fetch_add(1, Ordering::AcqRel);
-    let slot = &ring.slots[(seq % COMMIT_RING as u64) as usize];
-    slot.txid.store(txid, Ordering::Relaxed);
-    slot.seq_plus_one.store(seq + 1, Ordering::Release);
+    let entry = &ring.entries[(seq % COMMIT_RING as u64) as usize];
+    entry.txid.store(txid, Ordering::Relaxed);
+    entry.seq_plus_one.store(seq + 1, Ordering::Release);
 }
 
-/// Where the launcher found database `db_oid` for slot `index`: commits
+/// Where the launcher found database `db_oid` for database `index`: commits
 /// there are noted from now on, even before its worker runs.
 pub fn publish_database(index: usize, db_oid: pg_sys::Oid) {
-    if let Some(slots) = slots() {
-        slots[index].db_oid.store(db_oid.to_u32(), Ordering::Release);
+    if let Some(entries) = entries() {
+        entries[index].db_oid.store(db_oid.to_u32(), Ordering::Release);
     }
 }
 

@@ -235,7 +235,7 @@ unsafe extern "C-unwind" fn process_utility(
     }
 }
 
-/// Run `statement` with the worker of slot `index` away from its database;
+/// Run `statement` with the worker of database `index` away from its database;
 /// it may come back when the statement is over, done or failed (an error is
 /// re-thrown as it was, PG_FINALLY-style).
 unsafe fn released(index: usize, statement: impl FnOnce()) {

@@ -6,7 +6,7 @@ use crate::event::Event;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-/// The event as delivered (DESIGN.md, "Wire formats").
+/// The event as delivered (README, "Endpoint kinds").
 #[derive(Serialize)]
 struct Envelope<'a> {
     id: &'a str,

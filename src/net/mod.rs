@@ -29,7 +29,7 @@ pub struct Job {
     pub endpoint_id: i32,
     /// Which incarnation of the endpoint's state sent this job; outcomes of
     /// an older incarnation are ignored.
-    pub generation: u64,
+    pub incarnation: u64,
     pub target: Arc<Target>,
     pub events: Vec<(LaneId, Arc<Event>)>,
 }
@@ -37,7 +37,7 @@ pub struct Job {
 /// What the endpoint did with a job, event by event.
 pub struct Outcome {
     pub endpoint_id: i32,
-    pub generation: u64,
+    pub incarnation: u64,
     pub results: Vec<(LaneId, Position, Result<(), Failure>)>,
 }
 
@@ -101,7 +101,7 @@ impl Network {
                     };
                     let outcome = Outcome {
                         endpoint_id: job.endpoint_id,
-                        generation: job.generation,
+                        incarnation: job.incarnation,
                         results: job
                             .events
                             .into_iter()

@@ -110,7 +110,7 @@ pub struct EndpointState {
     pub id: i32,
     /// Which incarnation of this state sent a job: outcomes of an older one
     /// are dropped (the events are read again from the tables).
-    pub generation: u64,
+    pub incarnation: u64,
     setup: Setup,
     window: Scheduler<Arc<Event>>,
     parked: Parked,
@@ -123,14 +123,14 @@ impl EndpointState {
     pub fn new(
         row: &EndpointRow,
         config: config::Endpoint,
-        generation: u64,
+        incarnation: u64,
         source: &str,
         egress: &Arc<Egress>,
         parked_cap: usize,
     ) -> std::result::Result<EndpointState, NetError> {
         Ok(EndpointState {
             id: row.id,
-            generation,
+            incarnation,
             setup: Setup {
                 target: Arc::new(Target::new(config, source, egress.clone())?),
                 egress: egress.clone(),
@@ -423,7 +423,7 @@ impl EndpointState {
                 self.health.requests += 1;
                 jobs.push(Job {
                     endpoint_id: self.id,
-                    generation: self.generation,
+                    incarnation: self.incarnation,
                     target: self.setup.target.clone(),
                     events: group,
                 });

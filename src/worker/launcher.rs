@@ -95,7 +95,7 @@ fn look_after(index: usize, db: &mut Database) {
         db.next_start = now + pause;
         db.worker = None;
     }
-    if now < db.next_start || shmem::releasing(index) || shmem::slot_taken(index) {
+    if now < db.next_start || shmem::releasing(index) || shmem::has_worker(index) {
         return;
     }
     match worker_target(&db.name) {

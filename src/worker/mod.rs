@@ -75,7 +75,7 @@ unsafe extern "C-unwind" {
 #[pg_guard]
 unsafe extern "C-unwind" fn release_on_exit(_code: i32, arg: pg_sys::Datum) {
     // SAFETY: MyProcPid is set in every process.
-    shmem::release_slot(arg.value(), unsafe { pg_sys::MyProcPid });
+    shmem::leave_worker(arg.value(), unsafe { pg_sys::MyProcPid });
 }
 
 /// A database worker, started by the launcher (launcher.rs) as role
@@ -93,10 +93,10 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     // restarted does not know the workers of its predecessor).
     // SAFETY: MyProcPid is set in every process.
     let pid = unsafe { pg_sys::MyProcPid };
-    if !shmem::claim_slot(index, pid) {
+    if !shmem::claim_worker(index, pid) {
         return;
     }
-    // SAFETY: registered before anything can fail, so the slot is given
+    // SAFETY: registered before anything can fail, so the entry is given
     // back however this process ends.
     unsafe { pg_sys::before_shmem_exit(Some(release_on_exit), pg_sys::Datum::from(index)) };
     session::connect(db_oid, role_oid);
@@ -145,7 +145,8 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
 }
 
 struct Worker {
-    slot: usize,
+    /// The database's index in outbox.databases (and in shared memory).
+    index: usize,
     /// CloudEvents source of this database's events.
     source: String,
     /// outbox.allowed_hosts and outbox.http_proxy, re-read on reload.
@@ -159,8 +160,8 @@ struct Worker {
     /// The oid of the extension the state below belongs to: a reinstall
     /// (DROP and CREATE EXTENSION) starts over from the new tables.
     extension: Option<u32>,
-    config_generation: Option<u64>,
-    next_generation: u64,
+    config_version: Option<u64>,
+    next_incarnation: u64,
     last_reload: Instant,
     last_maintenance: Instant,
     /// After an error of the whole step, wait until then.
@@ -175,9 +176,9 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(slot: usize, database: &str, network: Network) -> Worker {
+    fn new(index: usize, database: &str, network: Network) -> Worker {
         Worker {
-            slot,
+            index,
             source: format!("/outbox/{database}"),
             egress: Arc::new(read_egress()),
             network,
@@ -187,8 +188,8 @@ impl Worker {
             last_tick: Instant::now(),
             commit_order: ticks::CommitOrder::default(),
             extension: None,
-            config_generation: None,
-            next_generation: 1,
+            config_version: None,
+            next_incarnation: 1,
             last_reload: Instant::now(),
             last_maintenance: Instant::now(),
             error_pause_until: None,
@@ -203,7 +204,7 @@ impl Worker {
         let egress = read_egress();
         if egress != *self.egress {
             self.egress = Arc::new(egress);
-            self.config_generation = None; // reload endpoints next step
+            self.config_version = None; // reload endpoints next step
         }
     }
 
@@ -227,7 +228,7 @@ impl Worker {
             return;
         }
         // Before reading anything: a commit from now on wakes us again.
-        shmem::worker_awake(self.slot);
+        shmem::worker_awake(self.index);
         self.error_pause_until = None;
         self.apply_outcomes();
 
@@ -255,7 +256,7 @@ impl Worker {
         self.extension = None;
         self.endpoints.clear();
         self.ticks.clear();
-        shmem::want_commits(self.slot, false);
+        shmem::want_commits(self.index, false);
     }
 
     fn apply_outcomes(&mut self) {
@@ -264,7 +265,8 @@ impl Worker {
         for o in outcomes {
             // Outcomes of state rebuilt since are dropped: the event is read
             // again from the tables.
-            if let Some(ep) = self.endpoints.iter_mut().find(|e| e.id == o.endpoint_id && e.generation == o.generation)
+            if let Some(ep) =
+                self.endpoints.iter_mut().find(|e| e.id == o.endpoint_id && e.incarnation == o.incarnation)
             {
                 ep.on_outcome(o, now);
             }
@@ -284,7 +286,7 @@ impl Worker {
             // belongs to the tables now there.
             self.forget_all();
             self.extension = extension;
-            self.config_generation = None;
+            self.config_version = None;
             if extension.is_none() {
                 return Ok(());
             }
@@ -294,12 +296,12 @@ impl Worker {
             return Ok(());
         }
 
-        let generation = shmem::config_generation(self.slot);
+        let version = shmem::config_version(self.index);
         let broken_due = self.broken.values().any(|t| *t <= Instant::now());
-        if self.config_generation != Some(generation) || self.last_reload.elapsed() >= RELOAD_EVERY || broken_due {
-            rotation::publish_current(self.slot)?;
+        if self.config_version != Some(version) || self.last_reload.elapsed() >= RELOAD_EVERY || broken_due {
+            rotation::publish_current(self.index)?;
             self.reload_endpoints()?;
-            self.config_generation = Some(generation);
+            self.config_version = Some(version);
             self.last_reload = Instant::now();
         }
         self.tick()?;
@@ -365,14 +367,14 @@ impl Worker {
             }
             // A new endpoint, or its topics or kind changed: (re)start from
             // the persisted cursor.
-            match EndpointState::new(&row, config, self.next_generation, &self.source, &self.egress, parked_cap) {
+            match EndpointState::new(&row, config, self.next_incarnation, &self.source, &self.egress, parked_cap) {
                 Ok(ep) => next.push(ep),
                 Err(e) => pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name),
             }
-            self.next_generation += 1;
+            self.next_incarnation += 1;
         }
         self.endpoints = next;
-        shmem::want_commits(self.slot, self.endpoints.iter().any(EndpointState::is_active));
+        shmem::want_commits(self.index, self.endpoints.iter().any(EndpointState::is_active));
         Ok(())
     }
 
@@ -383,7 +385,7 @@ impl Worker {
     /// is quiet).
     fn tick(&mut self) -> Result<()> {
         let caught_up = self.endpoints.iter().any(|e| e.is_active() && e.read_tick() >= self.latest_tick);
-        let ring = shmem::commit_ring(self.slot);
+        let ring = shmem::commit_ring(self.index);
         let many = ring.is_some_and(|ring| self.commit_order.unread(ring) >= TICK_AFTER_COMMITS);
         let overdue = self.last_tick.elapsed() >= poll_interval();
         if !caught_up && !overdue && !many {
@@ -400,7 +402,7 @@ impl Worker {
     fn dispatch(&mut self, now: Instant) {
         // An endpoint changed (paused, say) since this step read the
         // settings: send nothing before the next step has reloaded them.
-        if self.config_generation != Some(shmem::config_generation(self.slot)) {
+        if self.config_version != Some(shmem::config_version(self.index)) {
             return;
         }
         for ep in &mut self.endpoints {
@@ -420,11 +422,11 @@ impl Worker {
             ticks::drop_old()?;
             rotation::maintain(retention)
         }) {
-            Ok(rotation::Done::Switched(slot)) => {
+            Ok(rotation::Done::Switched(table)) => {
                 // Committed: emitters may use the new table now. Then, in a
                 // transaction that starts after that, bound the table left.
-                shmem::publish_events_table(self.slot, Some(slot));
-                pgrx::debug1!("outbox worker: outbox.events_{slot} is now current");
+                shmem::publish_events_table(self.index, Some(table));
+                pgrx::debug1!("outbox worker: outbox.events_{table} is now current");
                 if let Err(e) = transaction(|| rotation::maintain(retention)) {
                     pgrx::warning!("outbox worker: table maintenance: {e}");
                 }
@@ -439,7 +441,7 @@ impl Worker {
 /// events go out: with synchronous_commit = off a commit returns before its
 /// WAL is flushed, and a crash would undo a transaction whose events were
 /// already delivered. Every transaction that emits records where its
-/// commit record ends (xact.rs); flushing up to the latest such position
+/// commit record ends (write/commit.rs); flushing up to the latest such position
 /// covers every commit the step saw. With synchronous commits it is
 /// flushed already, and this returns at once.
 fn flush_wal() {

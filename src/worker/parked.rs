@@ -31,7 +31,7 @@ pub enum Status {
     Blocked,
     /// Its first row is due at this instant (to be loaded from the table).
     Due(Instant),
-    /// Loaded, waiting for a free request slot.
+    /// Loaded, waiting for room among the requests in flight.
     Ready(Arc<Event>),
     InFlight(Arc<Event>),
     /// The first row changed (delivered, or dead and skipped): find the
@@ -46,7 +46,7 @@ pub struct Lane {
     pub attempts: u32,
     /// For an unkeyed lane, its one event's id.
     pub event_id: Option<String>,
-    /// Another incarnation of the lane still has events in the window
+    /// Events of the same key are still in the window
     /// (a replayed key): wait for those first, or the key would have two
     /// events in flight.
     pub behind_window: bool,

@@ -20,7 +20,8 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
 struct Table {
-    slot: usize,
+    /// Which one: outbox.events_0 or outbox.events_1 (`slot` in outbox.rotation).
+    table: usize,
     current: bool,
     age_s: f64,
     left_txid: Option<i64>,
@@ -38,7 +39,7 @@ fn tables() -> SpiResult<Vec<Table>> {
         let mut out = Vec::new();
         for row in rows {
             out.push(Table {
-                slot: row.get::<i32>(1)?.unwrap_or(0) as usize,
+                table: row.get::<i32>(1)?.unwrap_or(0) as usize,
                 current: row.get(2)?.unwrap_or(false),
                 age_s: row.get(3)?.unwrap_or(0.0),
                 left_txid: row.get(4)?,
@@ -52,7 +53,7 @@ fn tables() -> SpiResult<Vec<Table>> {
 /// Tell emitters which table is current. Runs inside a transaction that
 /// read outbox.rotation, so a concurrent DROP EXTENSION waits for it.
 pub fn publish_current(worker: usize) -> Result<()> {
-    let current = tables()?.into_iter().find(|t| t.current).map(|t| t.slot);
+    let current = tables()?.into_iter().find(|t| t.current).map(|t| t.table);
     shmem::publish_events_table(worker, current);
     Ok(())
 }
@@ -61,11 +62,11 @@ pub fn publish_current(worker: usize) -> Result<()> {
 #[derive(Debug, PartialEq)]
 pub enum Done {
     Nothing,
-    /// Table `slot` is current now: publish it once this commits.
+    /// Table `table` is current now: publish it once this commits.
     Switched(usize),
     /// The table left behind is bounded (left_txid set).
     Bounded(usize),
-    /// Table `slot` was emptied.
+    /// Table `table` was emptied.
     Emptied(usize),
 }
 
@@ -86,8 +87,8 @@ fn rotate(retention_s: f64) -> SpiResult<Done> {
             // began after the switch committed and was published: every
             // transaction that could still write into the table we left
             // took its id before, so ours bounds them all.
-            set_left_txid(other.slot)?;
-            return Ok(Done::Bounded(other.slot));
+            set_left_txid(other.table)?;
+            return Ok(Done::Bounded(other.table));
         };
         let horizon = Spi::get_one::<i64>(
             "SELECT t.snap_xmin FROM outbox.ticks AS t
@@ -98,37 +99,37 @@ fn rotate(retention_s: f64) -> SpiResult<Done> {
         if horizon.is_some_and(|h| h > left_txid) {
             // lock_timeout: never queue behind a reader of the table.
             Spi::run("SET LOCAL lock_timeout = '200ms'")?;
-            Spi::run(&format!("TRUNCATE outbox.events_{}", other.slot))?;
+            Spi::run(&format!("TRUNCATE outbox.events_{}", other.table))?;
             Spi::run_with_args(
                 "UPDATE outbox.rotation SET empty = true, left_txid = NULL WHERE slot = $1",
-                &[(other.slot as i16).into()],
+                &[(other.table as i16).into()],
             )?;
-            return Ok(Done::Emptied(other.slot));
+            return Ok(Done::Emptied(other.table));
         }
         return Ok(Done::Nothing);
     }
 
-    let has_events = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT FROM outbox.events_{})", current.slot))?;
+    let has_events = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT FROM outbox.events_{})", current.table))?;
     if current.age_s >= retention_s && has_events == Some(true) {
         Spi::run_with_args(
             "UPDATE outbox.rotation SET current = (slot = $1),
                     since = CASE WHEN slot = $1 THEN pg_catalog.now() ELSE since END,
                     empty = CASE WHEN slot = $1 THEN false ELSE empty END",
-            &[(other.slot as i16).into()],
+            &[(other.table as i16).into()],
         )?;
         // Published by the caller once this commits; left_txid is set by
         // the next pass, in a transaction that starts after that (above).
-        return Ok(Done::Switched(other.slot));
+        return Ok(Done::Switched(other.table));
     }
     Ok(Done::Nothing)
 }
 
-fn set_left_txid(slot: usize) -> SpiResult<()> {
+fn set_left_txid(table: usize) -> SpiResult<()> {
     // pg_current_xact_id() assigns this transaction its id now: higher than
     // every id handed out before.
     Spi::run_with_args(
         "UPDATE outbox.rotation SET left_txid = pg_catalog.pg_current_xact_id()::pg_catalog.text::bigint
          WHERE slot = $1",
-        &[(slot as i16).into()],
+        &[(table as i16).into()],
     )
 }

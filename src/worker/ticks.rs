@@ -67,10 +67,10 @@ impl CommitOrder {
         let start = self.next_seq.max(oldest);
         let retry = std::mem::take(&mut self.unwritten);
         for seq in retry.into_iter().filter(|s| *s >= oldest).chain(start..end) {
-            let slot = &ring.slots[(seq % COMMIT_RING as u64) as usize];
-            let stamp = slot.seq_plus_one.load(Ordering::Acquire);
+            let entry = &ring.entries[(seq % COMMIT_RING as u64) as usize];
+            let stamp = entry.seq_plus_one.load(Ordering::Acquire);
             if stamp == seq + 1 {
-                self.seq_of.insert(slot.txid.load(Ordering::Relaxed) as i64, seq);
+                self.seq_of.insert(entry.txid.load(Ordering::Relaxed) as i64, seq);
             } else if stamp < seq + 1 {
                 // Taken, not written yet: that transaction has not
                 // committed. Look again next time.
@@ -285,12 +285,12 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_ring_and_waits_for_unwritten_slots() {
+    fn reads_the_ring_and_waits_for_unwritten_entries() {
         let ring = CommitRing::boxed();
         let write = |seq: u64, txid: u64| {
-            let slot = &ring.slots[seq as usize % COMMIT_RING];
-            slot.txid.store(txid, Ordering::Relaxed);
-            slot.seq_plus_one.store(seq + 1, Ordering::Release);
+            let entry = &ring.entries[seq as usize % COMMIT_RING];
+            entry.txid.store(txid, Ordering::Relaxed);
+            entry.seq_plus_one.store(seq + 1, Ordering::Release);
         };
         ring.next.store(3, Ordering::Release);
         write(0, 100);

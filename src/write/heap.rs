@@ -74,10 +74,10 @@ pub unsafe fn current_table_from_rotation() -> usize {
             }
             let one = std::num::NonZeroUsize::new(1).expect("1");
             let two = std::num::NonZeroUsize::new(2).expect("2");
-            let slot = pgrx::htup::heap_getattr_raw(tuple, one, desc).map(|d| d.value() as i16);
+            let table = pgrx::htup::heap_getattr_raw(tuple, one, desc).map(|d| d.value() as i16);
             let is_current = pgrx::htup::heap_getattr_raw(tuple, two, desc).is_some_and(|d| d.value() & 0xff != 0);
             if is_current {
-                current = slot;
+                current = table;
             }
         }
         pg_sys::heap_endscan(scan);

@@ -8,7 +8,7 @@
 //! writes it (emit::write), so writers of a captured table publish its
 //! changes without being granted the writer role.
 
-use crate::emit::{self, NewEvent};
+use super::emit::{self, NewEvent};
 use crate::error::{OrRaise, SqlError};
 use crate::{config, search_path};
 use pgrx::pg_sys::{self, Datum};
@@ -19,7 +19,7 @@ use std::ffi::{CStr, CString};
 
 extension_sql!(
     r#"
--- The capture trigger (src/capture.rs). Not SECURITY DEFINER: it runs as
+-- The capture trigger (src/write/capture.rs). Not SECURITY DEFINER: it runs as
 -- the writer of the table. Its arguments: topic, key columns (a text[]
 -- literal), captured columns (a text[] literal, or empty for all).
 CREATE FUNCTION outbox._capture_row() RETURNS trigger

@@ -4,7 +4,7 @@
 //! Written against the raw fmgr interface rather than `#[pg_extern]` so the
 //! payload `jsonb` goes into the row as the caller's datum: no round trip
 //! through text and serde on the hot path; the row is written directly
-//! (events.rs).
+//! (heap.rs).
 //!
 //! Writers may call it but have no rights on the events tables: the write
 //! does not go through the executor's permission checks. (SECURITY DEFINER
@@ -14,9 +14,10 @@
 //! schema of the caller's search_path) is ever looked up with more rights
 //! than the caller has.
 
+use super::{commit, heap};
 use crate::config;
 use crate::error::{OrRaise, SqlError};
-use crate::{events, guc, shmem, xact};
+use crate::{guc, shmem};
 use pgrx::fcinfo::{pg_arg_is_null, pg_getarg, pg_getarg_datum_raw};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -97,7 +98,7 @@ pub unsafe fn write(event: NewEvent) -> pgrx::Uuid {
     // Assigns a transaction id if the caller had none yet; the event
     // belongs to the caller's top-level transaction.
     let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
-    let n = xact::next_event_number(txid);
+    let n = commit::next_event_number(txid);
     let id = pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes());
 
     // The worker publishes the current events table in shared memory;
@@ -105,8 +106,8 @@ pub unsafe fn write(event: NewEvent) -> pgrx::Uuid {
     // row itself. The transaction id was taken above, before this read:
     // rotation relies on that order.
     let table = shmem::events_table(unsafe { pg_sys::MyDatabaseId })
-        .unwrap_or_else(|| unsafe { events::current_table_from_rotation() });
-    let row = events::Row {
+        .unwrap_or_else(|| unsafe { heap::current_table_from_rotation() });
+    let row = heap::Row {
         txid: txid as i64,
         n,
         id: id.into_datum().expect("a uuid is never null"),
@@ -118,7 +119,7 @@ pub unsafe fn write(event: NewEvent) -> pgrx::Uuid {
         created_at: unsafe { pg_sys::GetCurrentTransactionStartTimestamp() },
         size: event.size.min(i32::MAX as usize) as i32,
     };
-    unsafe { events::insert(table.min(1), &row) };
+    unsafe { heap::insert(table.min(1), &row) };
     id
 }
 
