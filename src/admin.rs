@@ -37,10 +37,10 @@ pub mod outbox {
     }
 
     /// Refuse URLs outside `outbox.allowed_hosts`.
-    fn check_egress(function: &str, url: &reqwest::Url) {
+    fn check_egress(function: &str, address: &config::Address) {
         let allowed = crate::guc::allowed_hosts().map_err(in_function(function)).or_raise();
-        if !allowed.allows(url) {
-            let e = crate::egress::AllowList::refusal(url);
+        if let Some(host) = address.hosts().into_iter().find(|h| !allowed.allows_host(h)) {
+            let e = crate::egress::AllowList::host_refusal(host);
             let mut err = SqlError::new(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("outbox.{function}: {}", e.message),
@@ -78,7 +78,7 @@ pub mod outbox {
         let topics = text_array(required(topics, F, "topics"), F, "topics");
         let options = required(options, F, "options").0;
         let endpoint = config::Endpoint::parse(name, url, kind, &topics, &options).map_err(in_function(F)).or_raise();
-        check_egress(F, &endpoint.url);
+        check_egress(F, &endpoint.address);
 
         let exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT FROM outbox.endpoints WHERE name = $1)",
@@ -142,7 +142,7 @@ pub mod outbox {
         let topics = topics.map(|t| text_array(t, F, "topics")).unwrap_or(old_topics);
         let merged: Value = config::merge_options(&old_options, &patch).map_err(in_function(F)).or_raise();
         let endpoint = config::Endpoint::parse(name, &url, &kind, &topics, &merged).map_err(in_function(F)).or_raise();
-        check_egress(F, &endpoint.url);
+        check_egress(F, &endpoint.address);
         Spi::run_with_args(
             "UPDATE outbox.endpoints SET url = $2, topics = $3, options = $4, updated_at = pg_catalog.now() WHERE name = $1",
             &[name.into(), url.into(), topics.into(), JsonB(merged).into()],

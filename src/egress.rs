@@ -84,6 +84,17 @@ impl AllowList {
         }
     }
 
+    /// Whether `host` (a name or an IP address, as a Kafka broker is named)
+    /// may be reached.
+    pub fn allows_host(&self, host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.is_open()
+            || match host.parse::<IpAddr>() {
+                Ok(ip) => self.allows_ip(ip),
+                Err(_) => self.allows_name(host),
+            }
+    }
+
     fn allows_name(&self, name: &str) -> bool {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         self.entries.iter().any(|e| match e {
@@ -108,8 +119,13 @@ impl AllowList {
 
     /// The error for a URL this list does not allow.
     pub fn refusal(url: &reqwest::Url) -> ConfigError {
+        Self::host_refusal(url.host_str().unwrap_or(""))
+    }
+
+    /// The error for a host this list does not allow.
+    pub fn host_refusal(host: &str) -> ConfigError {
         ConfigError {
-            message: format!("host {:?} is not in outbox.allowed_hosts", url.host_str().unwrap_or("")),
+            message: format!("host {host:?} is not in outbox.allowed_hosts"),
             hint: Some("Ask the server administrator to add it to outbox.allowed_hosts.".into()),
         }
     }

@@ -3,6 +3,9 @@
 //! Events are grouped in lanes, one per ordering key (events without a key
 //! each get a lane of their own). A lane sends its events strictly one after
 //! another: the next goes out only when the previous one was acknowledged.
+//! Where one request appends several events of a key in order, all or
+//! none (a Kafka partition), a lane may hand out a run of its next events
+//! at once; after a failure it sends its head alone until that succeeds.
 //! Lanes are independent, so a failing key holds back only itself.
 //!
 //! The scheduler also remembers which loaded events are unfinished, so the
@@ -52,14 +55,13 @@ struct Lane<T> {
     attempts: u32,
 }
 
-/// An event handed out for delivery.
+/// The next events of one lane, handed out together, in order.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Dispatch<T> {
+pub struct Run<T> {
     pub lane: LaneId,
-    pub position: Position,
-    pub item: T,
-    /// 1 for the first try.
+    /// Of the first event; 1 for the first try.
     pub attempt: u32,
+    pub events: Vec<(Position, T)>,
 }
 
 /// A lane removed from the scheduler (see `take_lane`).
@@ -115,8 +117,12 @@ impl<T: Clone> Scheduler<T> {
         }
     }
 
-    /// The next event to send, if a lane is ready.
-    pub fn next(&mut self) -> Option<Dispatch<T>> {
+    /// The next events of a ready lane, at most `max` of them: its head and
+    /// the events queued behind it that `fits(head, event)` (same
+    /// destination), or the head alone while it is being retried (so a
+    /// failure costs one event's attempt, and an event too large to share a
+    /// request is found).
+    pub fn next_run(&mut self, max: usize, fits: impl Fn(&T, &T) -> bool) -> Option<Run<T>> {
         while let Some(lane_id) = self.ready.pop_front() {
             let Some(lane) = self.lanes.get_mut(&lane_id) else {
                 continue;
@@ -124,16 +130,19 @@ impl<T: Clone> Scheduler<T> {
             if lane.state != LaneState::Ready {
                 continue;
             }
-            let head = lane.queue.front().expect("lanes are never empty");
+            let take = if lane.attempts > 0 { 1 } else { max.max(1) };
+            let head = &lane.queue.front().expect("lanes are never empty").item;
+            let events = lane
+                .queue
+                .iter()
+                .take(take)
+                .take_while(|e| fits(head, &e.item))
+                .map(|e| (e.position, e.item.clone()))
+                .collect();
             lane.state = LaneState::InFlight;
             self.in_flight += 1;
             self.ready_lanes -= 1;
-            return Some(Dispatch {
-                position: head.position,
-                item: head.item.clone(),
-                attempt: lane.attempts + 1,
-                lane: lane_id,
-            });
+            return Some(Run { lane: lane_id, attempt: lane.attempts + 1, events });
         }
         None
     }
@@ -162,13 +171,16 @@ impl<T: Clone> Scheduler<T> {
     }
 
     /// The head of `lane` failed; try it again at `retry_at`. Returns the
-    /// number of failed attempts so far.
+    /// number of failed attempts so far. The lane may be ready again when
+    /// the events of a run before its head were acknowledged.
     pub fn retry_head(&mut self, lane_id: &LaneId, retry_at: Instant) -> u32 {
         let Some(lane) = self.lanes.get_mut(lane_id) else {
             return 0;
         };
-        if lane.state == LaneState::InFlight {
-            self.in_flight -= 1;
+        match lane.state {
+            LaneState::InFlight => self.in_flight -= 1,
+            LaneState::Ready => self.ready_lanes -= 1,
+            LaneState::Backoff(_) => {}
         }
         lane.attempts += 1;
         lane.state = LaneState::Backoff(retry_at);
@@ -294,6 +306,25 @@ mod tests {
         LaneId::Key(k.into())
     }
 
+    /// One event handed out (a run of one).
+    struct One<T> {
+        lane: LaneId,
+        item: T,
+        attempt: u32,
+    }
+
+    trait NextOne<T> {
+        fn next(&mut self) -> Option<One<T>>;
+    }
+
+    impl<T: Clone> NextOne<T> for Scheduler<T> {
+        fn next(&mut self) -> Option<One<T>> {
+            let mut run = self.next_run(1, |_, _| true)?;
+            let (_, item) = run.events.pop()?;
+            Some(One { lane: run.lane, item, attempt: run.attempt })
+        }
+    }
+
     #[test]
     fn one_in_flight_per_key_in_order() {
         let mut s = Scheduler::default();
@@ -382,6 +413,45 @@ mod tests {
         s.wake_due(later);
         s.finish_head(&b.lane);
         assert!(s.next().is_none() && s.len() == 0 && s.bytes() == 0);
+    }
+
+    #[test]
+    fn a_run_hands_out_a_lanes_next_events_and_a_retry_sends_the_head_alone() {
+        let mut s = Scheduler::default();
+        let t0 = Instant::now();
+        for n in 1..=5 {
+            s.push(key("a"), pos(n), n, 1);
+        }
+        s.push(key("b"), pos(6), 6, 1);
+        let run = s.next_run(3, |_, _| true).unwrap();
+        assert_eq!(run.events.iter().map(|(_, e)| *e).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!((s.in_flight(), s.ready_len()), (1, 1));
+        assert_eq!(s.next_run(3, |_, _| true).unwrap().events.len(), 1, "b has one event");
+        assert!(s.next_run(3, |_, _| true).is_none(), "a is in flight");
+        // 1 acknowledged, 2 failed: 2 is retried alone, 3 is sent again after.
+        s.finish_head(&key("a"));
+        assert_eq!(s.retry_head(&key("a"), t0), 1);
+        assert_eq!((s.in_flight(), s.ready_len(), s.retrying()), (1, 0, 1));
+        s.wake_due(t0);
+        let retry = s.next_run(3, |_, _| true).unwrap();
+        assert_eq!((retry.attempt, retry.events.iter().map(|(_, e)| *e).collect::<Vec<_>>()), (2, vec![2]));
+        s.finish_head(&key("a"));
+        assert_eq!(s.next_run(10, |_, _| true).unwrap().events.iter().map(|(_, e)| *e).collect::<Vec<_>>(), [3, 4, 5]);
+        for _ in 0..3 {
+            s.finish_head(&key("a"));
+        }
+        s.finish_head(&key("b"));
+        assert!(s.next_run(1, |_, _| true).is_none());
+        // A run stops where the destination changes.
+        for n in 7..=9 {
+            s.push(key("c"), pos(n), n, 1);
+        }
+        let run = s.next_run(10, |head, e| (head % 2) == (e % 2)).unwrap();
+        assert_eq!(run.events.iter().map(|(_, e)| *e).collect::<Vec<_>>(), [7]);
+        for _ in 7..=9 {
+            s.finish_head(&key("c"));
+        }
+        assert_eq!((s.len(), s.in_flight(), s.ready_len(), s.bytes()), (0, 0, 0, 0));
     }
 
     #[test]

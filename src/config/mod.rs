@@ -13,8 +13,10 @@ mod names;
 mod options;
 
 pub use event_limits::{check_event_headers, check_key_and_type};
-pub use names::{check_endpoint_name, check_kafka_topic, check_topic, check_topic_pattern, parse_url};
-pub use options::{Body, CloudEvents, Flavor, OnDead, Options, Secret};
+pub use names::{
+    check_endpoint_name, check_kafka_topic, check_topic, check_topic_pattern, parse_brokers, parse_url, Broker,
+};
+pub use options::{Body, CloudEvents, Compression, Flavor, OnDead, Options, Sasl, Secret};
 
 use serde_json::{Map, Value};
 
@@ -57,6 +59,8 @@ pub enum Kind {
     KafkaRestV2,
     /// Confluent REST Proxy API v3.
     KafkaRestV3,
+    /// The Kafka protocol, straight to the brokers.
+    Kafka,
 }
 
 impl Kind {
@@ -65,13 +69,33 @@ impl Kind {
             "webhook" => Ok(Kind::Webhook),
             "kafka_rest_v2" => Ok(Kind::KafkaRestV2),
             "kafka_rest_v3" => Ok(Kind::KafkaRestV3),
+            "kafka" => Ok(Kind::Kafka),
             other => Err(ConfigError::new(format!("unknown endpoint kind {other:?}"))
-                .hint("Endpoint kinds are 'webhook', 'kafka_rest_v2' and 'kafka_rest_v3'.")),
+                .hint("Endpoint kinds are 'webhook', 'kafka', 'kafka_rest_v2' and 'kafka_rest_v3'.")),
         }
     }
 
+    /// Whether events become Kafka records (natively or through a proxy).
     pub fn is_kafka(self) -> bool {
-        matches!(self, Kind::KafkaRestV2 | Kind::KafkaRestV3)
+        matches!(self, Kind::KafkaRestV2 | Kind::KafkaRestV3 | Kind::Kafka)
+    }
+}
+
+/// Where an endpoint is: an HTTP(S) URL, or Kafka brokers
+/// (`kafka://host:port,host:port`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Address {
+    Http(reqwest::Url),
+    Brokers(Vec<Broker>),
+}
+
+impl Address {
+    /// The hosts a delivery connects to first (brokers may name others).
+    pub fn hosts(&self) -> Vec<&str> {
+        match self {
+            Address::Http(url) => url.host_str().into_iter().collect(),
+            Address::Brokers(brokers) => brokers.iter().map(|b| b.host.as_str()).collect(),
+        }
     }
 }
 
@@ -80,7 +104,7 @@ impl Kind {
 pub struct Endpoint {
     pub name: String,
     pub kind: Kind,
-    pub url: reqwest::Url,
+    pub address: Address,
     pub topics: Vec<String>,
     pub options: Options,
 }
@@ -89,7 +113,10 @@ impl Endpoint {
     pub fn parse(name: &str, url: &str, kind: &str, topics: &[String], options: &Value) -> Result<Endpoint> {
         check_endpoint_name(name)?;
         let kind = Kind::parse(kind)?;
-        let url = parse_url(url)?;
+        let address = match kind {
+            Kind::Kafka => Address::Brokers(parse_brokers(url)?),
+            _ => Address::Http(parse_url(url)?),
+        };
         if topics.is_empty() {
             return Err(ConfigError::new("topics must not be empty").hint("Use '{*}' to receive every topic."));
         }
@@ -98,12 +125,22 @@ impl Endpoint {
         }
         let given = options.as_object().cloned().unwrap_or_default();
         let options = Options::parse(options)?.for_kind(kind, &given)?;
-        if kind.is_kafka() {
+        if kind.is_kafka() && options.topic.is_none() {
             for pattern in topics.iter().filter(|p| !p.contains(['*', '?'])) {
                 check_kafka_topic(pattern)?;
             }
         }
-        Ok(Endpoint { name: name.to_string(), kind, url, topics: topics.to_vec(), options })
+        Ok(Endpoint { name: name.to_string(), kind, address, topics: topics.to_vec(), options })
+    }
+
+    /// The Kafka topic an event of `topic` goes to: the `topic` option with
+    /// `{topic}` replaced, or the event's topic. It may still be a name
+    /// Kafka refuses (check_kafka_topic), which fails that event alone.
+    pub fn kafka_topic(&self, topic: &str) -> String {
+        match &self.options.topic {
+            Some(template) => template.replace("{topic}", topic),
+            None => topic.to_string(),
+        }
     }
 }
 

@@ -85,6 +85,73 @@ pub fn parse_url(url: &str) -> Result<reqwest::Url> {
     Ok(parsed)
 }
 
+/// A Kafka broker to bootstrap from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broker {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Most brokers a `kafka://` URL may list.
+const MAX_BROKERS: usize = 32;
+
+/// Check a Kafka endpoint's address: `kafka://host:port,host:port`
+/// (`[::1]:9092` for IPv6; port 9092 when left out), nothing else.
+pub fn parse_brokers(url: &str) -> Result<Vec<Broker>> {
+    let hint = "Kafka endpoints are 'kafka://host:port' or 'kafka://host1:9092,host2:9092' (the bootstrap brokers); \
+                TLS and SASL are options.";
+    let bad = |what: String| ConfigError::new(what).hint(hint);
+    let Some(list) = url.strip_prefix("kafka://") else {
+        return Err(bad("a kafka endpoint URL must start with kafka://".into()));
+    };
+    let list = list.strip_suffix('/').unwrap_or(list);
+    if list.contains(['/', '?', '#', '@']) {
+        return Err(bad("a kafka endpoint URL holds brokers only (no path, query or credentials)".into()));
+    }
+    let mut brokers = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let (host, port) = match item.strip_prefix('[') {
+            Some(rest) => {
+                let (host, after) = rest.split_once(']').ok_or_else(|| bad(format!("invalid broker {item:?}")))?;
+                if host.parse::<std::net::Ipv6Addr>().is_err() {
+                    return Err(bad(format!("invalid broker {item:?}")));
+                }
+                (host, after.strip_prefix(':'))
+            }
+            None => match item.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (item, None),
+            },
+        };
+        let port = match port {
+            None => 9092,
+            Some(p) => {
+                p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| bad(format!("invalid port in {item:?}")))?
+            }
+        };
+        let name_ok = |h: &str| {
+            !h.is_empty() && h.len() <= 253 && h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+        };
+        if !(name_ok(host) || host.parse::<std::net::IpAddr>().is_ok()) {
+            return Err(bad(format!("invalid broker host in {item:?}")));
+        }
+        brokers.push(Broker { host: host.to_ascii_lowercase(), port });
+    }
+    if brokers.len() > MAX_BROKERS {
+        return Err(bad(format!("{} brokers, more than {MAX_BROKERS}", brokers.len())));
+    }
+    Ok(brokers)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +173,26 @@ mod tests {
         assert!(check_topic_pattern("order?").is_ok());
         assert!(check_topic_pattern("").is_err());
         assert!(check_topic_pattern("a b").is_err());
+    }
+
+    #[test]
+    fn brokers() {
+        let b = parse_brokers("kafka://k1:9093, K2,[::1]:19092/").unwrap();
+        assert_eq!(b.iter().map(ToString::to_string).collect::<Vec<_>>(), ["k1:9093", "k2:9092", "[::1]:19092"]);
+        for bad in [
+            "http://k:9092",
+            "kafka://",
+            "kafka://k:0",
+            "kafka://k:x",
+            "kafka://u:p@k:9092",
+            "kafka://k/t",
+            "kafka://k:9092,,k2",
+            "kafka://[k]:1",
+            "kafka://a b:1",
+        ] {
+            assert!(parse_brokers(bad).is_err(), "{bad}");
+        }
+        assert!(parse_brokers(&format!("kafka://{}", vec!["k:1"; 33].join(","))).is_err());
     }
 
     #[test]

@@ -55,6 +55,34 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// How a `kafka` endpoint authenticates (SASL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sasl {
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+/// Compression of a `kafka` endpoint's record batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+/// A password option. Never printed.
+#[derive(Clone, PartialEq)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(..)")
+    }
+}
+
 /// Reads one key of the options object: `None` when it is absent or null
 /// (the default applies), an error naming the key when it is malformed.
 type Parser<T> = fn(&Map<String, Value>, &str) -> Result<Option<T>>;
@@ -105,6 +133,10 @@ options! {
         "requests in flight at once (one per ordering key), default 16";
     "batch_size" => batch_size: usize = 1, |m, k| count(m, k, 1, 10_000),
         "events per request: Kafka REST records, or a CloudEvents batch; default 100 for Kafka, 1 otherwise";
+    /// Events of one key in one request (Kafka kinds): they are appended
+    /// to the key's partition in order, all or none.
+    "max_per_key" => max_per_key: usize = 1, |m, k| count(m, k, 1, 10_000),
+        "events of one key in one request (Kafka kinds; see the README on order), default 1";
     "linger_ms" => linger: Duration = Duration::from_millis(5), |m, k| millis(m, k, 0, 10_000),
         "how long a batch may wait to fill up while a request is in flight, default 5";
     "max_attempts" => max_attempts: Option<u32> = None, |m, k| Ok(int(m, k, 1, 1_000_000)?.map(|v| Some(v as u32))),
@@ -138,6 +170,25 @@ options! {
     /// Redirects followed (to allowed hosts only); 0: none.
     "max_redirects" => max_redirects: usize = 0, |m, k| count(m, k, 0, 10),
         "redirects followed, to hosts outbox.allowed_hosts allows; default 0 (none)";
+    /// The Kafka topic, `{topic}` standing for the event's topic.
+    "topic" => topic: Option<String> = None, topic_template,
+        "Kafka topic for the records: a name, or a template such as 'outbox.{topic}'; default the event topic";
+    "tls" => tls: bool = false, flag,
+        "true: connect to the Kafka brokers with TLS (certificates verified; see ca_cert); default false";
+    "sasl_mechanism" => sasl: Option<Sasl> = None,
+        |m, k| Ok(choice(m, k, &[("PLAIN", Sasl::Plain), ("SCRAM-SHA-256", Sasl::ScramSha256),
+                                  ("SCRAM-SHA-512", Sasl::ScramSha512)])?.map(Some)),
+        "'PLAIN', 'SCRAM-SHA-256' or 'SCRAM-SHA-512', with sasl_username and sasl_password";
+    "sasl_username" => sasl_username: Option<String> = None, |m, k| Ok(text(m, k, 1, 255)?.map(Some)),
+        "SASL user name for the Kafka brokers";
+    /// Never shown in messages or logs.
+    "sasl_password" => sasl_password: Option<Password> = None,
+        |m, k| Ok(text(m, k, 1, 1024)?.map(|p| Some(Password(p)))),
+        "SASL password for the Kafka brokers (kept like a webhook secret)";
+    "compression" => compression: Compression = Compression::None,
+        |m, k| choice(m, k, &[("none", Compression::None), ("gzip", Compression::Gzip), ("snappy", Compression::Snappy),
+                              ("lz4", Compression::Lz4), ("zstd", Compression::Zstd)]),
+        "'none' (default), 'gzip', 'snappy', 'lz4' or 'zstd': compression of Kafka record batches";
 }
 
 fn option_hint(key: &str) -> String {
@@ -175,16 +226,24 @@ impl Options {
     /// Check what only makes sense for some kinds, and fill in kind
     /// defaults (Kafka batches by default).
     pub(super) fn for_kind(mut self, kind: Kind, given: &Map<String, Value>) -> Result<Options> {
+        let is_given = |key: &str| given.get(key).is_some_and(|v| !v.is_null());
         let only = |key: &str, what: &str| -> Result<()> {
-            if given.get(key).is_some_and(|v| !v.is_null()) {
+            if is_given(key) {
                 return Err(
                     ConfigError::new(format!("option {key} applies to {what} endpoints only")).hint(option_hint(key))
                 );
             }
             Ok(())
         };
+        if kind != Kind::Kafka {
+            for key in ["tls", "sasl_mechanism", "sasl_username", "sasl_password", "compression"] {
+                only(key, "kafka")?;
+            }
+        }
         match kind {
             Kind::Webhook => {
+                only("max_per_key", "Kafka")?;
+                only("topic", "Kafka")?;
                 only("cluster_id", "kafka_rest_v3")?;
                 only("flavor", "kafka_rest_v2")?;
                 if self.batch_size > 1 && self.cloudevents != Some(CloudEvents::Structured) {
@@ -205,9 +264,39 @@ impl Options {
                         ));
                     }
                 }
-                if given.get("batch_size").is_none_or(Value::is_null) {
+                if !is_given("batch_size") {
                     self.batch_size = 100;
                 }
+            }
+            Kind::Kafka => {
+                for key in ["secret", "headers", "max_redirects"] {
+                    only(key, "HTTP")?;
+                }
+                only("cluster_id", "kafka_rest_v3")?;
+                only("flavor", "kafka_rest_v2")?;
+                let sasl = [is_given("sasl_mechanism"), is_given("sasl_username"), is_given("sasl_password")];
+                if sasl.contains(&true) && sasl.contains(&false) {
+                    return Err(ConfigError::new(
+                        "SASL needs sasl_mechanism, sasl_username and sasl_password together",
+                    )
+                    .hint(option_hint("sasl_mechanism")));
+                }
+                // A CA to trust means TLS.
+                self.tls |= self.ca_cert.is_some();
+                if !is_given("batch_size") {
+                    self.batch_size = 500;
+                }
+                // The records of one key in a request form one batch of
+                // one partition: written all or none, in order.
+                if !is_given("max_per_key") {
+                    self.max_per_key = self.batch_size;
+                }
+            }
+        }
+        if let Some(topic) = &self.topic {
+            // A fixed name is checked now; a template once filled in.
+            if !topic.contains("{topic}") {
+                super::check_kafka_topic(topic)?;
             }
         }
         Ok(self)
@@ -270,6 +359,45 @@ fn cluster_id(map: &Map<String, Value>, key: &str) -> Result<Option<Option<Strin
         Some(v) => Err(ConfigError::new(format!("option {key} must be a cluster id string, got {}", shown(v)))
             .hint(option_hint(key))),
     }
+}
+
+fn flag(map: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => {
+            Err(ConfigError::new(format!("option {key} must be true or false, got {}", shown(v)))
+                .hint(option_hint(key)))
+        }
+    }
+}
+
+/// A string of `min` to `max` bytes without control characters. Never
+/// repeated in messages (it may be a credential).
+fn text(map: &Map<String, Value>, key: &str, min: usize, max: usize) -> Result<Option<String>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if (min..=max).contains(&s.len()) && !s.chars().any(char::is_control) => {
+            Ok(Some(s.clone()))
+        }
+        Some(v) => Err(ConfigError::new(format!(
+            "option {key} must be a string of {min} to {max} bytes without control characters, got {}",
+            json_type(v)
+        ))
+        .hint(option_hint(key))),
+    }
+}
+
+/// `topic`: a Kafka topic name in which `{topic}` may stand for the
+/// event's topic.
+fn topic_template(map: &Map<String, Value>, key: &str) -> Result<Option<Option<String>>> {
+    let Some(t) = text(map, key, 1, 249)? else { return Ok(None) };
+    let filled = t.replace("{topic}", "x");
+    if super::check_kafka_topic(&filled).is_err() {
+        return Err(ConfigError::new(format!("option topic {:?} is not a Kafka topic name or template", shorten(&t)))
+            .hint(option_hint(key)));
+    }
+    Ok(Some(Some(t)))
 }
 
 fn int(map: &Map<String, Value>, key: &str, min: i64, max: i64) -> Result<Option<i64>> {

@@ -46,6 +46,24 @@ pub fn value(body: Body, event: &Event) -> String {
     }
 }
 
+/// The headers of an event as a Kafka record (REST v3 and native):
+/// `outbox-id`, `outbox-type` when there is one, then the event's own
+/// headers (their names never start with `outbox-`, config/event_limits.rs).
+pub fn record_headers(event: &Event) -> Vec<(String, String)> {
+    let mut headers = vec![("outbox-id".to_string(), event.id.clone())];
+    if let Some(t) = event.event_type.as_deref() {
+        headers.push(("outbox-type".into(), t.to_string()));
+    }
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&event.headers) {
+        for (name, v) in map {
+            if let serde_json::Value::String(s) = v {
+                headers.push((name, s));
+            }
+        }
+    }
+    headers
+}
+
 /// CloudEvents `type`: the event type, or the topic when there is none
 /// (the attribute is required).
 pub fn ce_type(event: &Event) -> &str {

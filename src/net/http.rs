@@ -11,12 +11,12 @@
 //! own headers, which may be credentials, never go to another origin.
 
 use super::failure::{self, Failure};
+use super::resolve;
 use super::NetError;
 use crate::config;
 use crate::egress::{AllowList, Egress};
 use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -188,20 +188,12 @@ impl reqwest::dns::Resolve for Resolver {
         let egress = self.egress.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let is_proxy = egress
                 .proxy
                 .as_deref()
                 .and_then(|p| Url::parse(p).ok())
                 .is_some_and(|p| p.host_str().is_some_and(|h| h.eq_ignore_ascii_case(&host)));
-            let (allowed, refused): (Vec<SocketAddr>, Vec<SocketAddr>) =
-                found.into_iter().partition(|a| is_proxy || egress.allowed.allows_address(a.ip()));
-            if allowed.is_empty() {
-                // The addresses are not named: admins need not learn what
-                // internal names resolve to.
-                let what = if refused.is_empty() { "no address" } else { "only addresses" };
-                return Err(format!("{host} resolves to {what} which outbox.allowed_hosts does not allow").into());
-            }
+            let allowed = resolve::allowed_addresses(&egress, &host, 0, is_proxy).await?;
             let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
             Ok(addrs)
         })

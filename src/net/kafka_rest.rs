@@ -1,11 +1,14 @@
 //! Kafka REST proxies: Confluent API v2 (and Redpanda's HTTP Proxy, which
 //! speaks v2 with differences) and Confluent API v3. A request carries a
 //! batch of records for one topic; the record key is the event's ordering
-//! key, so Kafka keeps per-key order inside a partition, and the worker
-//! never puts two events of one key in the same request.
+//! key, so Kafka keeps per-key order inside a partition. The worker puts
+//! several events of one key in a request only when the endpoint's
+//! max_per_key allows it (see the README on what that assumes of the
+//! proxy).
 
 use super::failure::{self, Failure, Verdict};
 use super::http::{Answer, Request};
+use super::target::Http;
 use super::{envelope, Target};
 use crate::config::{Body, Flavor, Kind};
 use crate::event::Event;
@@ -20,29 +23,29 @@ pub const V2_CONTENT_TYPE: &str = "application/vnd.kafka.json.v2+json";
 pub const V2_ACCEPT: &str = "application/vnd.kafka.v2+json";
 
 /// Send `events` (one topic) as one request; the outcome of each record.
-pub async fn deliver(target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
+pub async fn deliver(http: &Http, target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
     let n = events.len();
-    match target.client.send(request(target, events)).await {
+    match http.client.send(request(http, target, events)).await {
         Ok(answer) => results(target, &answer, n),
         Err(failure) => vec![Err(failure); n],
     }
 }
 
 /// The request for `events`, which share one topic.
-pub fn request(target: &Target, events: &[Arc<Event>]) -> Request {
+pub fn request(http: &Http, target: &Target, events: &[Arc<Event>]) -> Request {
     let opts = target.options();
-    let topic = &events[0].topic;
+    let topic = &target.endpoint.kafka_topic(&events[0].topic);
     let mut headers = HeaderMap::new();
     let (url, body) = match target.endpoint.kind {
         Kind::KafkaRestV3 => {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             let cluster = opts.cluster_id.as_deref().unwrap_or("");
-            (target.below(&v3_path(cluster, topic)), v3_body(opts.body, events))
+            (http.below(&v3_path(cluster, topic)), v3_body(opts.body, events))
         }
         _ => {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static(V2_CONTENT_TYPE));
             headers.insert(ACCEPT, HeaderValue::from_static(V2_ACCEPT));
-            (target.below(&v2_path(topic)), v2_body(opts.body, events))
+            (http.below(&v2_path(topic)), v2_body(opts.body, events))
         }
     };
     Request { url, headers, body }
@@ -119,18 +122,8 @@ pub fn v3_body(body: Body, events: &[Arc<Event>]) -> Vec<u8> {
     for e in events {
         let value = envelope::value(body, e);
         let key_json = e.key.as_deref().map(|k| serde_json::to_string(k).expect("a string serializes"));
-        let mut headers = vec![V3Header { name: "outbox-id".into(), value: b64(&e.id) }];
-        if let Some(t) = e.event_type.as_deref() {
-            headers.push(V3Header { name: "outbox-type".into(), value: b64(t) });
-        }
-        // The event's own headers travel as record headers too.
-        if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&e.headers) {
-            for (name, v) in map {
-                if let Value::String(s) = v {
-                    headers.push(V3Header { name, value: b64(&s) });
-                }
-            }
-        }
+        let headers =
+            envelope::record_headers(e).into_iter().map(|(name, v)| V3Header { name, value: b64(&v) }).collect();
         let record = V3Record {
             key: key_json.as_deref().map(|k| V3Data { data_type: "JSON", data: envelope::raw(k) }),
             value: V3Data { data_type: "JSON", data: envelope::raw(&value) },

@@ -6,7 +6,9 @@
 mod envelope;
 mod failure;
 mod http;
+mod kafka;
 mod kafka_rest;
+mod resolve;
 mod signature;
 mod target;
 mod webhook;
@@ -21,10 +23,10 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc as tokio_mpsc;
 
 pub use failure::{Failure, Verdict};
-pub use target::Target;
+pub use target::{Target, Transport};
 
 /// One request to one endpoint: a single event, or a batch (Kafka
-/// records, CloudEvents batch) with at most one event per lane.
+/// records, CloudEvents batch); several events of one lane are in order.
 pub struct Job {
     pub endpoint_id: i32,
     /// Which incarnation of the endpoint's state sent this job; outcomes of
@@ -150,12 +152,13 @@ impl Drop for Network {
 /// Send `events` (one request) by the endpoint's protocol; the outcome of
 /// each event, in order.
 async fn deliver(target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
-    match target.endpoint.kind {
-        Kind::Webhook => {
+    match &target.transport {
+        Transport::Kafka(producer) => kafka::deliver(producer, target, events).await,
+        Transport::Http(http) if target.endpoint.kind == Kind::Webhook => {
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-            webhook::deliver(target, events, now).await
+            webhook::deliver(http, target, events, now).await
         }
-        Kind::KafkaRestV2 | Kind::KafkaRestV3 => kafka_rest::deliver(target, events).await,
+        Transport::Http(http) => kafka_rest::deliver(http, target, events).await,
     }
 }
 

@@ -5,15 +5,17 @@
 use super::envelope::{self, ce_type, structured};
 use super::failure::Failure;
 use super::http::Request;
+use super::target::Http;
 use super::{signature, Target};
 use crate::config::{Body, CloudEvents};
 use crate::event::Event;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::Url;
 use std::sync::Arc;
 
 /// Send `events` (one, or a CloudEvents batch) in one request.
-pub async fn deliver(target: &Target, events: &[Arc<Event>], now_unix: u64) -> Vec<Result<(), Failure>> {
-    let outcome = match target.client.send(request(target, events, now_unix)).await {
+pub async fn deliver(http: &Http, target: &Target, events: &[Arc<Event>], now_unix: u64) -> Vec<Result<(), Failure>> {
+    let outcome = match http.client.send(request(&http.url, target, events, now_unix)).await {
         Ok(answer) if answer.status.is_success() => Ok(()),
         Ok(answer) => Err(answer.failure()),
         Err(failure) => Err(failure),
@@ -31,7 +33,7 @@ fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
 
 /// The request for `events`: one event, or several when the endpoint
 /// takes CloudEvents batches. `now_unix` becomes `webhook-timestamp`.
-pub fn request(target: &Target, events: &[Arc<Event>], now_unix: u64) -> Request {
+pub fn request(url: &Url, target: &Target, events: &[Arc<Event>], now_unix: u64) -> Request {
     let first = &events[0];
     let opts = target.options();
     let mut headers = HeaderMap::new();
@@ -81,7 +83,7 @@ pub fn request(target: &Target, events: &[Arc<Event>], now_unix: u64) -> Request
         put(&mut headers, "webhook-signature", &sig);
     }
     debug_assert!(headers.contains_key(CONTENT_TYPE));
-    Request { url: target.endpoint.url.clone(), headers, body }
+    Request { url: url.clone(), headers, body }
 }
 
 #[cfg(test)]
@@ -96,6 +98,10 @@ mod tests {
         Target::new(ep, "/outbox/db", Arc::default()).unwrap()
     }
 
+    fn url() -> Url {
+        Url::parse("http://127.0.0.1:1/").unwrap()
+    }
+
     fn header<'a>(r: &'a Request, name: &str) -> Option<&'a str> {
         r.headers.get(name).and_then(|v| v.to_str().ok())
     }
@@ -103,7 +109,7 @@ mod tests {
     #[test]
     fn plain_webhook_with_standard_headers_and_signature() {
         let t = target(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "headers": {"x-a": "b"}}));
-        let r = request(&t, &[Arc::new(sample())], 1614265330);
+        let r = request(&url(), &t, &[Arc::new(sample())], 1614265330);
         assert_eq!(header(&r, "content-type"), Some("application/json"));
         assert_eq!(header(&r, "webhook-id"), Some("0190a0a0-0000-7000-8000-000000000001"));
         assert_eq!(header(&r, "webhook-timestamp"), Some("1614265330"));
@@ -117,7 +123,7 @@ mod tests {
 
     #[test]
     fn bare_data_names_the_event_in_headers() {
-        let r = request(&target(json!({"body": "data"})), &[Arc::new(sample())], 1);
+        let r = request(&url(), &target(json!({"body": "data"})), &[Arc::new(sample())], 1);
         assert_eq!(r.body, sample().payload.as_bytes());
         assert_eq!(header(&r, "outbox-topic"), Some("orders"));
         assert_eq!(header(&r, "outbox-type"), Some("created"));
@@ -127,7 +133,7 @@ mod tests {
 
     #[test]
     fn cloudevents_binary_mode() {
-        let r = request(&target(json!({"cloudevents": "binary"})), &[Arc::new(sample())], 1);
+        let r = request(&url(), &target(json!({"cloudevents": "binary"})), &[Arc::new(sample())], 1);
         assert_eq!(header(&r, "ce-specversion"), Some("1.0"));
         assert_eq!(header(&r, "ce-id"), Some("0190a0a0-0000-7000-8000-000000000001"));
         assert_eq!(header(&r, "ce-source"), Some("/outbox/db"));
@@ -141,13 +147,13 @@ mod tests {
     #[test]
     fn cloudevents_structured_and_batched() {
         let t = target(json!({"cloudevents": "structured", "batch_size": 10}));
-        let one = request(&t, &[Arc::new(sample())], 1);
+        let one = request(&url(), &t, &[Arc::new(sample())], 1);
         assert_eq!(header(&one, "content-type"), Some("application/cloudevents+json; charset=utf-8"));
         let v: serde_json::Value = serde_json::from_slice(&one.body).unwrap();
         assert_eq!(v["specversion"], "1.0");
         let mut second = sample();
         second.id = "0190a0a0-0000-7000-8000-000000000002".into();
-        let batch = request(&t, &[Arc::new(sample()), Arc::new(second)], 1);
+        let batch = request(&url(), &t, &[Arc::new(sample()), Arc::new(second)], 1);
         assert_eq!(header(&batch, "content-type"), Some("application/cloudevents-batch+json; charset=utf-8"));
         let v: serde_json::Value = serde_json::from_slice(&batch.body).unwrap();
         assert_eq!(v.as_array().unwrap().len(), 2);

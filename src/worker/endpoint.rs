@@ -392,8 +392,9 @@ impl EndpointState {
         [self.window.next_wake(), self.parked.next_due(), linger_ends].into_iter().flatten().filter(|t| *t > now).min()
     }
 
-    /// Requests to send now, each a batch of events (one event per lane;
-    /// one topic per batch), parked lanes first (they are older). A partial
+    /// Requests to send now, each a batch of events (up to max_per_key
+    /// events per lane, in order; one topic per batch), parked lanes first
+    /// (they are older). A partial
     /// batch waits up to linger_ms while another request is in flight.
     pub fn take_jobs(&mut self, now: Instant) -> Vec<Job> {
         self.window.wake_due(now);
@@ -415,9 +416,11 @@ impl EndpointState {
             }
             self.health.lingering_since = None;
             let mut events = self.parked.take_ready(batch);
+            let per_key = self.config().options.max_per_key;
             while events.len() < batch {
-                let Some(d) = self.window.next() else { break };
-                events.push((d.lane, d.item));
+                let max = per_key.min(batch - events.len());
+                let Some(run) = self.window.next_run(max, |head, e| head.topic == e.topic) else { break };
+                events.extend(run.events.into_iter().map(|(_, e)| (run.lane.clone(), e)));
             }
             for group in self.by_topic(events, now) {
                 self.health.requests += 1;
@@ -439,7 +442,7 @@ impl EndpointState {
         let mut groups: Vec<Vec<(LaneId, Arc<Event>)>> = Vec::new();
         for (lane, event) in events {
             if kafka {
-                if let Err(e) = config::check_kafka_topic(&event.topic) {
+                if let Err(e) = config::check_kafka_topic(&self.config().kafka_topic(&event.topic)) {
                     self.on_result(&lane, event.position, Err(Failure::reject(e.message)), now);
                     continue;
                 }
