@@ -185,6 +185,9 @@ options! {
     "sasl_password" => sasl_password: Option<Password> = None,
         |m, k| Ok(text(m, k, 1, 1024)?.map(|p| Some(Password(p)))),
         "SASL password for the Kafka brokers (kept like a webhook secret)";
+    "create_topics" => create_topics: bool = false, flag,
+        "true: let the brokers create a missing topic (if their own setting allows); default false, \
+         a missing topic sends its events to dead letters";
     "compression" => compression: Compression = Compression::None,
         |m, k| choice(m, k, &[("none", Compression::None), ("gzip", Compression::Gzip), ("snappy", Compression::Snappy),
                               ("lz4", Compression::Lz4), ("zstd", Compression::Zstd)]),
@@ -236,7 +239,7 @@ impl Options {
             Ok(())
         };
         if kind != Kind::Kafka {
-            for key in ["tls", "sasl_mechanism", "sasl_username", "sasl_password", "compression"] {
+            for key in ["tls", "sasl_mechanism", "sasl_username", "sasl_password", "compression", "create_topics"] {
                 only(key, "kafka")?;
             }
         }

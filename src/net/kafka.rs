@@ -42,6 +42,9 @@ pub fn producer(brokers: &[Broker], opts: &config::Options, egress: Arc<Egress>)
         Compression::Lz4 => outbox_kafka::Compression::Lz4,
         Compression::Zstd => outbox_kafka::Compression::Zstd,
     };
+    // Topics are infrastructure: a misspelt topic must not appear in the
+    // cluster unless the endpoint asks for it.
+    c.allow_auto_create_topics = opts.create_topics;
     c.request_timeout = opts.timeout;
     c.connect_timeout = opts.connect_timeout;
     c.resolver = Arc::new(EgressResolver { egress });
