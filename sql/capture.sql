@@ -26,6 +26,11 @@ DECLARE
     stmt     text;
     trg_when text := '';
 BEGIN
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RAISE EXCEPTION 'outbox.capture: this server is a hot standby'
+            USING ERRCODE = 'read_only_sql_transaction',
+                  HINT = 'Run it on the primary; the triggers reach standbys through replication.';
+    END IF;
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'outbox.capture: table must not be null'
             USING ERRCODE = 'null_value_not_allowed',
@@ -149,6 +154,11 @@ AS $fn$
 DECLARE
     dropped integer;
 BEGIN
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RAISE EXCEPTION 'outbox.uncapture: this server is a hot standby'
+            USING ERRCODE = 'read_only_sql_transaction',
+                  HINT = 'Run it on the primary; the triggers reach standbys through replication.';
+    END IF;
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'outbox.uncapture: table must not be null'
             USING ERRCODE = 'null_value_not_allowed';

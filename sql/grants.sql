@@ -65,7 +65,7 @@ GRANT SELECT ON outbox.events TO outbox_worker;
 GRANT SELECT, INSERT, DELETE ON outbox.ticks TO outbox_worker;
 GRANT SELECT, UPDATE ON outbox.rotation TO outbox_worker;
 GRANT SELECT, UPDATE (disabled_reason, updated_at) ON outbox.endpoints TO outbox_worker;
-GRANT SELECT, UPDATE ON outbox.progress TO outbox_worker;
+GRANT SELECT, INSERT, UPDATE ON outbox.progress TO outbox_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.parked TO outbox_worker;
 GRANT USAGE ON SEQUENCE outbox.parked_seq TO outbox_worker;
 GRANT EXECUTE ON FUNCTION outbox._like_patterns(text[]) TO outbox_worker;

@@ -211,6 +211,16 @@ CREATE TABLE outbox.captures (
     created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
+-- pg_dump keeps what a restored database needs to carry on: endpoints
+-- (with their secrets, readable by the admin role only, as before) and
+-- captures. Events, ticks, progress and dead letters belong to the source
+-- database's delivery history and are not dumped: a restored database
+-- starts clean, and its worker gives every endpoint without progress a
+-- fresh start (src/worker/store.rs). See docs/operations.md.
+SELECT pg_catalog.pg_extension_config_dump('outbox.endpoints', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.endpoints_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.captures', '');
+
 -- Endpoint topic globs ('orders.*', 'invoice?') as LIKE patterns, so that
 -- both the worker and the stats view filter in SQL with an index-free LIKE.
 CREATE FUNCTION outbox._like_patterns(globs text[]) RETURNS text[]

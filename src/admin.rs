@@ -28,6 +28,29 @@ pub mod outbox {
         })
     }
 
+    /// Endpoints and dead letters change on the primary only: say so, as
+    /// clearly as outbox_emit does (write/emit.rs).
+    fn writable(function: &str) {
+        // SAFETY: plain reads of backend state.
+        let (standby, read_only) = unsafe { (pg_sys::RecoveryInProgress(), pg_sys::XactReadOnly) };
+        if standby {
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+                format!("outbox.{function}: this server is a hot standby"),
+            )
+            .hint("Manage endpoints and dead letters on the primary; a promoted standby delivers to the endpoints it has.")
+            .raise();
+        }
+        if read_only {
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+                format!("outbox.{function}: cannot change endpoints or dead letters in a read-only transaction"),
+            )
+            .hint("Run it in a read-write transaction.")
+            .raise();
+        }
+    }
+
     fn in_function(function: &str) -> impl Fn(ConfigError) -> ConfigError + '_ {
         move |e| e.in_function(&format!("outbox.{function}"))
     }
@@ -72,6 +95,7 @@ pub mod outbox {
         options: default!(Option<JsonB>, "'{}'"),
     ) {
         const F: &str = "create_endpoint";
+        writable(F);
         let name = required(name, F, "name");
         let url = required(url, F, "url");
         let kind = required(kind, F, "kind");
@@ -119,6 +143,7 @@ pub mod outbox {
         topics: default!(Option<Vec<Option<String>>>, "NULL"),
     ) {
         const F: &str = "alter_endpoint";
+        writable(F);
         let name = required(name, F, "name");
         let patch = required(options, F, "options").0;
         let row = Spi::connect_mut(|client| {
@@ -157,6 +182,7 @@ pub mod outbox {
     #[search_path(pg_catalog, pg_temp)]
     fn drop_endpoint(name: Option<&str>) {
         const F: &str = "drop_endpoint";
+        writable(F);
         let name = required(name, F, "name");
         update_endpoint(F, name, "DELETE FROM outbox.endpoints WHERE name = $1 RETURNING id");
     }
@@ -166,6 +192,7 @@ pub mod outbox {
     #[search_path(pg_catalog, pg_temp)]
     fn pause_endpoint(name: Option<&str>) {
         const F: &str = "pause_endpoint";
+        writable(F);
         let name = required(name, F, "name");
         update_endpoint(
             F,
@@ -180,6 +207,7 @@ pub mod outbox {
     #[search_path(pg_catalog, pg_temp)]
     fn resume_endpoint(name: Option<&str>) {
         const F: &str = "resume_endpoint";
+        writable(F);
         let name = required(name, F, "name");
         update_endpoint(
             F,
@@ -215,6 +243,7 @@ pub mod outbox {
     /// Run `sql` (which uses DEAD_MATCH) for the dead letters `f` selects;
     /// returns how many rows it touched.
     fn on_dead_letters(function: &str, f: DeadFilter, sql: &str) -> i64 {
+        writable(function);
         if f.event_id.is_none() && f.endpoint.is_none() && f.since.is_none() && f.until.is_none() {
             SqlError::new(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,

@@ -67,6 +67,14 @@ pub fn pin_extension() -> Result<Option<u32>> {
 /// ticks::drop_old and rotation.rs). Before the extension's own transaction
 /// commits, tick 0 lists it as in progress.
 pub fn start_new_endpoints() -> Result<()> {
+    // An endpoint without progress came from pg_restore (progress is not
+    // dumped): it starts clean, with what commits after this transaction.
+    Spi::run(
+        "INSERT INTO outbox.progress (endpoint_id, tick, start_xid)
+         SELECT e.id, NULL, pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.int8
+         FROM outbox.endpoints AS e
+         WHERE NOT EXISTS (SELECT FROM outbox.progress AS p WHERE p.endpoint_id = e.id)",
+    )?;
     Spi::run(
         "UPDATE outbox.progress AS p
          SET tick = coalesce((SELECT pg_catalog.max(t.id) FROM outbox.ticks AS t
