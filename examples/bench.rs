@@ -15,11 +15,8 @@
 //! reports). Writes target/bench/results.json, raw.csv, latency and
 //! throughput plots (SVG).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
-use common::cluster::{bindir, server_dir, Cluster};
-use common::{Receiver, Reply};
+use outbox_testkit::cluster::{bindir, server_dir, Cluster};
+use outbox_testkit::{Receiver, Reply};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::fmt::Write as _;

@@ -2,9 +2,7 @@
 //! transaction that emitted it committed, durably.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
 
 #[test]

@@ -2,9 +2,7 @@
 //! events to a real HTTP receiver on loopback.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;

@@ -6,9 +6,7 @@
 //! the README reports.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -1,19 +1,17 @@
 //! Proof under faults: real processes killed, real servers misbehaving,
 //! under a concurrent write load with rollbacks and savepoints. Every
-//! scenario ends with the same checker (tests/common/faults.rs) and adds a
+//! scenario ends with the same checker (testkit/src/faults.rs) and adds a
 //! line to target/faults/summary.json.
 //!
 //! CI sizes by default; OUTBOX_FULL=1 runs the long outage and a long
 //! randomized run (OUTBOX_FAULT_SEED=<n> replays a randomized run).
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::faults::{
+use outbox_testkit::faults::{
     check, committed_between, prepare, wait_all_delivered, worker_pid, Load, Log, Rng, Seen, Writers,
 };
-use common::kafka::{Api, Broker, RestProxy};
-use common::*;
+use outbox_testkit::kafka::{Api, Broker, RestProxy};
+use outbox_testkit::*;
 use serde_json::json;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;

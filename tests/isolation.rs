@@ -3,9 +3,7 @@
 //! event or an absurd answer costs only itself.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 

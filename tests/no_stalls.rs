@@ -2,9 +2,7 @@
 //! got its id or when it committed.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
 
 #[test]

@@ -4,9 +4,7 @@
 //! restart of the server.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
 
 /// Two transactions emit for key `same`; the one that got its transaction

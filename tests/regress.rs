@@ -3,9 +3,7 @@
 //! cannot run as root).
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::cluster::{bindir, server_dir, Cluster};
+use outbox_testkit::cluster::{bindir, server_dir, Cluster};
 use std::path::PathBuf;
 use std::process::Command;
 

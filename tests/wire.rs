@@ -3,12 +3,10 @@
 //! independent verifier, CloudEvents, HTTPS certificate checks.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
 use base64::Engine as _;
-use common::kafka::{Api, Broker, Consumed, RestProxy, CLUSTER_ID};
-use common::*;
 use hmac::{Hmac, Mac};
+use outbox_testkit::kafka::{Api, Broker, Consumed, RestProxy, CLUSTER_ID};
+use outbox_testkit::*;
 use serde_json::json;
 use sha2::Sha256;
 use std::collections::{BTreeMap, HashSet};

@@ -11,7 +11,6 @@ use super::receiver::Request;
 use super::Cluster;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,14 +24,14 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.max(1))
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
@@ -353,7 +352,7 @@ static SUMMARY_LOCK: Mutex<()> = Mutex::new(());
 /// per-scenario files so parallel tests each add theirs.
 fn write_summary(s: &Summary) {
     let _guard = SUMMARY_LOCK.lock().unwrap();
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/faults");
+    let dir = crate::project_root().join("target/faults");
     let scenarios = dir.join("scenarios");
     std::fs::create_dir_all(&scenarios).unwrap();
     std::fs::write(scenarios.join(format!("{}.json", s.scenario)), serde_json::to_string_pretty(s).unwrap()).unwrap();

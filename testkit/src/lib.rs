@@ -1,5 +1,6 @@
-//! Support for the end-to-end tests: a real cluster, a real HTTP receiver.
-#![allow(dead_code, unused_imports)] // each test binary uses a different part
+//! What outbox's end-to-end tests, the demo and the benchmark run against:
+//! a real cluster, a real HTTP receiver, a real Kafka-protocol broker, and
+//! the helpers the tests share.
 
 pub mod cluster;
 pub mod faults;
@@ -9,7 +10,14 @@ pub mod receiver;
 pub use cluster::{free_port, Cluster};
 pub use receiver::{Receiver, Reply, Request};
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// The outbox crate's directory, where `target/` is (the kit lives in its
+/// `testkit/`).
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit/ is inside the outbox crate").to_path_buf()
+}
 
 /// How long a test waits for something that should happen at once.
 pub const WAIT: Duration = Duration::from_secs(30);
