@@ -16,11 +16,12 @@
 //! throughput plots (SVG).
 
 use outbox_testkit::cluster::{bindir, server_dir, Cluster};
+use outbox_testkit::http::read_message;
 use outbox_testkit::{Receiver, Reply};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -853,25 +854,7 @@ mod relay {
         }
 
         fn read_response(&mut self) -> bool {
-            let mut line = String::new();
-            if self.stream.read_line(&mut line).unwrap_or(0) == 0 || !line.starts_with("HTTP/1.1 2") {
-                return false;
-            }
-            let mut len = 0;
-            loop {
-                line.clear();
-                if self.stream.read_line(&mut line).unwrap_or(0) == 0 {
-                    return false;
-                }
-                if line.trim().is_empty() {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; len];
-            self.stream.read_exact(&mut body).is_ok()
+            read_message(&mut self.stream).is_some_and(|m| m.is_success())
         }
     }
 }

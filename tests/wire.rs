@@ -230,67 +230,23 @@ fn cloudevents_binary_structured_and_batched() {
     assert!(batches.iter().any(|b| b.json().as_array().unwrap().len() > 1), "events were batched");
 }
 
-/// A one-request-at-a-time HTTPS server with a self-signed certificate.
-fn tls_server() -> (u16, String, Arc<std::sync::Mutex<usize>>) {
-    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-    let pem = cert.cert.pem();
-    let chain = vec![cert.cert.der().clone()];
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap(),
-    );
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+/// A one-request-at-a-time HTTPS server with a self-signed certificate:
+/// the server, its certificate (PEM) and how many requests it answered.
+fn tls_server() -> (Receiver, String, Arc<std::sync::Mutex<usize>>) {
+    let (server, pem) = Receiver::start_https();
     let served = Arc::new(std::sync::Mutex::new(0));
     let count = served.clone();
-    std::thread::spawn(move || {
-        for tcp in listener.incoming().flatten() {
-            let config = config.clone();
-            let count = count.clone();
-            std::thread::spawn(move || {
-                use std::io::{BufRead, BufReader, Read, Write};
-                let Ok(conn) = rustls::ServerConnection::new(config) else { return };
-                let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
-                loop {
-                    let mut len = 0usize;
-                    let mut line = String::new();
-                    if tls.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    loop {
-                        line.clear();
-                        if tls.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line.trim().is_empty() {
-                            break;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    if tls.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    *count.lock().unwrap() += 1;
-                    let _ = tls.get_mut().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
-                }
-            });
-        }
+    server.respond(move |_, _| {
+        *count.lock().unwrap() += 1;
+        Reply::Status(200)
     });
-    (port, pem, served)
+    (server, pem, served)
 }
 
 #[test]
 fn https_checks_certificates_unless_the_ca_is_configured() {
-    let (port, pem, served) = tls_server();
+    let (server, pem, served) = tls_server();
+    let port = server.port;
     let (_cluster, mut db) = cluster_with_outbox("https");
     webhook(&mut db, "tls", &format!("https://127.0.0.1:{port}/hook"), &["*"], json!({}));
     emit(&mut db, "t", json!({}), Some("k"));

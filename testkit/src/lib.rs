@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod faults;
+pub mod http;
 pub mod kafka;
 pub mod receiver;
 

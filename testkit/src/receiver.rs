@@ -1,11 +1,15 @@
-//! A real HTTP/1.1 server on 127.0.0.1 that records every request and
-//! answers as the test tells it to: a status, a delay, a hang, a reset.
+//! A real HTTP/1.1 server on 127.0.0.1 (plain, or HTTPS with a self-signed
+//! certificate) that records every request and answers as the test tells
+//! it to: a status, a delay, a hang, a reset. Dropping it stops it: the
+//! listener closes, open connections are cut, hanging answers end.
 
+use crate::http;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -39,7 +43,7 @@ pub enum Reply {
     },
     /// Wait, then answer.
     After(Duration, Box<Reply>),
-    /// Never answer (until the client gives up).
+    /// Never answer (until the client gives up, or the receiver stops).
     Hang,
     /// Close the connection without answering.
     Close,
@@ -62,6 +66,10 @@ impl Reply {
 
 type Responder = dyn Fn(&Request, usize) -> Reply + Send + Sync;
 
+fn ok_to_all() -> Arc<Responder> {
+    Arc::new(|_: &Request, _: usize| Reply::Status(200))
+}
+
 struct Shared {
     requests: Mutex<Vec<Request>>,
     arrived: Condvar,
@@ -72,38 +80,135 @@ struct Shared {
     /// Requests received so far.
     count: AtomicUsize,
     /// Keep every request (tests); benchmarks only count.
-    keep: std::sync::atomic::AtomicBool,
+    keep: AtomicBool,
+    /// Connections being served, to cut them when the receiver stops.
+    open: Mutex<Open>,
+    /// A connection ended.
+    closed: Condvar,
+    /// Set once, when the receiver stops; `stop` wakes whoever waits on it.
+    stopping: Mutex<bool>,
+    stop: Condvar,
+}
+
+#[derive(Default)]
+struct Open {
+    next: u64,
+    streams: HashMap<u64, TcpStream>,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        *self.stopping.lock().unwrap()
+    }
+
+    /// Sleep for `d`, or less if the receiver stops: whether it still runs.
+    fn pause(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut stopping = self.stopping.lock().unwrap();
+        while !*stopping {
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            stopping = self.stop.wait_timeout(stopping, deadline - now).unwrap().0;
+        }
+        false
+    }
+
+    /// Note an accepted connection; `None` when it cannot be watched (or
+    /// the receiver stops), and then it is not served.
+    fn track(&self, stream: &TcpStream) -> Option<u64> {
+        let clone = stream.try_clone().ok()?;
+        let mut open = self.open.lock().unwrap();
+        if self.stopping() {
+            return None;
+        }
+        open.next += 1;
+        let id = open.next;
+        open.streams.insert(id, clone);
+        Some(id)
+    }
+
+    fn untrack(&self, id: u64) {
+        self.open.lock().unwrap().streams.remove(&id);
+        self.closed.notify_all();
+    }
 }
 
 pub struct Receiver {
     pub port: u16,
     shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
 }
 
 impl Receiver {
     /// Start a receiver that answers 200 to everything.
     pub fn start() -> Receiver {
+        Receiver::start_with(None)
+    }
+
+    /// As [`Receiver::start`], over HTTPS with a fresh self-signed
+    /// certificate for 127.0.0.1; also returns that certificate (PEM), the
+    /// CA a client must trust.
+    pub fn start_https() -> (Receiver, String) {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let pem = cert.cert.pem();
+        let chain = vec![cert.cert.der().clone()];
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap(),
+        );
+        (Receiver::start_with(Some(config)), pem)
+    }
+
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind receiver");
         let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             requests: Mutex::new(Vec::new()),
             arrived: Condvar::new(),
-            responder: Mutex::new(Arc::new(|_: &Request, _: usize| Reply::Status(200))),
+            responder: Mutex::new(ok_to_all()),
             connections: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             count: AtomicUsize::new(0),
-            keep: std::sync::atomic::AtomicBool::new(true),
+            keep: AtomicBool::new(true),
+            open: Mutex::new(Open::default()),
+            closed: Condvar::new(),
+            stopping: Mutex::new(false),
+            stop: Condvar::new(),
         });
         let s = shared.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
+        let accept = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.stopping() {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
                 s.connections.fetch_add(1, Ordering::SeqCst);
-                let s = s.clone();
-                std::thread::spawn(move || serve(stream, s));
+                let Some(id) = s.track(&stream) else { continue };
+                let (s, tls) = (s.clone(), tls.clone());
+                std::thread::spawn(move || {
+                    let _ = stream.set_nodelay(true); // or every answer waits out Nagle + delayed ACK
+                    match tls {
+                        None => serve(stream, &s, id),
+                        Some(config) => {
+                            if let Ok(conn) = rustls::ServerConnection::new(config) {
+                                serve(rustls::StreamOwned::new(conn, stream), &s, id);
+                            }
+                        }
+                    }
+                    s.untrack(id);
+                });
             }
         });
-        Receiver { port, shared }
+        Receiver { port, shared, accept: Some(accept) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -164,15 +269,45 @@ impl Receiver {
     }
 }
 
-fn serve(stream: TcpStream, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true); // or every answer waits out Nagle + delayed ACK
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    let mut reader = BufReader::new(stream);
+/// How long dropping a receiver waits for its connections' threads (a
+/// responder may be in the middle of something).
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        *self.shared.stopping.lock().unwrap() = true;
+        self.shared.stop.notify_all();
+        // The listener thread sees `stopping` at its next connection: make
+        // one, then it returns and the listener closes.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        // Let go of what the responder holds (a broker's client, say).
+        *self.shared.responder.lock().unwrap() = ok_to_all();
+        // Cut every connection: reads and writes fail, the threads return.
+        let mut open = self.shared.open.lock().unwrap();
+        for stream in open.streams.values() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        let deadline = Instant::now() + STOP_WAIT;
+        while !open.streams.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                eprintln!("receiver on port {}: {} connections still busy", self.port, open.streams.len());
+                return;
+            }
+            open = self.shared.closed.wait_timeout(open, deadline - now).unwrap().0;
+        }
+    }
+}
+
+/// Answer requests on one connection until it closes, the client asks to
+/// close, an answer must not be followed by another, or the receiver stops.
+fn serve(stream: impl Read + Write, shared: &Shared, id: u64) {
+    let mut conn = BufReader::new(stream);
     loop {
-        let Some(request) = read_request(&mut reader) else { return };
+        let Some(request) = read_request(&mut conn) else { return };
         let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let keep_alive = request.header("connection").is_none_or(|c| !c.eq_ignore_ascii_case("close"));
@@ -191,55 +326,38 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
             let responder = shared.responder.lock().unwrap().clone();
             responder(&request, seen)
         };
-        let answered = answer(&mut writer, reply);
+        let answered = answer(conn.get_mut(), reply, shared);
         shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if !answered || !keep_alive {
-            let _ = writer.shutdown(Shutdown::Both);
+        if !answered || !keep_alive || shared.stopping() {
+            if let Some(tcp) = shared.open.lock().unwrap().streams.get(&id) {
+                let _ = tcp.shutdown(Shutdown::Both);
+            }
             return;
         }
     }
 }
 
-fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
-    let mut line = String::new();
-    if reader.read_line(&mut line).ok()? == 0 {
-        return None;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next()?.to_string();
-    let path = parts.next()?.to_string();
-    let mut headers = HashMap::new();
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h).ok()?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        let (name, value) = h.split_once(':')?;
-        headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
-    }
-    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body).ok()?;
-    Some(Request { method, path, headers, body, at: Instant::now() })
+fn read_request(conn: &mut BufReader<impl Read>) -> Option<Request> {
+    let m = http::read_message(conn)?;
+    let mut start = m.start.split_whitespace();
+    let method = start.next()?.to_string();
+    let path = start.next()?.to_string();
+    Some(Request { method, path, headers: m.headers, body: m.body, at: Instant::now() })
 }
 
 /// Write the reply; false when the connection must be dropped.
-fn answer(writer: &mut TcpStream, reply: Reply) -> bool {
+fn answer(writer: &mut impl Write, reply: Reply, shared: &Shared) -> bool {
     match reply {
-        Reply::Status(code) => answer(writer, Reply::Full { status: code, headers: vec![], body: vec![] }),
-        Reply::After(delay, then) => {
-            std::thread::sleep(delay);
-            answer(writer, *then)
-        }
+        Reply::Status(code) => answer(writer, Reply::Full { status: code, headers: vec![], body: vec![] }, shared),
+        Reply::After(delay, then) => shared.pause(delay) && answer(writer, *then, shared),
         Reply::Hang => {
-            std::thread::sleep(Duration::from_secs(3600));
+            shared.pause(Duration::from_secs(3600));
             false
         }
         Reply::Close => false,
         Reply::Partial => {
             let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"partial");
+            let _ = writer.flush();
             false
         }
         Reply::Big(status, size) => {
@@ -256,7 +374,7 @@ fn answer(writer: &mut TcpStream, reply: Reply) -> bool {
                 }
                 left -= n;
             }
-            true
+            writer.flush().is_ok()
         }
         Reply::Full { status, headers, body } => {
             let mut head = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
@@ -264,7 +382,7 @@ fn answer(writer: &mut TcpStream, reply: Reply) -> bool {
                 head.push_str(&format!("{n}: {v}\r\n"));
             }
             head.push_str("\r\n");
-            writer.write_all(head.as_bytes()).is_ok() && writer.write_all(&body).is_ok()
+            writer.write_all(head.as_bytes()).is_ok() && writer.write_all(&body).is_ok() && writer.flush().is_ok()
         }
     }
 }
