@@ -11,9 +11,6 @@ use serde_json::json;
 use sha2::Sha256;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 /// Check what the broker holds: every event once or more, and per key the
 /// first occurrences in commit order (1, 2, 3, ...). Returns the
@@ -47,16 +44,16 @@ fn r_key(records: &[Consumed], key: &str) -> String {
 
 #[test]
 fn kafka_rest_v2_batches_into_the_broker_in_per_key_order() {
-    let broker = Arc::new(Broker::start());
+    let broker = Broker::start();
     broker.create_topic("orders");
-    let proxy = RestProxy::start(broker.clone(), Api::ConfluentV2);
+    let proxy = RestProxy::start(&broker, Api::ConfluentV2);
     let (cluster, mut db) = cluster_with_outbox("kafka-v2");
     endpoint(&mut db, "kafka", "kafka_rest_v2", &proxy.url(), &["orders"], json!({"batch_size": 50}));
     // Some records are refused as retriable on the way: those, and only
     // those, are sent again.
     proxy.fail_next.store(7, std::sync::atomic::Ordering::SeqCst);
     let n = concurrent_load(&cluster, "orders", 75);
-    wait_sql(&mut db, WAIT, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
+    wait_sql(&mut db, WAIT_LONG, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
     let records = broker.consume("orders");
     let dups = check_topic(&records, n);
     assert_eq!(dups, 0, "partial failures resend only the failed records");
@@ -69,14 +66,14 @@ fn kafka_rest_v2_batches_into_the_broker_in_per_key_order() {
 
 #[test]
 fn kafka_rest_v3_sends_records_with_headers() {
-    let broker = Arc::new(Broker::start());
+    let broker = Broker::start();
     broker.create_topic("orders");
-    let proxy = RestProxy::start(broker.clone(), Api::ConfluentV3);
+    let proxy = RestProxy::start(&broker, Api::ConfluentV3);
     let (cluster, mut db) = cluster_with_outbox("kafka-v3");
     endpoint(&mut db, "kafka", "kafka_rest_v3", &proxy.url(), &["orders"], json!({"cluster_id": CLUSTER_ID}));
     proxy.fail_next.store(3, std::sync::atomic::Ordering::SeqCst);
     let n = concurrent_load(&cluster, "orders", 40);
-    wait_sql(&mut db, WAIT, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
+    wait_sql(&mut db, WAIT_LONG, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
     let records = broker.consume("orders");
     assert_eq!(check_topic(&records, n), 0);
     let r = &records[0];
@@ -88,14 +85,14 @@ fn kafka_rest_v3_sends_records_with_headers() {
 
 #[test]
 fn redpanda_flavor_retries_whole_batches() {
-    let broker = Arc::new(Broker::start());
+    let broker = Broker::start();
     broker.create_topic("orders");
-    let proxy = RestProxy::start(broker.clone(), Api::RedpandaV2);
+    let proxy = RestProxy::start(&broker, Api::RedpandaV2);
     let (cluster, mut db) = cluster_with_outbox("redpanda");
     endpoint(&mut db, "rp", "kafka_rest_v2", &proxy.url(), &["orders"], json!({"flavor": "redpanda"}));
     proxy.fail_next.store(2, std::sync::atomic::Ordering::SeqCst);
     let n = concurrent_load(&cluster, "orders", 25);
-    wait_sql(&mut db, WAIT, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
+    wait_sql(&mut db, WAIT_LONG, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
     let dups = check_topic(&broker.consume("orders"), n);
     println!("redpanda: {dups} duplicates from whole-batch retries");
     let error: String = db.query_one("SELECT last_error FROM outbox.stats", &[]).unwrap().get(0);
@@ -104,10 +101,10 @@ fn redpanda_flavor_retries_whole_batches() {
 
 #[test]
 fn kafka_rest_errors_are_clear_in_dead_letters() {
-    let broker = Arc::new(Broker::start());
+    let broker = Broker::start();
     broker.create_topic("orders");
-    let v2 = RestProxy::start(broker.clone(), Api::ConfluentV2);
-    let v3 = RestProxy::start(broker.clone(), Api::ConfluentV3);
+    let v2 = RestProxy::start(&broker, Api::ConfluentV2);
+    let v3 = RestProxy::start(&broker, Api::ConfluentV3);
     let (_cluster, mut db) = cluster_with_outbox("kafka-errors");
     endpoint(&mut db, "v2", "kafka_rest_v2", &v2.url(), &["missing"], json!({}));
     endpoint(&mut db, "v3", "kafka_rest_v3", &v3.url(), &["orders"], json!({"cluster_id": "nope"}));
@@ -115,7 +112,7 @@ fn kafka_rest_errors_are_clear_in_dead_letters() {
     emit(&mut db, "missing", json!({}), Some("k"));
     emit(&mut db, "orders", json!({}), Some("k"));
     emit(&mut db, "bad:topic", json!({}), Some("k"));
-    wait_sql(&mut db, WAIT, "SELECT count(*) = 3 FROM outbox.dead_letters");
+    wait_sql(&mut db, WAIT_LONG, "SELECT count(*) = 3 FROM outbox.dead_letters");
     let errors: BTreeMap<String, String> = db
         .query("SELECT endpoint, last_error FROM outbox.dead_letters", &[])
         .unwrap()
@@ -146,7 +143,7 @@ fn standard_webhooks_signatures_verify_and_secrets_stay_secret() {
     let new = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
     webhook(&mut db, "signed", &rx.url("/"), &["*"], json!({"secret": format!("whsec_{old}")}));
     let id = emit(&mut db, "t", json!({"n": 1}), Some("k"));
-    let got = rx.wait_for(1, WAIT);
+    let got = rx.wait_for(1, WAIT_LONG);
     assert_eq!(got[0].header("webhook-id"), Some(id.as_str()));
     assert!(verify(old, &got[0]));
     let ts: u64 = got[0].header("webhook-timestamp").unwrap().parse().unwrap();
@@ -160,7 +157,7 @@ fn standard_webhooks_signatures_verify_and_secrets_stay_secret() {
     )
     .unwrap();
     emit(&mut db, "t", json!({"n": 2}), Some("k"));
-    let got = rx.wait_for(2, WAIT);
+    let got = rx.wait_for(2, WAIT_LONG);
     assert_eq!(got[1].header("webhook-signature").unwrap().split(' ').count(), 2);
     assert!(verify(old, &got[1]) && verify(&new, &got[1]));
     let mut tampered = got[1].clone();
@@ -199,7 +196,7 @@ fn cloudevents_binary_structured_and_batched() {
         emit(&mut db, "orders.created", json!({"i": i}), Some(&format!("k{i}")));
     }
     db.execute("SELECT outbox.resume_endpoint('batch')", &[]).unwrap();
-    let got = rx.wait_until(WAIT, "all", |r| {
+    let got = rx.wait_until(WAIT_LONG, "all", |r| {
         let by = |p: &str| r.iter().filter(|x| x.path == p).count();
         by("/binary") == 6
             && by("/structured") == 6
@@ -250,12 +247,12 @@ fn https_checks_certificates_unless_the_ca_is_configured() {
     let (_cluster, mut db) = cluster_with_outbox("https");
     webhook(&mut db, "tls", &format!("https://127.0.0.1:{port}/hook"), &["*"], json!({}));
     emit(&mut db, "t", json!({}), Some("k"));
-    wait_sql(&mut db, WAIT, "SELECT last_error IS NOT NULL AND delivered = 0 FROM outbox.stats");
+    wait_sql(&mut db, WAIT_LONG, "SELECT last_error IS NOT NULL AND delivered = 0 FROM outbox.stats");
     let error: String = db.query_one("SELECT last_error FROM outbox.stats", &[]).unwrap().get(0);
     assert!(error.to_lowercase().contains("certificate"), "{error}");
     assert_eq!(*served.lock().unwrap(), 0);
 
     db.execute("SELECT outbox.alter_endpoint('tls', jsonb_build_object('ca_cert', $1::text))", &[&pem]).unwrap();
-    wait_sql(&mut db, WAIT, "SELECT delivered = 1 AND pending = 0 FROM outbox.stats");
+    wait_sql(&mut db, WAIT_LONG, "SELECT delivered = 1 AND pending = 0 FROM outbox.stats");
     assert_eq!(*served.lock().unwrap(), 1);
 }

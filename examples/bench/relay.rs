@@ -4,15 +4,17 @@
 //! them over a kept-alive connection, mark them done, commit.
 
 use outbox_testkit::http::read_message;
-use outbox_testkit::{Cluster, Receiver};
+use outbox_testkit::{connect_port, die_with_parent, Cluster, Receiver};
 use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-/// The relay, started as a process of its own.
+/// The relay, started as a process of its own (which ends with the
+/// benchmark, however that ends).
 pub fn command(cluster: &Cluster, rx: &Receiver, mode: &str) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
+    die_with_parent(&mut c);
     c.args(["relay", mode, &cluster.port.to_string(), &rx.port.to_string()]);
     c
 }
@@ -40,13 +42,7 @@ pub fn main(args: &[String]) {
 /// key's events go out one after another; `follow`: like `drain`, for
 /// ever, polling every 10 ms when idle.
 fn worker(mode: &str, me: i32, db_port: u16, http_port: u16) {
-    let mut db = postgres::Config::new()
-        .host("127.0.0.1")
-        .port(db_port)
-        .user("postgres")
-        .dbname("postgres")
-        .connect(postgres::NoTls)
-        .unwrap();
+    let mut db = connect_port(db_port);
     let mut http = Http::connect(http_port);
     loop {
         let mut tx = db.transaction().unwrap();

@@ -3,7 +3,7 @@
 
 use crate::drain::counting_receiver;
 use crate::latency::paced;
-use outbox_testkit::{private_mb, Cluster};
+use outbox_testkit::{connect_port, private_mb, Cluster};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,13 +29,7 @@ pub fn sustained(cluster: &Cluster, db: &mut postgres::Client, rate: f64, secs: 
     let s = stop.clone();
     let port = cluster.port;
     let sampler = std::thread::spawn(move || {
-        let mut c = postgres::Config::new()
-            .host("127.0.0.1")
-            .port(port)
-            .user("postgres")
-            .dbname("postgres")
-            .connect(postgres::NoTls)
-            .unwrap();
+        let mut c = connect_port(port);
         let mut samples = Vec::new();
         let started = Instant::now();
         let mut last = (0.0, 0i64);

@@ -7,8 +7,8 @@
 //! of them may ever arrive. The checker compares the ledger, the receivers'
 //! records and the dead letters.
 
-use super::receiver::Request;
-use super::Cluster;
+use crate::cluster::try_connect as connect;
+use crate::receiver::Request;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,17 +79,6 @@ pub struct Writers {
 
 /// Where writers connect: changes on failover.
 pub type Port = Arc<std::sync::atomic::AtomicU16>;
-
-fn connect(port: u16) -> Option<postgres::Client> {
-    postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user("postgres")
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(2))
-        .connect(postgres::NoTls)
-        .ok()
-}
 
 impl Writers {
     pub fn start(port: Port, load: Load) -> Writers {
@@ -364,20 +353,4 @@ fn write_summary(s: &Summary) {
     all.sort_by_key(|v| v["scenario"].as_str().unwrap_or("").to_string());
     std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&all).unwrap()).unwrap();
     println!("{}", serde_json::to_string(s).unwrap());
-}
-
-/// The pid of the cluster's outbox worker, once it runs.
-pub fn worker_pid(cluster: &Cluster, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(mut db) = connect(cluster.port) {
-            if let Ok(Some(row)) =
-                db.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox worker'", &[])
-            {
-                return Some(row.get(0));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
 }

@@ -6,13 +6,17 @@ pub mod cluster;
 pub mod faults;
 pub mod http;
 pub mod kafka;
+pub mod outbox;
+pub mod process;
 pub mod receiver;
 
-pub use cluster::{free_port, Cluster};
+pub use cluster::{connect_port, free_port, Cluster};
+pub use outbox::*;
+pub use process::{die_with_parent, private_mb, rss_fields};
 pub use receiver::{Receiver, Reply, Request};
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The outbox crate's directory, where `target/` is (the kit lives in its
 /// `testkit/`).
@@ -23,172 +27,10 @@ pub fn project_root() -> PathBuf {
 /// How long a test waits for something that should happen at once.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The same, with a Kafka broker or TLS in the way (tests/wire.rs).
+pub const WAIT_LONG: Duration = Duration::from_secs(60);
+
 /// Whether to run the sizes the README reports (`OUTBOX_FULL=1`).
 pub fn full() -> bool {
     std::env::var_os("OUTBOX_FULL").is_some()
-}
-
-/// The pid of the outbox worker of `db`'s database, once it runs.
-pub fn worker_pid(db: &mut postgres::Client) -> i32 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let row = db
-            .query_opt(
-                "SELECT pid FROM pg_catalog.pg_stat_activity
-                 WHERE backend_type = 'outbox worker' AND datname = pg_catalog.current_database()",
-                &[],
-            )
-            .unwrap();
-        if let Some(r) = row {
-            return r.get(0);
-        }
-        assert!(Instant::now() < deadline, "no outbox worker in pg_stat_activity");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Private memory (RssAnon) of process `pid`, in MB: what it allocated
-/// itself, not shared buffers it touched.
-pub fn private_mb(pid: i32) -> f64 {
-    rss_fields(pid).0
-}
-
-/// (RssAnon, RssShmem) of process `pid`, in MB.
-pub fn rss_fields(pid: i32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = |field: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    (kb("RssAnon:") / 1024.0, kb("RssShmem:") / 1024.0)
-}
-
-/// A cluster with the extension created in database `postgres`.
-pub fn cluster_with_outbox(name: &str) -> (Cluster, postgres::Client) {
-    let cluster = Cluster::start(name, &[]);
-    let mut db = cluster.connect();
-    db.batch_execute("CREATE EXTENSION outbox").expect("CREATE EXTENSION outbox");
-    (cluster, db)
-}
-
-/// Create an endpoint of `kind` with fast retries (tests should not wait
-/// out production backoff), merged with `options`.
-pub fn endpoint(
-    db: &mut postgres::Client,
-    name: &str,
-    kind: &str,
-    url: &str,
-    topics: &[&str],
-    options: serde_json::Value,
-) {
-    let mut opts = serde_json::json!({"backoff_base_ms": 20, "backoff_max_ms": 200});
-    if let (Some(o), Some(extra)) = (opts.as_object_mut(), options.as_object()) {
-        for (k, v) in extra {
-            o.insert(k.clone(), v.clone());
-        }
-    }
-    let topics: Vec<String> = topics.iter().map(|s| s.to_string()).collect();
-    db.execute(
-        "SELECT outbox.create_endpoint($1, $2, $3, $4, $5::text::jsonb)",
-        &[&name, &url, &kind, &topics, &opts.to_string()],
-    )
-    .expect("create_endpoint");
-}
-
-/// A webhook endpoint, as [`endpoint`].
-pub fn webhook(db: &mut postgres::Client, name: &str, url: &str, topics: &[&str], options: serde_json::Value) {
-    endpoint(db, name, "webhook", url, topics, options)
-}
-
-/// Emit `n` events over 1,000 keys, 10,000 per transaction, each payload
-/// padded with `pad` bytes: a backlog for the drain tests.
-pub fn emit_backlog(db: &mut postgres::Client, n: i64, pad: i32) {
-    let per_tx = 10_000.min(n);
-    for _ in 0..n / per_tx {
-        db.execute(
-            "SELECT count(outbox_emit('t', jsonb_build_object('i', i, 'pad', repeat('x', $2)), 'k' || (i % 1000)))
-             FROM generate_series(1, $1::bigint) AS i",
-            &[&per_tx, &pad],
-        )
-        .expect("emit backlog");
-    }
-}
-
-/// Emit one event in its own transaction; returns its id as text.
-pub fn emit(db: &mut postgres::Client, topic: &str, payload: serde_json::Value, key: Option<&str>) -> String {
-    db.query_one("SELECT outbox_emit($1, $2::text::jsonb, $3)::text", &[&topic, &payload.to_string(), &key])
-        .expect("outbox_emit")
-        .get(0)
-}
-
-/// Poll `query` (one boolean) until true, or panic after `timeout`.
-pub fn wait_sql(db: &mut postgres::Client, timeout: Duration, query: &str) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let ok: Option<bool> = db.query_opt(query, &[]).expect("wait query").and_then(|r| r.get(0));
-        if ok == Some(true) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {query}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Group delivered envelopes by key, in arrival order, as (key, data).
-pub fn by_key(requests: &[Request]) -> std::collections::BTreeMap<String, Vec<serde_json::Value>> {
-    let mut out: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
-    for r in requests {
-        let v = r.json();
-        let key = v["key"].as_str().unwrap_or("").to_string();
-        out.entry(key).or_default().push(v["data"].clone());
-    }
-    out
-}
-
-/// Change a server setting and reload (the worker sees it on SIGHUP).
-pub fn set_and_reload(db: &mut postgres::Client, setting: &str, value: &str) {
-    db.batch_execute(&format!("ALTER SYSTEM SET {setting} = '{value}'")).expect("ALTER SYSTEM");
-    db.batch_execute("SELECT pg_reload_conf()").expect("reload");
-}
-
-/// 4 writers commit `per_writer` transactions each over 10 shared keys; a
-/// counter row per key orders the transactions of a key, so `n` in the
-/// payload is that key's commit order.
-pub fn concurrent_load(cluster: &Cluster, topic: &str, per_writer: i32) -> i64 {
-    let mut db = cluster.connect();
-    db.batch_execute(
-        "CREATE TABLE IF NOT EXISTS counters (key text PRIMARY KEY, n int NOT NULL);
-         INSERT INTO counters SELECT 'key-' || i, 0 FROM generate_series(0, 9) AS i ON CONFLICT DO NOTHING;",
-    )
-    .unwrap();
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let mut c = cluster.connect();
-            let topic = topic.to_string();
-            std::thread::spawn(move || {
-                for i in 0..per_writer {
-                    let key = format!("key-{}", (w * 7 + i * 3) % 10);
-                    let mut tx = c.transaction().unwrap();
-                    let n: i32 = tx
-                        .query_one("UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n", &[&key])
-                        .unwrap()
-                        .get(0);
-                    tx.execute(
-                        "SELECT outbox_emit($3, jsonb_build_object('n', $2::int), $1, 'counted', '{\"h\": \"v\"}')",
-                        &[&key, &n, &topic],
-                    )
-                    .unwrap();
-                    tx.commit().unwrap();
-                }
-            })
-        })
-        .collect();
-    for w in writers {
-        w.join().unwrap();
-    }
-    4 * per_writer as i64
 }
