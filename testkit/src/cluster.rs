@@ -215,7 +215,7 @@ impl Cluster {
 
     /// Connect to database `db` as login role `user` (trust authentication).
     pub fn connect_as(&self, db: &str, user: &str) -> postgres::Client {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + crate::WAIT;
         loop {
             match postgres::Config::new()
                 .host("127.0.0.1")
