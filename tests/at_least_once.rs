@@ -3,10 +3,9 @@
 //! a migration tool performs loses one.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,4 +118,57 @@ fn an_event_gone_from_the_table_before_parking_fails_loudly() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(cluster.log().contains("missing from outbox.events"), "the server log says so");
+}
+
+#[test]
+fn failing_endpoint_is_retried_until_it_acknowledges() {
+    let (_cluster, mut db) = cluster_with_outbox("retry");
+    let rx = Receiver::start();
+    rx.respond(|_, seen| if seen < 3 { Reply::Status(500) } else { Reply::Status(200) });
+    webhook(&mut db, "flaky", &rx.url("/"), &["*"], json!({}));
+
+    let id = emit(&mut db, "t", json!({"x": 1}), Some("k"));
+    let got = rx.wait_for(4, WAIT);
+    assert!(got.iter().all(|r| r.header("webhook-id") == Some(id.as_str())), "the id is stable across retries");
+    wait_sql(&mut db, WAIT, "SELECT delivered = 1 AND failed_attempts = 3 AND pending = 0 FROM outbox.stats");
+    let last_error: String = db.query_one("SELECT last_error FROM outbox.stats", &[]).unwrap().get(0);
+    assert!(last_error.contains("500"), "{last_error}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rx.requests().len(), 4, "nothing is sent again once acknowledged");
+}
+
+#[test]
+fn events_pending_across_a_restart_are_delivered_after_it() {
+    let (cluster, mut db) = cluster_with_outbox("restart");
+    let rx = Receiver::start();
+    rx.respond(|_, _| Reply::Status(503));
+    webhook(&mut db, "down", &rx.url("/"), &["*"], json!({}));
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(emit(&mut db, "t", json!({"i": i}), Some(&format!("k{}", i % 3))));
+    }
+    rx.wait_for(3, WAIT); // the worker is trying
+    drop(db);
+    cluster.stop("fast");
+    rx.respond(|_, _| Reply::Status(200));
+    cluster.start_again();
+
+    let got = rx.wait_until(WAIT, "all 20 events", |r| {
+        let ok: HashSet<&str> = r.iter().filter_map(|x| x.header("webhook-id")).collect();
+        ids.iter().all(|id| ok.contains(id.as_str()))
+    });
+    // Per key, the first deliveries still follow emit order.
+    let mut first_seen: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for r in &got {
+        let v = r.json();
+        if seen.insert(v["id"].as_str().unwrap().to_string()) {
+            first_seen.entry(v["key"].as_str().unwrap().into()).or_default().push(v["data"]["i"].as_i64().unwrap());
+        }
+    }
+    for (k, is) in first_seen {
+        assert!(is.windows(2).all(|w| w[0] < w[1]), "{k}: {is:?}");
+    }
+    let mut db = cluster.connect();
+    wait_sql(&mut db, WAIT, "SELECT pending = 0 FROM outbox.stats");
 }

@@ -2,10 +2,9 @@
 //! transaction that emitted it committed, durably.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
+use std::time::Duration;
 
 #[test]
 fn with_synchronous_commit_off_only_durable_events_are_delivered() {
@@ -42,4 +41,35 @@ fn with_synchronous_commit_off_only_durable_events_are_delivered() {
     let delivered: Vec<&str> = got.iter().filter_map(|r| r.header("webhook-id")).collect();
     let phantoms: Vec<&&str> = delivered.iter().filter(|id| !committed.contains(**id)).collect();
     assert!(phantoms.is_empty(), "{} delivered events did not survive the crash: {phantoms:?}", phantoms.len());
+}
+
+#[test]
+fn rolled_back_work_delivers_nothing() {
+    let (_cluster, mut db) = cluster_with_outbox("rollback");
+    let rx = Receiver::start();
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({}));
+
+    // A rolled-back transaction.
+    db.batch_execute("BEGIN; SELECT outbox_emit('t', '{\"n\": \"rolled back\"}'); ROLLBACK;").unwrap();
+    // An aborted one: an error after the emit.
+    let _ = db.batch_execute("BEGIN; SELECT outbox_emit('t', '{\"n\": \"aborted\"}'); SELECT 1/0; COMMIT;");
+    db.batch_execute("ROLLBACK").unwrap();
+    // A rolled-back savepoint inside a committed transaction.
+    db.batch_execute(
+        "BEGIN;
+         SELECT outbox_emit('t', '{\"n\": \"kept 1\"}', 'k');
+         SAVEPOINT s;
+         SELECT outbox_emit('t', '{\"n\": \"savepoint rolled back\"}', 'k');
+         ROLLBACK TO SAVEPOINT s;
+         SELECT outbox_emit('t', '{\"n\": \"kept 2\"}', 'k');
+         COMMIT;",
+    )
+    .unwrap();
+    // A later marker: once it arrived, everything before it had its chance.
+    emit(&mut db, "t", json!({"n": "marker"}), Some("k"));
+
+    rx.wait_until(WAIT, "the marker", |r| r.iter().any(|x| x.json()["data"]["n"] == "marker"));
+    std::thread::sleep(Duration::from_millis(300));
+    let sent: Vec<String> = rx.requests().iter().map(|r| r.json()["data"]["n"].as_str().unwrap().to_string()).collect();
+    assert_eq!(sent, ["kept 1", "kept 2", "marker"]);
 }

@@ -2,9 +2,7 @@
 //! with a clear error that names the offending value, and nothing changes.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 
 /// (SQL, SQLSTATE, texts the message must contain)
 const CASES: &[(&str, &str, &[&str])] = &[

@@ -1,13 +1,14 @@
 //! Guarantee 6, bounded: the worker's memory and CPU stay bounded whatever
 //! the backlog, the parked keys or the outage; with nothing to do, it does
-//! nothing.
+//! nothing; delivered events leave by rotation, never one by one, and the
+//! worker holds no snapshot while it waits on the network. OUTBOX_FULL=1
+//! runs the README's sizes (`cargo test --test bounded -- --nocapture`
+//! prints the figures).
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// CPU time (user + system) of process `pid` so far.
 fn cpu_time(pid: i32) -> Duration {
@@ -113,4 +114,108 @@ fn many_dead_keys_do_not_grow_the_worker() {
     let grew = private_mb(pid) - before;
     println!("{keys} dead keys: the worker grew by {grew:.1} MB");
     assert!(grew < 25.0, "the worker grew by {grew:.1} MB for {keys} dead keys");
+}
+
+#[test]
+fn delivered_events_are_removed_by_rotation_and_the_worker_holds_no_snapshot() {
+    let (cluster, mut db) = cluster_with_outbox("bounded");
+    set_and_reload(&mut db, "outbox.retention", "1s");
+    let rx = Receiver::start();
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({"max_in_flight": 64}));
+    let n: i64 = if full() { 1_000_000 } else { 20_000 };
+    let mut loader = cluster.connect();
+    emit_backlog(&mut loader, n, 100);
+    let peak: i64 = db
+        .query_one(
+            "SELECT (pg_total_relation_size('outbox.events_0') + pg_total_relation_size('outbox.events_1'))",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let started = Instant::now();
+    wait_sql(&mut db, Duration::from_secs(600), &format!("SELECT delivered = {n} FROM outbox.stats"));
+    let drained = started.elapsed();
+    // Two rotations: the table that held the events is emptied.
+    wait_sql(
+        &mut db,
+        2 * WAIT,
+        "SELECT pg_total_relation_size('outbox.events_0') + pg_total_relation_size('outbox.events_1') < 1024 * 1024",
+    );
+    let after: i64 = db
+        .query_one(
+            "SELECT pg_total_relation_size('outbox.events_0') + pg_total_relation_size('outbox.events_1')
+                  + pg_total_relation_size('outbox.ticks') + pg_total_relation_size('outbox.parked')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    println!(
+        "{n} events ({:.1} MB in the events tables) delivered in {drained:?}; outbox tables after rotation: {:.2} MB",
+        peak as f64 / 1e6,
+        after as f64 / 1e6
+    );
+    assert!(after < 2 * 1024 * 1024, "{after} bytes left");
+    let updates_of_events: i64 = db
+        .query_one("SELECT n_tup_upd + n_tup_del FROM pg_stat_user_tables WHERE relname IN ('events_0') ", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(updates_of_events, 0, "events are never updated or deleted one by one");
+
+    // While a request hangs for seconds, the worker holds no transaction
+    // (so no snapshot, no xmin) beyond its short steps.
+    let slow = Receiver::start();
+    slow.respond(|_, _| Reply::Hang);
+    webhook(&mut db, "slow", &slow.url("/"), &["slow"], json!({"timeout_ms": 5000}));
+    emit(&mut db, "slow", json!({}), None);
+    slow.wait_for(1, WAIT);
+    let mut idle_samples = 0;
+    for _ in 0..40 {
+        let row = db
+            .query_one(
+                "SELECT coalesce(now() - xact_start < interval '200 ms', true),
+                        backend_xmin IS NULL AND xact_start IS NULL
+                 FROM pg_stat_activity WHERE backend_type = 'outbox worker'",
+                &[],
+            )
+            .unwrap();
+        assert!(row.get::<_, bool>(0), "the worker keeps a transaction open while a request hangs");
+        idle_samples += row.get::<_, bool>(1) as usize;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(idle_samples >= 30, "the worker was in a transaction in {} of 40 samples", 40 - idle_samples);
+}
+
+#[test]
+fn a_large_backlog_drains_with_flat_worker_memory() {
+    let (cluster, mut db) = cluster_with_outbox("backlog");
+    let rx = Receiver::start();
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({"max_in_flight": 64}));
+    db.execute("SELECT outbox.pause_endpoint('hooks')", &[]).unwrap();
+    let pid = worker_pid(&mut db);
+    let idle = private_mb(pid);
+    let n: i64 = if full() { 1_000_000 } else { 50_000 };
+    let mut loader = cluster.connect();
+    emit_backlog(&mut loader, n, 200);
+    db.execute("SELECT outbox.resume_endpoint('hooks')", &[]).unwrap();
+    let started = Instant::now();
+    let mut max_private = 0.0f64;
+    let mut db2 = cluster.connect();
+    loop {
+        max_private = max_private.max(private_mb(pid));
+        let done: bool = db2.query_one(&format!("SELECT delivered = {n} FROM outbox.stats"), &[]).unwrap().get(0);
+        if done {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(900), "backlog did not drain");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = started.elapsed();
+    let (_, shared) = rss_fields(pid);
+    println!(
+        "backlog of {n} events drained in {took:?} ({:.0} events/s); worker private memory idle {idle:.1} MB, \
+         peak while draining {max_private:.1} MB (shared buffers touched: {shared:.1} MB)",
+        n as f64 / took.as_secs_f64()
+    );
+    // The window bounds memory: the backlog size must not show here.
+    assert!(max_private - idle < 64.0, "worker grew by {:.1} MB", max_private - idle);
 }

@@ -1,19 +1,15 @@
 //! Proof under faults: real processes killed, real servers misbehaving,
 //! under a concurrent write load with rollbacks and savepoints. Every
-//! scenario ends with the same checker (tests/common/faults.rs) and adds a
+//! scenario ends with the same checker (testkit/src/faults.rs) and adds a
 //! line to target/faults/summary.json.
 //!
 //! CI sizes by default; OUTBOX_FULL=1 runs the long outage and a long
 //! randomized run (OUTBOX_FAULT_SEED=<n> replays a randomized run).
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::faults::{
-    check, committed_between, prepare, wait_all_delivered, worker_pid, Load, Log, Rng, Seen, Writers,
-};
-use common::kafka::{Api, Broker, RestProxy};
-use common::*;
+use outbox_testkit::faults::{check, committed_between, prepare, wait_all_delivered, Load, Log, Rng, Seen, Writers};
+use outbox_testkit::kafka::{Api, Broker, RestProxy};
+use outbox_testkit::*;
 use serde_json::json;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -93,7 +89,7 @@ fn worker_killed_with_sigkill_20_times() {
     for _ in 0..kills {
         let before = log.0.lock().unwrap().len();
         progress(&log, before, Duration::from_secs(10)); // mid-delivery
-        let pid = worker_pid(&cluster, Duration::from_secs(60)).expect("the worker comes back");
+        let pid = cluster.worker_pid_within(Duration::from_secs(60)).expect("the worker comes back");
         kill9(pid);
         // The postmaster restarts the cluster (a killed child may have
         // left shared memory inconsistent) and the worker with it.
@@ -194,9 +190,9 @@ fn misbehaving_endpoints_lose_nothing() {
     webhook(&mut db, "chaos", &refused, &["t"], json!({"timeout_ms": 500, "max_in_flight": 8}));
 
     // Kafka REST with records refused now and then.
-    let broker = Arc::new(Broker::start());
+    let broker = Broker::start();
     broker.create_topic("t");
-    let proxy = RestProxy::start(broker.clone(), Api::ConfluentV2);
+    let proxy = RestProxy::start(&broker, Api::ConfluentV2);
     endpoint(&mut db, "kafka", "kafka_rest_v2", &proxy.url(), &["t"], json!({"batch_size": 20}));
 
     let writers = Writers::start(Arc::new(AtomicU16::new(cluster.port)), load(4));
@@ -301,7 +297,7 @@ fn randomized_faults_from_a_seed() {
     while started.elapsed() < run {
         std::thread::sleep(Duration::from_millis(500 + rng.below(2500)));
         if rng.chance(60) {
-            if let Some(pid) = worker_pid(&cluster, Duration::from_secs(30)) {
+            if let Some(pid) = cluster.worker_pid_within(Duration::from_secs(30)) {
                 kill9(pid);
                 kills += 1;
             }
@@ -458,7 +454,7 @@ fn transactions_across_rotations_and_endpoints_coming_and_going() {
 /// For an endpoint that existed only for a while: nothing rolled back
 /// arrived, and per key, first arrivals follow commit order.
 fn check_order_only(port: u16, _name: &str, log: &Log, rolled_back: &std::collections::HashSet<String>) -> bool {
-    let mut db = cluster_client(port);
+    let mut db = connect_port(port);
     let ledger: std::collections::HashMap<String, (String, i32)> = db
         .query("SELECT id::text, key, n FROM ledger", &[])
         .unwrap()
@@ -483,14 +479,4 @@ fn check_order_only(port: u16, _name: &str, log: &Log, rolled_back: &std::collec
         v.sort();
         v.windows(2).all(|w| w[0].1 < w[1].1)
     })
-}
-
-fn cluster_client(port: u16) -> postgres::Client {
-    postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user("postgres")
-        .dbname("postgres")
-        .connect(postgres::NoTls)
-        .unwrap()
 }

@@ -5,9 +5,7 @@
 //! else changed.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 

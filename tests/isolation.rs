@@ -3,9 +3,7 @@
 //! event or an absurd answer costs only itself.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -120,4 +118,25 @@ fn a_poison_event_fails_only_its_own_endpoint() {
     });
     wait_sql(&mut db, WAIT, "SELECT last_error IS NOT NULL FROM outbox.stats WHERE endpoint = 'a'");
     drop(cluster);
+}
+
+#[test]
+fn a_dead_endpoint_does_not_delay_another() {
+    let (_cluster, mut db) = cluster_with_outbox("isolation");
+    let dead = Receiver::start();
+    dead.respond(|_, _| Reply::Hang);
+    let live = Receiver::start();
+    webhook(&mut db, "dead", &dead.url("/"), &["orders.*"], json!({"timeout_ms": 2000}));
+    webhook(&mut db, "live", &live.url("/"), &["orders.*", "audit"], json!({}));
+    webhook(&mut db, "audit-only", &live.url("/audit"), &["audit"], json!({}));
+    for n in 0..20 {
+        emit(&mut db, "orders.created", json!({"n": n}), Some(&format!("o{}", n % 4)));
+    }
+    emit(&mut db, "audit", json!({"n": 100}), None);
+    let started = Instant::now();
+    let got = live.wait_for(22, WAIT);
+    println!("the live endpoint got 22 events in {:?} while the other hung", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(got.iter().filter(|r| r.path == "/audit").count(), 1, "routes by topic");
+    assert!(!dead.requests().is_empty(), "the dead endpoint was tried");
 }

@@ -3,24 +3,21 @@
 //! cannot run as root).
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::cluster::{bindir, server_dir, Cluster};
+use outbox_testkit::cluster::{bindir, pg_config, server_dir, tests_dir, Cluster};
+use outbox_testkit::die_with_parent;
 use std::path::PathBuf;
 use std::process::Command;
 
 fn pg_regress() -> PathBuf {
-    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
-    let out = Command::new(pg_config).arg("--pkglibdir").output().expect("pg_config runs");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("pgxs/src/test/regress/pg_regress")
+    pg_config("--pkglibdir").join("pgxs/src/test/regress/pg_regress")
 }
 
 #[test]
 fn sql_regression_suite() {
     let cluster = Cluster::start("regress", &[]);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = server_dir(&std::env::temp_dir().join(format!("outbox-tests-{}", std::process::id())), "regress-out");
-    let status = Command::new(pg_regress())
+    let out = server_dir(&tests_dir(), "regress-out");
+    let status = die_with_parent(&mut Command::new(pg_regress()))
         .current_dir(&root)
         .arg(format!("--inputdir={}", root.join("pgrx-tests").display()))
         .arg(format!("--outputdir={}", out.display()))

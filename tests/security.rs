@@ -2,9 +2,7 @@
 //! cluster.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
-use common::*;
+use outbox_testkit::*;
 use serde_json::json;
 use std::time::Duration;
 

@@ -3,19 +3,14 @@
 //! independent verifier, CloudEvents, HTTPS certificate checks.
 #![cfg(not(feature = "pg_test"))]
 
-mod common;
-
 use base64::Engine as _;
-use common::kafka::{Api, Broker, Consumed, RestProxy, CLUSTER_ID};
-use common::*;
 use hmac::{Hmac, Mac};
+use outbox_testkit::kafka::{Api, Broker, Consumed, RestProxy, CLUSTER_ID};
+use outbox_testkit::*;
 use serde_json::json;
 use sha2::Sha256;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 /// Check what the broker holds: every event once or more, and per key the
 /// first occurrences in commit order (1, 2, 3, ...). Returns the
@@ -49,16 +44,16 @@ fn r_key(records: &[Consumed], key: &str) -> String {
 
 #[test]
 fn kafka_rest_v2_batches_into_the_broker_in_per_key_order() {
-    let broker = Arc::new(Broker::start());
+    let broker = Broker::start();
     broker.create_topic("orders");
-    let proxy = RestProxy::start(broker.clone(), Api::ConfluentV2);
+    let proxy = RestProxy::start(&broker, Api::ConfluentV2);
     let (cluster, mut db) = cluster_with_outbox("kafka-v2");
     endpoint(&mut db, "kafka", "kafka_rest_v2", &proxy.url(), &["orders"], json!({"batch_size": 50}));
     // Some records are refused as retriable on the way: those, and only
     // those, are sent again.
     proxy.fail_next.store(7, std::sync::atomic::Ordering::SeqCst);
     let n = concurrent_load(&cluster, "orders", 75);
-    wait_sql(&mut db, WAIT, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
+    wait_sql(&mut db, WAIT_LONG, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
     let records = broker.consume("orders");
     let dups = check_topic(&records, n);
     assert_eq!(dups, 0, "partial failures resend only the failed records");
@@ -71,14 +66,14 @@ fn kafka_rest_v2_batches_into_the_broker_in_per_key_order() {
 
 #[test]
 fn kafka_rest_v3_sends_records_with_headers() {
-    let broker = Arc::new(Broker::start());
+    let broker = Broker::start();
     broker.create_topic("orders");
-    let proxy = RestProxy::start(broker.clone(), Api::ConfluentV3);
+    let proxy = RestProxy::start(&broker, Api::ConfluentV3);
     let (cluster, mut db) = cluster_with_outbox("kafka-v3");
     endpoint(&mut db, "kafka", "kafka_rest_v3", &proxy.url(), &["orders"], json!({"cluster_id": CLUSTER_ID}));
     proxy.fail_next.store(3, std::sync::atomic::Ordering::SeqCst);
     let n = concurrent_load(&cluster, "orders", 40);
-    wait_sql(&mut db, WAIT, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
+    wait_sql(&mut db, WAIT_LONG, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
     let records = broker.consume("orders");
     assert_eq!(check_topic(&records, n), 0);
     let r = &records[0];
@@ -90,14 +85,14 @@ fn kafka_rest_v3_sends_records_with_headers() {
 
 #[test]
 fn redpanda_flavor_retries_whole_batches() {
-    let broker = Arc::new(Broker::start());
+    let broker = Broker::start();
     broker.create_topic("orders");
-    let proxy = RestProxy::start(broker.clone(), Api::RedpandaV2);
+    let proxy = RestProxy::start(&broker, Api::RedpandaV2);
     let (cluster, mut db) = cluster_with_outbox("redpanda");
     endpoint(&mut db, "rp", "kafka_rest_v2", &proxy.url(), &["orders"], json!({"flavor": "redpanda"}));
     proxy.fail_next.store(2, std::sync::atomic::Ordering::SeqCst);
     let n = concurrent_load(&cluster, "orders", 25);
-    wait_sql(&mut db, WAIT, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
+    wait_sql(&mut db, WAIT_LONG, &format!("SELECT delivered = {n} AND pending = 0 FROM outbox.stats"));
     let dups = check_topic(&broker.consume("orders"), n);
     println!("redpanda: {dups} duplicates from whole-batch retries");
     let error: String = db.query_one("SELECT last_error FROM outbox.stats", &[]).unwrap().get(0);
@@ -106,10 +101,10 @@ fn redpanda_flavor_retries_whole_batches() {
 
 #[test]
 fn kafka_rest_errors_are_clear_in_dead_letters() {
-    let broker = Arc::new(Broker::start());
+    let broker = Broker::start();
     broker.create_topic("orders");
-    let v2 = RestProxy::start(broker.clone(), Api::ConfluentV2);
-    let v3 = RestProxy::start(broker.clone(), Api::ConfluentV3);
+    let v2 = RestProxy::start(&broker, Api::ConfluentV2);
+    let v3 = RestProxy::start(&broker, Api::ConfluentV3);
     let (_cluster, mut db) = cluster_with_outbox("kafka-errors");
     endpoint(&mut db, "v2", "kafka_rest_v2", &v2.url(), &["missing"], json!({}));
     endpoint(&mut db, "v3", "kafka_rest_v3", &v3.url(), &["orders"], json!({"cluster_id": "nope"}));
@@ -117,7 +112,7 @@ fn kafka_rest_errors_are_clear_in_dead_letters() {
     emit(&mut db, "missing", json!({}), Some("k"));
     emit(&mut db, "orders", json!({}), Some("k"));
     emit(&mut db, "bad:topic", json!({}), Some("k"));
-    wait_sql(&mut db, WAIT, "SELECT count(*) = 3 FROM outbox.dead_letters");
+    wait_sql(&mut db, WAIT_LONG, "SELECT count(*) = 3 FROM outbox.dead_letters");
     let errors: BTreeMap<String, String> = db
         .query("SELECT endpoint, last_error FROM outbox.dead_letters", &[])
         .unwrap()
@@ -148,7 +143,7 @@ fn standard_webhooks_signatures_verify_and_secrets_stay_secret() {
     let new = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
     webhook(&mut db, "signed", &rx.url("/"), &["*"], json!({"secret": format!("whsec_{old}")}));
     let id = emit(&mut db, "t", json!({"n": 1}), Some("k"));
-    let got = rx.wait_for(1, WAIT);
+    let got = rx.wait_for(1, WAIT_LONG);
     assert_eq!(got[0].header("webhook-id"), Some(id.as_str()));
     assert!(verify(old, &got[0]));
     let ts: u64 = got[0].header("webhook-timestamp").unwrap().parse().unwrap();
@@ -162,7 +157,7 @@ fn standard_webhooks_signatures_verify_and_secrets_stay_secret() {
     )
     .unwrap();
     emit(&mut db, "t", json!({"n": 2}), Some("k"));
-    let got = rx.wait_for(2, WAIT);
+    let got = rx.wait_for(2, WAIT_LONG);
     assert_eq!(got[1].header("webhook-signature").unwrap().split(' ').count(), 2);
     assert!(verify(old, &got[1]) && verify(&new, &got[1]));
     let mut tampered = got[1].clone();
@@ -201,7 +196,7 @@ fn cloudevents_binary_structured_and_batched() {
         emit(&mut db, "orders.created", json!({"i": i}), Some(&format!("k{i}")));
     }
     db.execute("SELECT outbox.resume_endpoint('batch')", &[]).unwrap();
-    let got = rx.wait_until(WAIT, "all", |r| {
+    let got = rx.wait_until(WAIT_LONG, "all", |r| {
         let by = |p: &str| r.iter().filter(|x| x.path == p).count();
         by("/binary") == 6
             && by("/structured") == 6
@@ -232,76 +227,32 @@ fn cloudevents_binary_structured_and_batched() {
     assert!(batches.iter().any(|b| b.json().as_array().unwrap().len() > 1), "events were batched");
 }
 
-/// A one-request-at-a-time HTTPS server with a self-signed certificate.
-fn tls_server() -> (u16, String, Arc<std::sync::Mutex<usize>>) {
-    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-    let pem = cert.cert.pem();
-    let chain = vec![cert.cert.der().clone()];
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap(),
-    );
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+/// A one-request-at-a-time HTTPS server with a self-signed certificate:
+/// the server, its certificate (PEM) and how many requests it answered.
+fn tls_server() -> (Receiver, String, Arc<std::sync::Mutex<usize>>) {
+    let (server, pem) = Receiver::start_https();
     let served = Arc::new(std::sync::Mutex::new(0));
     let count = served.clone();
-    std::thread::spawn(move || {
-        for tcp in listener.incoming().flatten() {
-            let config = config.clone();
-            let count = count.clone();
-            std::thread::spawn(move || {
-                use std::io::{BufRead, BufReader, Read, Write};
-                let Ok(conn) = rustls::ServerConnection::new(config) else { return };
-                let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
-                loop {
-                    let mut len = 0usize;
-                    let mut line = String::new();
-                    if tls.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    loop {
-                        line.clear();
-                        if tls.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line.trim().is_empty() {
-                            break;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    if tls.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    *count.lock().unwrap() += 1;
-                    let _ = tls.get_mut().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
-                }
-            });
-        }
+    server.respond(move |_, _| {
+        *count.lock().unwrap() += 1;
+        Reply::Status(200)
     });
-    (port, pem, served)
+    (server, pem, served)
 }
 
 #[test]
 fn https_checks_certificates_unless_the_ca_is_configured() {
-    let (port, pem, served) = tls_server();
+    let (server, pem, served) = tls_server();
+    let port = server.port;
     let (_cluster, mut db) = cluster_with_outbox("https");
     webhook(&mut db, "tls", &format!("https://127.0.0.1:{port}/hook"), &["*"], json!({}));
     emit(&mut db, "t", json!({}), Some("k"));
-    wait_sql(&mut db, WAIT, "SELECT last_error IS NOT NULL AND delivered = 0 FROM outbox.stats");
+    wait_sql(&mut db, WAIT_LONG, "SELECT last_error IS NOT NULL AND delivered = 0 FROM outbox.stats");
     let error: String = db.query_one("SELECT last_error FROM outbox.stats", &[]).unwrap().get(0);
     assert!(error.to_lowercase().contains("certificate"), "{error}");
     assert_eq!(*served.lock().unwrap(), 0);
 
     db.execute("SELECT outbox.alter_endpoint('tls', jsonb_build_object('ca_cert', $1::text))", &[&pem]).unwrap();
-    wait_sql(&mut db, WAIT, "SELECT delivered = 1 AND pending = 0 FROM outbox.stats");
+    wait_sql(&mut db, WAIT_LONG, "SELECT delivered = 1 AND pending = 0 FROM outbox.stats");
     assert_eq!(*served.lock().unwrap(), 1);
 }

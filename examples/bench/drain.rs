@@ -1,0 +1,145 @@
+//! Drain: a backlog delivered by the worker (HTTP, Kafka REST) or by the
+//! polling relay; and the capacity, writing and delivering at once.
+
+use crate::relay;
+use outbox_testkit::{Cluster, Receiver, Reply};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Writers emit as fast as they can while the worker delivers; the rate
+/// delivered over the second half of the run.
+pub const WRITERS: i64 = 16;
+
+pub fn capacity(cluster: &Cluster, db: &mut postgres::Client, secs: u64) -> f64 {
+    let rx = counting_receiver();
+    db.execute(
+        "SELECT outbox.create_endpoint('capacity', $1, topics => '{capacity}', options => '{\"max_in_flight\": 64}')",
+        &[&rx.url("/")],
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (mut c, stop) = (cluster.connect(), stop.clone());
+            std::thread::spawn(move || {
+                let emit = c
+                    .prepare("SELECT outbox_emit('capacity', jsonb_build_object('i', $1::bigint), 'key-' || ($1::bigint % 1000))")
+                    .unwrap();
+                let mut i: i64 = w;
+                while !stop.load(Ordering::Relaxed) {
+                    c.execute(&emit, &[&i]).unwrap();
+                    i += WRITERS;
+                }
+            })
+        })
+        .collect();
+    let counts = |db: &mut postgres::Client| -> (i64, i64) {
+        let r = db.query_one("SELECT delivered, pending FROM outbox.stats WHERE endpoint = 'capacity'", &[]).unwrap();
+        (r.get(0), r.get(1))
+    };
+    std::thread::sleep(Duration::from_secs(secs / 2));
+    let (t0, (d0, p0)) = (Instant::now(), counts(db));
+    std::thread::sleep(Duration::from_secs(secs - secs / 2));
+    let (d1, p1) = counts(db);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let rate = (d1 - d0) as f64 / elapsed;
+    println!("   (emitted {:.0}/s, delivered {rate:.0}/s)", ((d1 + p1) - (d0 + p0)) as f64 / elapsed);
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    db.execute("SELECT outbox.drop_endpoint('capacity')", &[]).unwrap();
+    rate
+}
+
+/// A receiver that only counts (and answers 200).
+pub fn counting_receiver() -> Receiver {
+    let rx = Receiver::start();
+    rx.forget_requests();
+    rx
+}
+
+/// A Kafka REST v2 endpoint that acknowledges every record (no broker
+/// behind it): measures what outbox itself can push.
+pub fn kafka_v2_responder() -> Receiver {
+    let rx = Receiver::start();
+    rx.forget_requests();
+    rx.respond(|r, _| {
+        let n = serde_json::from_slice::<Value>(&r.body)
+            .ok()
+            .and_then(|v| v["records"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        let offsets: Vec<Value> =
+            (0..n).map(|i| json!({"partition": 0, "offset": i, "error_code": null, "error": null})).collect();
+        Reply::Full { status: 200, headers: vec![], body: json!({ "offsets": offsets }).to_string().into_bytes() }
+    });
+    rx
+}
+
+/// Load `n` events over `keys` keys into the outbox while the endpoint is
+/// paused, resume it, and time the drain.
+#[allow(clippy::too_many_arguments)]
+pub fn drain_outbox(
+    cluster: &Cluster,
+    db: &mut postgres::Client,
+    rx: &Receiver,
+    kind: &str,
+    options: Value,
+    n: i64,
+    keys: i64,
+    payload_bytes: usize,
+) -> f64 {
+    let name = "drain";
+    db.execute(
+        "SELECT outbox.create_endpoint($1, $2, $3, '{drain}', $4::text::jsonb)",
+        &[&name, &rx.url("/"), &kind, &options.to_string()],
+    )
+    .unwrap();
+    db.execute("SELECT outbox.pause_endpoint('drain')", &[]).unwrap();
+    let per_tx = 5_000.min(n);
+    let pad = "x".repeat(payload_bytes.saturating_sub(40));
+    let mut loaded = 0;
+    while loaded < n {
+        let m = per_tx.min(n - loaded);
+        db.execute(
+            "SELECT count(outbox_emit('drain', jsonb_build_object('i', i, 'pad', $3::text), 'key-' || (i % $2)))
+             FROM generate_series($4::bigint, $4::bigint + $1 - 1) AS i",
+            &[&m, &keys, &pad, &loaded],
+        )
+        .unwrap();
+        loaded += m;
+    }
+    let started = Instant::now();
+    db.execute("SELECT outbox.resume_endpoint('drain')", &[]).unwrap();
+    let mut watch = cluster.connect();
+    loop {
+        let delivered: i64 =
+            watch.query_one("SELECT delivered FROM outbox.stats WHERE endpoint = 'drain'", &[]).unwrap().get(0);
+        if delivered >= n {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1800), "drain did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let eps = n as f64 / started.elapsed().as_secs_f64();
+    db.execute("SELECT outbox.drop_endpoint('drain')", &[]).unwrap();
+    eps
+}
+
+/// The same backlog in relay_outbox, drained by the polling relay in its
+/// own process.
+pub fn drain_relay(cluster: &Cluster, db: &mut postgres::Client, rx: &Receiver, n: i64, keys: i64, mode: &str) -> f64 {
+    db.batch_execute("TRUNCATE relay_outbox").unwrap();
+    db.execute(
+        "INSERT INTO relay_outbox (key, payload)
+         SELECT 'key-' || (i % $2), jsonb_build_object('i', i, 'pad', repeat('x', 24)) FROM generate_series(1, $1::bigint) AS i",
+        &[&n, &keys],
+    )
+    .unwrap();
+    let started = Instant::now();
+    let status = relay::command(cluster, rx, mode).status().expect("relay runs");
+    assert!(status.success());
+    n as f64 / started.elapsed().as_secs_f64()
+}

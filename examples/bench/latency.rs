@@ -1,0 +1,118 @@
+//! Latency, commit to receiver, at a paced rate: outbox and the polling
+//! relay.
+
+use crate::relay;
+use outbox_testkit::{Cluster, Receiver, Reply};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Emit at `rate` events/s for `secs` from several connections; `emit`
+/// runs one transaction and returns the event's id (after commit).
+pub fn paced<F>(cluster: &Cluster, rate: f64, secs: u64, emit: F) -> Arc<Mutex<HashMap<String, Instant>>>
+where
+    F: Fn(&mut postgres::Client, i64) -> String + Send + Sync + 'static,
+{
+    let committed = Arc::new(Mutex::new(HashMap::new()));
+    let threads = ((rate / 1500.0).ceil() as usize).clamp(1, 16);
+    let emit = Arc::new(emit);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (mut c, emit, committed) = (cluster.connect(), emit.clone(), committed.clone());
+            let interval = Duration::from_secs_f64(threads as f64 / rate);
+            std::thread::spawn(move || {
+                let start = Instant::now() + Duration::from_secs_f64(t as f64 / rate);
+                let mut i: i64 = 0;
+                while Instant::now().saturating_duration_since(start) < Duration::from_secs(secs) {
+                    let due = start + interval * i as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let id = emit(&mut c, i * threads as i64 + t as i64);
+                    committed.lock().unwrap().insert(id, Instant::now());
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    committed
+}
+
+/// A receiver noting when each id (from the JSON body's `id`, or the
+/// relay's `i`) arrived.
+pub fn timing_receiver(field: &'static str) -> (Receiver, Arc<Mutex<HashMap<String, Instant>>>) {
+    let arrived = Arc::new(Mutex::new(HashMap::new()));
+    let a = arrived.clone();
+    let rx = Receiver::start();
+    rx.forget_requests();
+    rx.respond(move |r, _| {
+        if let Ok(v) = serde_json::from_slice::<Value>(&r.body) {
+            let id = match &v[field] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            a.lock().unwrap().entry(id).or_insert(r.at);
+        }
+        Reply::Status(200)
+    });
+    (rx, arrived)
+}
+
+pub fn latencies(committed: &Mutex<HashMap<String, Instant>>, arrived: &Mutex<HashMap<String, Instant>>) -> Vec<f64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (c, a) = (committed.lock().unwrap(), arrived.lock().unwrap());
+        if c.keys().all(|k| a.contains_key(k)) || Instant::now() > deadline {
+            return c
+                .iter()
+                .filter_map(|(k, t)| a.get(k).map(|at| at.saturating_duration_since(*t).as_secs_f64() * 1000.0))
+                .collect();
+        }
+        drop((c, a));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn latency_outbox(cluster: &Cluster, db: &mut postgres::Client, rate: f64, secs: u64) -> Vec<f64> {
+    let (rx, arrived) = timing_receiver("id");
+    db.execute(
+        "SELECT outbox.create_endpoint('latency', $1, topics => '{latency}', options => '{\"max_in_flight\": 64}')",
+        &[&rx.url("/")],
+    )
+    .unwrap();
+    let committed = paced(cluster, rate, secs, |c, i| {
+        c.query_one(
+            "SELECT outbox_emit('latency', jsonb_build_object('i', $1::bigint), 'key-' || ($1::bigint % 1000))::text",
+            &[&i],
+        )
+        .unwrap()
+        .get(0)
+    });
+    let lat = latencies(&committed, &arrived);
+    db.execute("SELECT outbox.drop_endpoint('latency')", &[]).unwrap();
+    lat
+}
+
+pub fn latency_relay(cluster: &Cluster, db: &mut postgres::Client, rate: f64, secs: u64) -> Vec<f64> {
+    db.batch_execute("TRUNCATE relay_outbox").unwrap();
+    let (rx, arrived) = timing_receiver("relay_id");
+    let mut relay = relay::command(cluster, &rx, "follow").spawn().expect("relay runs");
+    let committed = paced(cluster, rate, secs, |c, i| {
+        let id: i64 = c
+            .query_one(
+                "INSERT INTO relay_outbox (key, payload) VALUES ('key-' || ($1::bigint % 1000), jsonb_build_object('i', $1::bigint)) RETURNING id",
+                &[&i],
+            )
+            .unwrap()
+            .get(0);
+        id.to_string()
+    });
+    let lat = latencies(&committed, &arrived);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    lat
+}

@@ -1,0 +1,312 @@
+//! `make bench`: outbox measured against the alternatives, in one run, on
+//! one machine, with the same settings and clients.
+//!
+//! - write path: pgbench, a business INSERT alone (a), with outbox_emit (b),
+//!   with a hand-written INSERT into a plain outbox table (c);
+//! - drain: a backlog delivered by the worker over HTTP (one event per
+//!   request) and Kafka REST (batched), against the classic
+//!   outbox-plus-polling relay (FOR UPDATE SKIP LOCKED) in its own process;
+//! - latency commit to receiver at 1,000 events/s and at 80 % of the
+//!   measured maximum, for both;
+//! - sustained load at 80 % of the maximum (backlog, table size, memory);
+//! - scaling over keys and payload sizes.
+//!
+//! BENCH_SIZE=quick (seconds, a smoke run) or full (what the README
+//! reports). Writes target/bench/results.json, raw.csv, latency and
+//! throughput plots (SVG).
+
+mod drain;
+mod latency;
+mod plot;
+mod relay;
+mod sustained;
+mod write_path;
+
+use drain::{capacity, counting_receiver, drain_outbox, drain_relay, kafka_v2_responder, WRITERS};
+use latency::{latency_outbox, latency_relay};
+use outbox_testkit::cluster::{server_dir, Cluster};
+use plot::{cdf, median, quantiles, svg_chart};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use sustained::sustained;
+use write_path::{pgbench, write_scripts};
+
+struct Size {
+    name: &'static str,
+    pgbench_secs: u64,
+    drain_events: i64,
+    latency_secs: u64,
+    sustained_secs: u64,
+    scaling_events: i64,
+}
+
+const QUICK: Size = Size {
+    name: "quick",
+    pgbench_secs: 2,
+    drain_events: 10_000,
+    latency_secs: 4,
+    sustained_secs: 30,
+    scaling_events: 2_000,
+};
+const FULL: Size = Size {
+    name: "full",
+    pgbench_secs: 20,
+    drain_events: 100_000,
+    latency_secs: 30,
+    sustained_secs: 600,
+    scaling_events: 100_000,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("relay") {
+        relay::main(&args[2..]);
+        return;
+    }
+    let mut size = match std::env::var("BENCH_SIZE").as_deref() {
+        Ok("full") => FULL,
+        _ => QUICK,
+    };
+    // For profiling: BENCH_ONLY=drain BENCH_DRAIN_EVENTS=500000 runs one long drain.
+    let only = std::env::var("BENCH_ONLY").ok();
+    if let Some(n) = std::env::var("BENCH_DRAIN_EVENTS").ok().and_then(|v| v.parse().ok()) {
+        size.drain_events = n;
+    }
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    println!("== outbox benchmark, size {} ({} cores)", size.name, std::thread::available_parallelism().unwrap());
+
+    // Durable defaults (fsync and synchronous_commit on), as in production.
+    let dir = server_dir(&std::env::temp_dir(), "outbox-bench");
+    let cluster = Cluster::start_in(
+        &dir,
+        &[
+            "fsync = on",
+            "track_commit_timestamp = on",
+            "shared_buffers = '256MB'",
+            "max_connections = 200",
+            "outbox.retention = '10s'",
+        ],
+    );
+    let mut db = cluster.connect();
+    db.batch_execute(
+        "CREATE EXTENSION outbox;
+         CREATE TABLE orders (id bigserial PRIMARY KEY, status text NOT NULL, total numeric NOT NULL);
+         -- What a team writes by hand: the same columns and indexes.
+         CREATE TABLE my_outbox (LIKE outbox.events_0 INCLUDING DEFAULTS INCLUDING INDEXES);
+         -- The polling relay's table.
+         CREATE TABLE relay_outbox (id bigserial PRIMARY KEY, key text, payload jsonb NOT NULL,
+                                    created_at timestamptz NOT NULL DEFAULT now(), done boolean NOT NULL DEFAULT false,
+                                    part int GENERATED ALWAYS AS (abs(hashtext(key)) % 16) STORED);
+         CREATE INDEX relay_outbox_todo ON relay_outbox (id) WHERE NOT done;
+         CREATE INDEX relay_outbox_part_todo ON relay_outbox (part, id) WHERE NOT done;",
+    )
+    .unwrap();
+
+    let mut results = serde_json::Map::new();
+    let mut raw = String::from("section,label,value\n");
+
+    if only.as_deref() == Some("capacity") {
+        println!("capacity: {:.0} events/s", capacity(&cluster, &mut db, 10));
+        return;
+    }
+    if only.as_deref() == Some("drain") {
+        let http = counting_receiver();
+        let inflight: i64 = std::env::var("BENCH_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+        let eps = drain_outbox(
+            &cluster,
+            &mut db,
+            &http,
+            "webhook",
+            json!({"max_in_flight": inflight}),
+            size.drain_events,
+            1000,
+            64,
+        );
+        println!("outbox, HTTP, one event per request, {inflight} in flight: {eps:.0} events/s");
+        return;
+    }
+
+    // 1. Write path.
+    println!("\n== write path: transactions/s (pgbench, single-statement transactions)");
+    let scripts = write_scripts(&out);
+    println!(
+        "{:>8} {:>12} {:>12} {:>14} {:>8} {:>8}",
+        "clients", "(a) insert", "(b) +emit", "(c) +hand-made", "b/a", "b/c"
+    );
+    for clients in [1, 4, 16] {
+        // Three rounds of a, b, c in turn; the median of each damps the
+        // noise of a shared 2-core machine.
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); scripts.len()];
+        for _ in 0..3 {
+            for (i, s) in scripts.iter().enumerate() {
+                runs[i].push(pgbench(&cluster, s, clients, size.pgbench_secs));
+            }
+        }
+        let tps: Vec<f64> = runs.iter_mut().map(|r| median(r)).collect();
+        let (a, b, c) = (tps[0], tps[1], tps[2]);
+        println!("{clients:>8} {a:>12.0} {b:>12.0} {c:>14.0} {:>8.3} {:>8.3}", b / a, b / c);
+        record(&mut results, &format!("write_tps_bare_{clients}"), a);
+        record(&mut results, &format!("write_tps_emit_{clients}"), b);
+        record(&mut results, &format!("write_tps_handwritten_{clients}"), c);
+        if clients == 16 {
+            record(&mut results, "write_ratio_vs_bare", b / a);
+            record(&mut results, "write_ratio_vs_handwritten", b / c);
+        }
+    }
+    db.batch_execute("TRUNCATE orders, my_outbox").unwrap();
+
+    // 2. Drain.
+    println!("\n== drain: a backlog of {} events over 1,000 keys", size.drain_events);
+    let http = counting_receiver();
+    let eps_http =
+        drain_outbox(&cluster, &mut db, &http, "webhook", json!({"max_in_flight": 64}), size.drain_events, 1000, 64);
+    println!("outbox, HTTP, one event per request:   {eps_http:>10.0} events/s");
+    let eps_relay = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain");
+    println!("polling relay, 16 workers, SKIP LOCKED (no per-key order): {eps_relay:>9.0} events/s");
+    let eps_ordered = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain-ordered");
+    println!("polling relay, 16 workers, one per key partition (ordered):  {eps_ordered:>9.0} events/s");
+    let kafka = kafka_v2_responder();
+    let eps_kafka = drain_outbox(
+        &cluster,
+        &mut db,
+        &kafka,
+        "kafka_rest_v2",
+        json!({"batch_size": 500, "max_in_flight": 8}),
+        size.drain_events,
+        1000,
+        64,
+    );
+    println!("outbox, Kafka REST v2, batched:         {eps_kafka:>9.0} events/s");
+    println!("ratio outbox HTTP / polling relay:      {:>9.2}", eps_http / eps_relay);
+    record(&mut results, "drain_http_eps", eps_http);
+    record(&mut results, "drain_polling_eps", eps_relay);
+    record(&mut results, "drain_polling_ordered_eps", eps_ordered);
+    record(&mut results, "drain_ratio_vs_polling_ordered", eps_http / eps_ordered);
+    record(&mut results, "drain_kafka_eps", eps_kafka);
+    record(&mut results, "drain_ratio_vs_polling", eps_http / eps_relay);
+
+    // The maximum the machine sustains while writing and delivering at
+    // once (both compete for its cores).
+    let capacity = capacity(&cluster, &mut db, size.latency_secs.max(6));
+    println!(
+        "\n== capacity, writing and delivering at once ({WRITERS} writers, as fast as they go): {capacity:.0} events/s"
+    );
+    record(&mut results, "capacity_eps", capacity);
+
+    // 3. Latency.
+    println!("\n== latency, commit to receiver");
+    let rate80 = capacity * 0.8;
+    let mut cdf_series = Vec::new();
+    println!("{:>34} {:>8} {:>8} {:>8} {:>8}", "", "p50 ms", "p95 ms", "p99 ms", "max ms");
+    for (label, rate) in [("1k", 1000.0), ("80pct", rate80)] {
+        let ours = latency_outbox(&cluster, &mut db, rate, size.latency_secs);
+        let theirs = latency_relay(&cluster, &mut db, rate, size.latency_secs);
+        for (who, lat) in [("outbox", &ours), ("polling relay", &theirs)] {
+            let q = quantiles(lat);
+            println!(
+                "{:>34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                format!("{who} at {rate:.0} events/s"),
+                q[0],
+                q[1],
+                q[2],
+                q[3]
+            );
+            let prefix = if who == "outbox" { format!("lat_{label}") } else { format!("polling_lat_{label}") };
+            for (name, v) in ["p50", "p95", "p99", "max"].iter().zip(q) {
+                record(&mut results, &format!("{prefix}_{name}_ms"), v);
+            }
+            if label == "1k" {
+                cdf_series.push((format!("{who}, 1,000 events/s"), cdf(lat)));
+            }
+        }
+    }
+    std::fs::write(
+        out.join("latency_cdf.svg"),
+        svg_chart("Latency, commit to receiver, 1,000 events/s", "ms", "fraction", &cdf_series, true),
+    )
+    .unwrap();
+
+    // 4. Sustained load.
+    let sustained_rate = rate80;
+    println!("\n== sustained: {sustained_rate:.0} events/s (80 % of the maximum) for {} s", size.sustained_secs);
+    let samples = sustained(&cluster, &mut db, sustained_rate, size.sustained_secs);
+    let growth =
+        samples.last().map_or(0.0, |s| s.backlog) - samples.iter().find(|s| s.t >= 5.0).map_or(0.0, |s| s.backlog);
+    let rss_max = samples.iter().map(|s| s.worker_mb).fold(0.0, f64::max);
+    let table_max = samples.iter().map(|s| s.table_mb).fold(0.0, f64::max);
+    println!("backlog growth (end minus start, after 5 s warm-up): {growth:.0} events");
+    println!("worker private memory max: {rss_max:.1} MB; events tables max {table_max:.1} MB");
+    record(&mut results, "sustained_rate_eps", sustained_rate);
+    record(&mut results, "sustained_backlog_growth", growth);
+    record(&mut results, "worker_rss_max_mb", rss_max);
+    record(&mut results, "sustained_table_max_mb", table_max);
+    for s in &samples {
+        writeln!(
+            raw,
+            "sustained,t={:.0}s,{{\"delivered_eps\":{:.0},\"backlog\":{:.0},\"table_mb\":{:.2},\"worker_mb\":{:.1}}}",
+            s.t, s.eps, s.backlog, s.table_mb, s.worker_mb
+        )
+        .unwrap();
+    }
+    let series = vec![
+        ("delivered events/s".to_string(), samples.iter().map(|s| (s.t, s.eps)).collect()),
+        ("backlog (events)".to_string(), samples.iter().map(|s| (s.t, s.backlog)).collect()),
+    ];
+    std::fs::write(
+        out.join("sustained_throughput.svg"),
+        svg_chart("Sustained load: throughput and backlog", "s", "events", &series, false),
+    )
+    .unwrap();
+    let series = vec![
+        ("events tables MB".to_string(), samples.iter().map(|s| (s.t, s.table_mb)).collect()),
+        ("worker private MB".to_string(), samples.iter().map(|s| (s.t, s.worker_mb)).collect()),
+    ];
+    std::fs::write(
+        out.join("sustained_size.svg"),
+        svg_chart("Sustained load: table size and worker memory", "s", "MB", &series, false),
+    )
+    .unwrap();
+
+    // 5. Scaling.
+    println!("\n== scaling: drain of {} events", size.scaling_events);
+    for keys in [1i64, 16, 1024, 100_000] {
+        let n = if keys == 1 { size.scaling_events.min(5_000) } else { size.scaling_events };
+        let eps = drain_outbox(&cluster, &mut db, &http, "webhook", json!({"max_in_flight": 64}), n, keys, 64);
+        println!("{keys:>7} keys, 64 B payload: {eps:>10.0} events/s");
+        record(&mut results, &format!("scaling_keys_{keys}_eps"), eps);
+    }
+    for bytes in [100, 1024, 16 * 1024] {
+        let eps = drain_outbox(
+            &cluster,
+            &mut db,
+            &http,
+            "webhook",
+            json!({"max_in_flight": 64}),
+            size.scaling_events,
+            1000,
+            bytes,
+        );
+        println!("1000 keys, {bytes:>6} B payload: {eps:>10.0} events/s");
+        record(&mut results, &format!("scaling_payload_{bytes}_eps"), eps);
+    }
+
+    for (k, v) in &results {
+        writeln!(raw, "result,{k},{v}").unwrap();
+    }
+    results.insert("size".into(), json!(size.name));
+    results.insert("cores".into(), json!(std::thread::available_parallelism().map_or(0, |n| n.get())));
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&Value::Object(results)).unwrap()).unwrap();
+    std::fs::write(out.join("raw.csv"), raw).unwrap();
+    println!(
+        "\nwrote {}/results.json, raw.csv, latency_cdf.svg, sustained_throughput.svg, sustained_size.svg",
+        out.display()
+    );
+    drop(db);
+    drop(cluster);
+}
+
+fn record(results: &mut serde_json::Map<String, Value>, key: &str, value: f64) {
+    results.insert(key.into(), json!(value));
+}

@@ -1,0 +1,122 @@
+//! The baseline: the classic polling relay, as a team would write it, in
+//! its own process (this program, run as `bench relay <mode> <db port>
+//! <http port>`). Workers claim rows with FOR UPDATE SKIP LOCKED, POST
+//! them over a kept-alive connection, mark them done, commit.
+
+use outbox_testkit::http::read_message;
+use outbox_testkit::{connect_port, die_with_parent, Cluster, Receiver};
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+/// The relay, started as a process of its own (which ends with the
+/// benchmark, however that ends).
+pub fn command(cluster: &Cluster, rx: &Receiver, mode: &str) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    die_with_parent(&mut c);
+    c.args(["relay", mode, &cluster.port.to_string(), &rx.port.to_string()]);
+    c
+}
+
+const WORKERS: usize = 16;
+const BATCH: i64 = 100;
+const POLL: Duration = Duration::from_millis(10);
+
+pub fn main(args: &[String]) {
+    let mode = args[0].clone();
+    let (db_port, http_port): (u16, u16) = (args[1].parse().unwrap(), args[2].parse().unwrap());
+    let handles: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let mode = mode.clone();
+            std::thread::spawn(move || worker(&mode, w as i32, db_port, http_port))
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+/// `drain`: claim any rows (SKIP LOCKED), until none are left;
+/// `drain-ordered`: each worker owns the keys hashing to it, so one
+/// key's events go out one after another; `follow`: like `drain`, for
+/// ever, polling every 10 ms when idle.
+fn worker(mode: &str, me: i32, db_port: u16, http_port: u16) {
+    let mut db = connect_port(db_port);
+    let mut http = Http::connect(http_port);
+    loop {
+        let mut tx = db.transaction().unwrap();
+        let rows = if mode == "drain-ordered" {
+            tx.query(
+                "SELECT id, key, payload::text FROM relay_outbox
+                 WHERE NOT done AND part = $2 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&BATCH, &me],
+            )
+            .unwrap()
+        } else {
+            tx.query(
+                "SELECT id, key, payload::text FROM relay_outbox WHERE NOT done ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&BATCH],
+            )
+            .unwrap()
+        };
+        if rows.is_empty() {
+            tx.commit().unwrap();
+            if mode != "follow" {
+                let left: bool = db
+                    .query_one(
+                        "SELECT EXISTS (SELECT FROM relay_outbox WHERE NOT done AND ($1 = 'drain' OR part = $2))",
+                        &[&mode, &me],
+                    )
+                    .unwrap()
+                    .get(0);
+                if !left {
+                    return;
+                }
+            }
+            std::thread::sleep(POLL);
+            continue;
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id: i64 = r.get(0);
+            let key: String = r.get(1);
+            let payload: String = r.get(2);
+            let body =
+                format!("{{\"relay_id\":{id},\"key\":{},\"data\":{payload}}}", serde_json::to_string(&key).unwrap());
+            http.post(&body);
+            ids.push(id);
+        }
+        tx.execute("UPDATE relay_outbox SET done = true WHERE id = ANY ($1)", &[&ids]).unwrap();
+        tx.commit().unwrap();
+    }
+}
+
+/// A minimal keep-alive HTTP/1.1 client (as lean as a relay gets).
+struct Http {
+    port: u16,
+    stream: BufReader<TcpStream>,
+}
+
+impl Http {
+    fn connect(port: u16) -> Http {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_nodelay(true).unwrap();
+        Http { port, stream: BufReader::new(s) }
+    }
+
+    fn post(&mut self, body: &str) {
+        let req = format!(
+            "POST / HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if self.stream.get_mut().write_all(req.as_bytes()).is_err() || !self.read_response() {
+            *self = Http::connect(self.port);
+            self.post(body);
+        }
+    }
+
+    fn read_response(&mut self) -> bool {
+        read_message(&mut self.stream).is_some_and(|m| m.is_success())
+    }
+}

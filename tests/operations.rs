@@ -1,0 +1,88 @@
+//! Feature: operating the worker. Endpoint changes and settings apply
+//! without a restart; one worker per configured database, visible with its
+//! figures in outbox.stats; a terminated worker is started again.
+#![cfg(not(feature = "pg_test"))]
+
+use outbox_testkit::*;
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::Duration;
+
+#[test]
+fn endpoint_changes_and_settings_apply_without_restart() {
+    let (_cluster, mut db) = cluster_with_outbox("reconfig");
+    let a = Receiver::start();
+    let b = Receiver::start();
+    webhook(&mut db, "hooks", &a.url("/"), &["*"], json!({}));
+    emit(&mut db, "t", json!({"n": 1}), None);
+    a.wait_for(1, WAIT);
+
+    db.execute("SELECT outbox.pause_endpoint('hooks')", &[]).unwrap();
+    emit(&mut db, "t", json!({"n": 2}), None);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.requests().len(), 1, "paused");
+    wait_sql(&mut db, WAIT, "SELECT state = 'paused' AND pending = 1 FROM outbox.stats");
+
+    db.execute("SELECT outbox.alter_endpoint('hooks', url => $1)", &[&b.url("/moved")]).unwrap();
+    db.execute("SELECT outbox.resume_endpoint('hooks')", &[]).unwrap();
+    let got = b.wait_for(1, WAIT);
+    assert_eq!(got[0].path, "/moved");
+    assert_eq!(data_n(&got[0]), 2);
+
+    // A setting read by the worker, changed with a reload (SIGHUP).
+    set_and_reload(&mut db, "outbox.retention", "1s");
+    let before: i16 = db.query_one("SELECT slot FROM outbox.rotation WHERE current", &[]).unwrap().get(0);
+    emit(&mut db, "t", json!({"n": 3}), None);
+    b.wait_for(2, WAIT);
+    wait_sql(&mut db, WAIT, &format!("SELECT slot <> {before} FROM outbox.rotation WHERE current"));
+}
+
+#[test]
+fn one_worker_per_configured_database_and_stats_show_it() {
+    let cluster = Cluster::start("multidb", &["outbox.databases = 'postgres, shop'"]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE DATABASE shop").unwrap();
+    db.batch_execute("CREATE EXTENSION outbox").unwrap();
+    let mut shop = cluster.connect_db("shop");
+    // Each database has its own roles (the defaults belong to postgres now).
+    shop.batch_execute(
+        "SET outbox.writer_role = 'shop_writer'; SET outbox.admin_role = 'shop_admin'; CREATE EXTENSION outbox",
+    )
+    .unwrap();
+    let rx = Receiver::start();
+    webhook(&mut db, "main", &rx.url("/main"), &["*"], json!({}));
+    webhook(&mut shop, "shop", &rx.url("/shop"), &["*"], json!({}));
+    emit(&mut db, "t", json!({"n": 1}), None);
+    emit(&mut shop, "t", json!({"n": 2}), None);
+    let got = rx.wait_for(2, WAIT);
+    let paths: HashSet<&str> = got.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, HashSet::from(["/main", "/shop"]));
+    let workers: Vec<String> = db
+        .query("SELECT datname FROM pg_stat_activity WHERE backend_type = 'outbox worker' ORDER BY datname", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(workers, ["postgres", "shop"]);
+    wait_sql(
+        &mut shop,
+        WAIT,
+        "SELECT delivered = 1 AND pending = 0 AND in_flight = 0 AND retrying = 0 AND dead = 0
+                AND latency_p50_ms > 0 AND latency_p99_ms >= latency_p50_ms AND last_success_at IS NOT NULL
+         FROM outbox.stats",
+    );
+}
+
+#[test]
+fn a_terminated_worker_is_started_again() {
+    let (_cluster, mut db) = cluster_with_outbox("terminate");
+    let rx = Receiver::start();
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({}));
+    let pid = worker_pid(&mut db);
+    let terminated: bool = db.query_one("SELECT pg_terminate_backend($1)", &[&pid]).unwrap().get(0);
+    assert!(terminated);
+    emit(&mut db, "t", json!({"n": 1}), None);
+    rx.wait_for(1, WAIT);
+    let again = worker_pid(&mut db);
+    assert_ne!(again, pid, "a new worker process delivers");
+}
