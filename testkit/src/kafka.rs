@@ -42,9 +42,13 @@ pub fn tansu_binary() -> PathBuf {
 pub struct Broker {
     /// Dropped first (fields drop in order): the process ends with the
     /// Broker, whoever holds the client.
-    _process: Process,
+    process: Process,
     pub addr: String,
-    kafka: Kafka,
+    /// Extra arguments it was started with (kept for `start_again`).
+    args: Vec<String>,
+    /// None on a broker that requires authentication (the kit's client
+    /// has no credentials).
+    kafka: Option<Kafka>,
 }
 
 /// The broker's process, killed when dropped (also when the broker fails
@@ -70,37 +74,93 @@ struct KafkaClient {
 
 impl Broker {
     pub fn start() -> Broker {
+        Broker::start_with(&[])
+    }
+
+    /// A broker started with extra arguments (`--authentication`, or an
+    /// `--advertised-listener-url` of its own).
+    /// `{port}` in an argument stands for the broker's port.
+    pub fn start_with(args: &[&str]) -> Broker {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let url = format!("tcp://{addr}");
-        let process = Process(
-            die_with_parent(&mut Command::new(tansu_binary()))
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-                .args(["--storage-engine", "memory://tansu/", "--cluster-id", CLUSTER_ID])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start tansu"),
-        );
-        let deadline = Instant::now() + WAIT;
-        while TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let kafka = Kafka::connect(&addr);
-        Broker { _process: process, addr, kafka }
+        let args: Vec<String> = args.iter().map(|a| a.replace("{port}", &port.to_string())).collect();
+        let process = spawn(&addr, &args);
+        let kafka = (!args.iter().any(|a| a == "--authentication")).then(|| Kafka::connect(&addr));
+        Broker { process, addr, args, kafka }
+    }
+
+    fn client(&self) -> &Kafka {
+        self.kafka.as_ref().expect("the kit has no client on a broker that requires authentication")
     }
 
     pub fn create_topic(&self, topic: &str) {
-        let k = &self.kafka.0;
+        let k = &self.client().0;
         let controller = k.client.controller_client().unwrap();
         k.runtime.block_on(controller.create_topic(topic, PARTITIONS, 1, 5_000)).expect("create topic");
     }
 
     /// Everything in `topic`, per partition in offset order.
     pub fn consume(&self, topic: &str) -> Vec<Consumed> {
-        self.kafka.consume(topic)
+        self.client().consume(topic)
     }
+
+    /// The topics the broker has.
+    pub fn topics(&self) -> Vec<String> {
+        self.client().topics()
+    }
+
+    /// Freeze the broker (SIGSTOP): connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        signal(&self.process, "STOP");
+    }
+
+    /// Let a frozen broker go on (SIGCONT), with everything it held.
+    pub fn thaw(&self) {
+        signal(&self.process, "CONT");
+    }
+
+    /// Kill the broker (SIGKILL). Its memory storage goes with it.
+    pub fn kill(&mut self) {
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
+    }
+
+    /// Start a killed broker again on the same address (empty).
+    pub fn start_again(&mut self) {
+        self.process = spawn(&self.addr, &self.args);
+        if self.kafka.is_some() {
+            self.kafka = Some(Kafka::connect(&self.addr));
+        }
+    }
+}
+
+fn spawn(addr: &str, args: &[String]) -> Process {
+    let url = format!("tcp://{addr}");
+    let mut command = Command::new(tansu_binary());
+    command.args(["broker", "--listener-url", &url]);
+    if !args.iter().any(|a| a == "--advertised-listener-url") {
+        command.args(["--advertised-listener-url", &url]);
+    }
+    let process = Process(
+        die_with_parent(&mut command)
+            .args(["--storage-engine", "memory://tansu/", "--cluster-id", CLUSTER_ID])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu"),
+    );
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    process
+}
+
+fn signal(process: &Process, name: &str) {
+    let status = Command::new("kill").args([&format!("-{name}"), &process.0.id().to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{name}");
 }
 
 impl Kafka {
@@ -220,7 +280,7 @@ impl RestProxy {
         let http = Receiver::start();
         let fail_next = Arc::new(AtomicUsize::new(0));
         let fails = fail_next.clone();
-        let kafka = broker.kafka.clone();
+        let kafka = broker.client().clone();
         http.respond(move |req, _| match api {
             Api::ConfluentV2 | Api::RedpandaV2 => v2(&kafka, api, req, &fails),
             Api::ConfluentV3 => v3(&kafka, req, &fails),
