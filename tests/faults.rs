@@ -228,30 +228,7 @@ fn misbehaving_endpoints_lose_nothing() {
     assert!(s.passed, "{s:?}");
 
     // What reached Kafka, in partition order, through the same checker.
-    let kafka = Log::default();
-    let deadline = Instant::now() + DRAIN;
-    loop {
-        let records = broker.consume("t");
-        let t0 = Instant::now();
-        let mut seen = kafka.0.lock().unwrap();
-        seen.clear();
-        for (i, r) in records.iter().enumerate() {
-            let at = t0 + Duration::from_micros(i as u64 * 10 + r.partition as u64 * 1_000_000_000);
-            seen.push(Seen {
-                id: r.value["id"].as_str().unwrap().into(),
-                key: r.value["key"].as_str().unwrap().into(),
-                n: r.value["data"]["n"].as_i64().unwrap(),
-                at,
-                acked: true,
-                acked_at: at,
-            });
-        }
-        drop(seen);
-        if wait_all_delivered(cluster.port, "kafka", &kafka, Duration::from_millis(1)) || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let kafka = read_back(&broker, "t", cluster.port, "kafka");
     let k = check("kafka_rest_partial_failures", kafka_faults, cluster.port, &[("kafka", &kafka)], &rolled_back);
     assert!(k.passed, "{k:?}");
 }
@@ -479,4 +456,78 @@ fn check_order_only(port: u16, _name: &str, log: &Log, rolled_back: &std::collec
         v.sort();
         v.windows(2).all(|w| w[0].1 < w[1].1)
     })
+}
+
+/// What reached Kafka, as a log for the checker: partition by partition in
+/// offset order (each partition a stretch of time of its own, so order is
+/// compared within a partition, where a key lives). Read until everything
+/// committed is there, or DRAIN runs out.
+fn read_back(broker: &Broker, topic: &str, port: u16, endpoint: &str) -> Log {
+    let log = Log::default();
+    let deadline = Instant::now() + DRAIN;
+    loop {
+        let records = broker.consume(topic);
+        let t0 = Instant::now();
+        let mut seen = log.0.lock().unwrap();
+        seen.clear();
+        for (i, r) in records.iter().enumerate() {
+            let at = t0 + Duration::from_micros(i as u64 * 10 + r.partition as u64 * 1_000_000_000);
+            seen.push(Seen {
+                id: r.value["id"].as_str().unwrap().into(),
+                key: r.value["key"].as_str().unwrap().into(),
+                n: r.value["data"]["n"].as_i64().unwrap(),
+                at,
+                acked: true,
+                acked_at: at,
+            });
+        }
+        drop(seen);
+        if wait_all_delivered(port, endpoint, &log, Duration::from_millis(1)) || Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn native_kafka_with_a_frozen_broker_and_a_killed_worker() {
+    let (cluster, mut db) = setup("f-kafka", &[]);
+    let broker = Broker::start();
+    broker.create_topic("t");
+    endpoint(
+        &mut db,
+        "kafka",
+        "kafka",
+        &format!("kafka://{}", broker.addr),
+        &["t"],
+        json!({"timeout_ms": 1000, "connect_timeout_ms": 500, "batch_size": 100}),
+    );
+    let writers = Writers::start(Arc::new(AtomicU16::new(cluster.port)), load(6));
+    let run = Duration::from_secs(if full() { 120 } else { 15 });
+    let started = Instant::now();
+    let mut rng = Rng::new(6);
+    let mut faults = 0;
+    while started.elapsed() < run {
+        std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
+        if faults % 4 == 3 {
+            // The worker dies mid-request; the next one sends the
+            // unacknowledged batches again (a new producer id: Kafka may
+            // hold those records twice, counted as duplicates).
+            if let Some(pid) = cluster.worker_pid_within(Duration::from_secs(30)) {
+                kill9(pid);
+            }
+        } else {
+            // Requests hang and time out, the producer retries the same
+            // batches; then the broker answers everything at once.
+            broker.freeze();
+            std::thread::sleep(Duration::from_millis(300 + rng.below(2000)));
+            broker.thaw();
+        }
+        faults += 1;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let rolled_back = writers.stop();
+    let log = read_back(&broker, "t", cluster.port, "kafka");
+    let s = check("native_kafka", faults, cluster.port, &[("kafka", &log)], &rolled_back);
+    assert!(s.passed, "{s:?}");
 }
