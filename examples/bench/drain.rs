@@ -78,23 +78,30 @@ pub fn kafka_v2_responder() -> Receiver {
     rx
 }
 
+/// A drain's rate, and the worker's CPU time per event (both its
+/// Postgres side and its network threads: they are one process).
+pub struct Drained {
+    pub eps: f64,
+    pub cpu_us_per_event: f64,
+}
+
 /// Load `n` events over `keys` keys into the outbox while the endpoint is
 /// paused, resume it, and time the drain.
 #[allow(clippy::too_many_arguments)]
 pub fn drain_outbox(
     cluster: &Cluster,
     db: &mut postgres::Client,
-    rx: &Receiver,
+    url: &str,
     kind: &str,
     options: Value,
     n: i64,
     keys: i64,
     payload_bytes: usize,
-) -> f64 {
+) -> Drained {
     let name = "drain";
     db.execute(
         "SELECT outbox.create_endpoint($1, $2, $3, '{drain}', $4::text::jsonb)",
-        &[&name, &rx.url("/"), &kind, &options.to_string()],
+        &[&name, &url, &kind, &options.to_string()],
     )
     .unwrap();
     db.execute("SELECT outbox.pause_endpoint('drain')", &[]).unwrap();
@@ -111,6 +118,8 @@ pub fn drain_outbox(
         .unwrap();
         loaded += m;
     }
+    let worker = outbox_testkit::worker_pid(db);
+    let cpu_before = cpu_seconds(worker);
     let started = Instant::now();
     db.execute("SELECT outbox.resume_endpoint('drain')", &[]).unwrap();
     let mut watch = cluster.connect();
@@ -124,8 +133,20 @@ pub fn drain_outbox(
         std::thread::sleep(Duration::from_millis(20));
     }
     let eps = n as f64 / started.elapsed().as_secs_f64();
+    let cpu_us_per_event = (cpu_seconds(worker) - cpu_before) * 1e6 / n as f64;
     db.execute("SELECT outbox.drop_endpoint('drain')", &[]).unwrap();
-    eps
+    Drained { eps, cpu_us_per_event }
+}
+
+/// User and system CPU seconds of process `pid`, all its threads.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
 }
 
 /// The same backlog in relay_outbox, drained by the polling relay in its

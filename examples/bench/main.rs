@@ -25,6 +25,7 @@ mod write_path;
 use drain::{capacity, counting_receiver, drain_outbox, drain_relay, kafka_v2_responder, WRITERS};
 use latency::{latency_outbox, latency_relay};
 use outbox_testkit::cluster::{server_dir, Cluster};
+use outbox_testkit::kafka::Broker;
 use plot::{cdf, median, quantiles, svg_chart};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -117,13 +118,14 @@ fn main() {
         let eps = drain_outbox(
             &cluster,
             &mut db,
-            &http,
+            &http.url("/"),
             "webhook",
             json!({"max_in_flight": inflight}),
             size.drain_events,
             1000,
             64,
-        );
+        )
+        .eps;
         println!("outbox, HTTP, one event per request, {inflight} in flight: {eps:.0} events/s");
         return;
     }
@@ -160,8 +162,17 @@ fn main() {
     // 2. Drain.
     println!("\n== drain: a backlog of {} events over 1,000 keys", size.drain_events);
     let http = counting_receiver();
-    let eps_http =
-        drain_outbox(&cluster, &mut db, &http, "webhook", json!({"max_in_flight": 64}), size.drain_events, 1000, 64);
+    let http_drain = drain_outbox(
+        &cluster,
+        &mut db,
+        &http.url("/"),
+        "webhook",
+        json!({"max_in_flight": 64}),
+        size.drain_events,
+        1000,
+        64,
+    );
+    let eps_http = http_drain.eps;
     println!("outbox, HTTP, one event per request:   {eps_http:>10.0} events/s");
     let eps_relay = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain");
     println!("polling relay, 16 workers, SKIP LOCKED (no per-key order): {eps_relay:>9.0} events/s");
@@ -171,14 +182,50 @@ fn main() {
     let eps_kafka = drain_outbox(
         &cluster,
         &mut db,
-        &kafka,
+        &kafka.url("/"),
         "kafka_rest_v2",
         json!({"batch_size": 500, "max_in_flight": 8}),
         size.drain_events,
         1000,
         64,
-    );
+    )
+    .eps;
     println!("outbox, Kafka REST v2, batched:         {eps_kafka:>9.0} events/s");
+    // Native Kafka into a real broker (Tansu, memory storage, on this
+    // machine), where the REST figure above has no broker behind it.
+    let broker = Broker::start();
+    broker.create_topic("drain");
+    let brokers = format!("kafka://{}", broker.addr);
+    let native = drain_outbox(&cluster, &mut db, &brokers, "kafka", json!({}), size.drain_events, 1000, 64);
+    println!(
+        "outbox, Kafka native, into the broker:  {:>9.0} events/s, worker CPU {:.1} us/event",
+        native.eps, native.cpu_us_per_event
+    );
+    // One key: a hot aggregate. HTTP and Kafka REST by default send one
+    // event of a key per round trip; native Kafka (and REST with
+    // max_per_key) send runs of the key.
+    let one_key = size.drain_events.min(20_000);
+    let native_one = drain_outbox(&cluster, &mut db, &brokers, "kafka", json!({}), one_key, 1, 64).eps;
+    let rest_one = drain_outbox(
+        &cluster,
+        &mut db,
+        &kafka.url("/"),
+        "kafka_rest_v2",
+        json!({"batch_size": 500, "max_per_key": 500}),
+        one_key,
+        1,
+        64,
+    )
+    .eps;
+    let http_one = drain_outbox(&cluster, &mut db, &http.url("/"), "webhook", json!({}), one_key.min(5_000), 1, 64).eps;
+    println!("one key, {one_key} events: Kafka native {native_one:.0}, Kafka REST (max_per_key 500) {rest_one:.0}, HTTP {http_one:.0} events/s");
+    record(&mut results, "drain_kafka_native_eps", native.eps);
+    record(&mut results, "worker_cpu_us_per_event_kafka_native", native.cpu_us_per_event);
+    record(&mut results, "worker_cpu_us_per_event_http", http_drain.cpu_us_per_event);
+    record(&mut results, "drain_kafka_native_one_key_eps", native_one);
+    record(&mut results, "drain_kafka_rest_one_key_eps", rest_one);
+    record(&mut results, "drain_http_one_key_eps", http_one);
+    record(&mut results, "drain_ratio_kafka_native_vs_rest", native.eps / eps_kafka);
     println!("ratio outbox HTTP / polling relay:      {:>9.2}", eps_http / eps_relay);
     record(&mut results, "drain_http_eps", eps_http);
     record(&mut results, "drain_polling_eps", eps_relay);
@@ -273,7 +320,8 @@ fn main() {
     println!("\n== scaling: drain of {} events", size.scaling_events);
     for keys in [1i64, 16, 1024, 100_000] {
         let n = if keys == 1 { size.scaling_events.min(5_000) } else { size.scaling_events };
-        let eps = drain_outbox(&cluster, &mut db, &http, "webhook", json!({"max_in_flight": 64}), n, keys, 64);
+        let eps =
+            drain_outbox(&cluster, &mut db, &http.url("/"), "webhook", json!({"max_in_flight": 64}), n, keys, 64).eps;
         println!("{keys:>7} keys, 64 B payload: {eps:>10.0} events/s");
         record(&mut results, &format!("scaling_keys_{keys}_eps"), eps);
     }
@@ -281,13 +329,14 @@ fn main() {
         let eps = drain_outbox(
             &cluster,
             &mut db,
-            &http,
+            &http.url("/"),
             "webhook",
             json!({"max_in_flight": 64}),
             size.scaling_events,
             1000,
             bytes,
-        );
+        )
+        .eps;
         println!("1000 keys, {bytes:>6} B payload: {eps:>10.0} events/s");
         record(&mut results, &format!("scaling_payload_{bytes}_eps"), eps);
     }
