@@ -60,6 +60,14 @@ BEGIN
 END
 $grants$;
 
+-- Monitoring: PostgreSQL's own role for monitoring tools reads the health
+-- view (which shows endpoint names, URLs, counts and last errors, never
+-- options or secrets) and nothing else of the extension. Monitoring roles
+-- are cluster-wide by nature, as pg_stat_activity is.
+GRANT USAGE ON SCHEMA outbox TO pg_monitor;
+GRANT SELECT ON outbox.stats TO pg_monitor;
+GRANT EXECUTE ON FUNCTION outbox._backlog(integer) TO pg_monitor;
+
 GRANT SELECT, TRUNCATE ON outbox.events_0, outbox.events_1 TO outbox_worker;
 GRANT SELECT ON outbox.events TO outbox_worker;
 GRANT SELECT, INSERT, DELETE ON outbox.ticks TO outbox_worker;

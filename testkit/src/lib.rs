@@ -3,6 +3,7 @@
 //! the helpers the tests share.
 
 pub mod cluster;
+pub mod exporter;
 pub mod faults;
 pub mod http;
 pub mod kafka;
