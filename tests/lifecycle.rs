@@ -155,3 +155,29 @@ fn a_standby_refuses_every_change_clearly() {
         assert!(e.hint().is_some_and(|h| h.contains("primary")), "{sql}: {:?}", e.hint());
     }
 }
+
+#[test]
+fn a_listed_database_may_come_later_and_go_without_a_restart_storm() {
+    let cluster = Cluster::start("later", &["outbox.databases = 'later'"]);
+    let outbox_lines = |c: &Cluster| c.log().lines().filter(|l| l.contains("outbox")).count();
+    // Listed but missing: waited for quietly.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let quiet = outbox_lines(&cluster);
+    assert!(quiet <= 2, "{quiet} log lines while the database did not exist:\n{}", cluster.log());
+    let mut root = cluster.connect();
+    root.batch_execute("CREATE DATABASE later").unwrap();
+    let mut later = cluster.connect_db("later");
+    later.batch_execute("CREATE EXTENSION outbox").unwrap();
+    let rx = Receiver::start();
+    webhook(&mut later, "hooks", &rx.url("/"), &["*"], json!({}));
+    emit(&mut later, "t", json!({"n": 1}), None);
+    rx.wait_for(1, WAIT);
+    drop(later);
+    // Dropped while its worker runs: no server restart, and the launcher
+    // waits for it to come back, quietly again.
+    root.batch_execute("DROP DATABASE later").unwrap();
+    let before = outbox_lines(&cluster);
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let after = outbox_lines(&cluster);
+    assert!(after - before <= 2, "{} log lines after the drop:\n{}", after - before, cluster.log());
+}
