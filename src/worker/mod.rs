@@ -88,7 +88,7 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         pgrx::warning!("outbox worker: started without a database; exiting");
         return;
     };
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    attach_signal_handlers();
     // One worker per database, whoever started it (a launcher that was
     // restarted does not know the workers of its predecessor).
     // SAFETY: MyProcPid is set in every process.
@@ -142,6 +142,18 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
     }
     worker.network.shutdown(Duration::from_millis(500));
     pgrx::log!("outbox worker in database {db:?} stopped");
+}
+
+/// SIGHUP and SIGTERM set flags and wake the latch; then the configuration
+/// file is read once. PostgreSQL ignores SIGHUP in a background worker
+/// until its handler is set, so a reload that reached this process while
+/// it started (the postmaster forked it just before reloading) would be
+/// lost, and the process would keep the settings from before the reload
+/// (an `outbox.allowed_hosts` that was narrowed, say) until the next one.
+pub(crate) fn attach_signal_handlers() {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SAFETY: main thread, outside any transaction.
+    unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
 }
 
 struct Worker {
