@@ -24,6 +24,12 @@ PGRX_TEST_DATA ?= /tmp/outbox-pgrx-test-$(RUNAS)
 # old one until they restart.
 REPLACE_LIBRARY = $(SUDO) rm -f $$($(PG_CONFIG) --pkglibdir)/outbox.so
 
+# Released versions' install scripts (kept as released, sql/outbox--X.sql)
+# next to the current one: CREATE EXTENSION outbox VERSION '0.1.0' then
+# ALTER EXTENSION outbox UPDATE is how the upgrade tests start. cargo pgrx
+# install copies the upgrade scripts (sql/outbox--X--Y.sql) itself.
+INSTALL_RELEASED = $(SUDO) cp sql/outbox--*.sql $$($(PG_CONFIG) --sharedir)/extension/
+
 # quick: a smoke run in a couple of minutes; full: the README's figures.
 BENCH_SIZE ?= quick
 
@@ -63,12 +69,14 @@ setup:
 bench: setup
 	$(REPLACE_LIBRARY)
 	cargo pgrx install --release --pg-config $(PG_CONFIG) $(if $(ROOT),,--sudo)
+	$(INSTALL_RELEASED)
 	BENCH_SIZE=$(BENCH_SIZE) cargo run --release --quiet --example bench
 
 # Build and install the extension into the system PostgreSQL 15.
 install: setup
 	$(REPLACE_LIBRARY)
 	cargo pgrx install --pg-config $(PG_CONFIG) $(if $(ROOT),,--sudo)
+	$(INSTALL_RELEASED)
 
 lint:
 	cargo fmt --all -- --check

@@ -20,12 +20,19 @@ DECLARE
                                        'outbox_writer');
     admin  text := coalesce(nullif(pg_catalog.current_setting('outbox.admin_role', true), ''),
                                        'outbox_admin');
+    saved  text := pg_catalog.current_setting('search_path');
+    -- @extschema@ is substituted quoted as needed: used as a name, never
+    -- quoted again (regprocedure prints it qualified once the search_path
+    -- below is set).
+    emit   pg_catalog.regprocedure := '@extschema@.outbox_emit(text, jsonb, text, text, jsonb)'::pg_catalog.regprocedure;
+    home   pg_catalog.oid := '@extschema@'::pg_catalog.regnamespace::pg_catalog.oid;
 BEGIN
+    -- Built-in operators only (see the roles block in schema.sql).
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     EXECUTE pg_catalog.format('GRANT %I TO %I', writer, admin);
 
     EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA outbox TO %I, %I, outbox_worker', writer, admin);
-    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %I.outbox_emit(text, jsonb, text, text, jsonb) TO %I',
-                              '@extschema@', writer);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', emit, writer);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION outbox.emit(text, jsonb, text, text, jsonb) TO %I', writer);
 
     -- outbox_emit is called unqualified: whoever may create functions in
@@ -33,14 +40,14 @@ BEGIN
     -- it. Say so when that is someone other than a superuser.
     IF EXISTS (SELECT FROM pg_catalog.pg_namespace AS n
                JOIN pg_catalog.pg_roles AS o ON o.oid = n.nspowner
-               WHERE n.nspname = '@extschema@'
+               WHERE n.oid = home
                  AND NOT (o.rolsuper OR (o.rolname = 'pg_database_owner' AND (
                      SELECT d.rolsuper FROM pg_catalog.pg_database AS db
                      JOIN pg_catalog.pg_roles AS d ON d.oid = db.datdba
                      WHERE db.datname = pg_catalog.current_database()))))
        OR EXISTS (SELECT FROM pg_catalog.pg_roles AS r
-                  WHERE NOT r.rolsuper AND r.rolname NOT LIKE 'pg\_%'
-                    AND pg_catalog.has_schema_privilege(r.oid, '@extschema@', 'CREATE'))
+                  WHERE NOT r.rolsuper AND NOT pg_catalog.starts_with(r.rolname::pg_catalog.text, 'pg_')
+                    AND pg_catalog.has_schema_privilege(r.oid, home, 'CREATE'))
     THEN
         RAISE WARNING 'outbox: outbox_emit is in schema %, where roles that are not superusers can create functions',
                       '@extschema@'
@@ -57,15 +64,19 @@ BEGIN
 
     -- The worker (see docs/security.md for why each is needed).
     EXECUTE pg_catalog.format('GRANT CONNECT ON DATABASE %I TO outbox_worker', pg_catalog.current_database());
+    PERFORM pg_catalog.set_config('search_path', saved, true);
 END
 $grants$;
 
 -- Monitoring: PostgreSQL's own role for monitoring tools reads the health
--- view (which shows endpoint names, URLs, counts and last errors, never
--- options or secrets) and nothing else of the extension. Monitoring roles
--- are cluster-wide by nature, as pg_stat_activity is.
+-- view's names, states, counts, ages and latencies, and nothing else of the
+-- extension: not the URL (webhook URLs often carry their token in the path
+-- or query), not error texts or disabled reasons (an endpoint's words).
+-- Monitoring roles are cluster-wide by nature, as pg_stat_activity is.
 GRANT USAGE ON SCHEMA outbox TO pg_monitor;
-GRANT SELECT ON outbox.stats TO pg_monitor;
+GRANT SELECT (endpoint, kind, state, pending, in_flight, delivered, retrying, failed_attempts, oldest_pending_age,
+              last_success_at, last_error_at, dead, latency_p50_ms, latency_p99_ms, inexact_order_batches)
+    ON outbox.stats TO pg_monitor;
 GRANT EXECUTE ON FUNCTION outbox._backlog(integer) TO pg_monitor;
 
 GRANT SELECT, TRUNCATE ON outbox.events_0, outbox.events_1 TO outbox_worker;

@@ -30,9 +30,14 @@ DECLARE
     r      record;
     marker text;
     other  text;
+    saved  text := pg_catalog.current_setting('search_path');
     hint   text := 'Set outbox.writer_role and outbox.admin_role to roles for this database before CREATE EXTENSION '
                    '(SET, or ALTER DATABASE ... SET), or drop the existing role.';
 BEGIN
+    -- Only built-in functions and operators, whatever someone created in
+    -- the extension's schema (an operator of exactly matching types would
+    -- win over a built-in one that needs a cast).
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     IF writer = admin OR 'outbox_worker' IN (writer, admin) THEN
         RAISE EXCEPTION 'outbox: the writer, admin and worker roles must be three different roles'
             USING ERRCODE = 'invalid_parameter_value', HINT = hint;
@@ -66,6 +71,19 @@ BEGIN
             RAISE EXCEPTION 'outbox: role % has attributes outbox does not give it (superuser, login, createrole, ...)', r.name
                 USING ERRCODE = 'insufficient_privilege', HINT = 'ALTER ROLE it back, or drop it.';
         END IF;
+        IF EXISTS (SELECT FROM pg_catalog.pg_authid AS a WHERE a.rolname = r.name AND a.rolpassword IS NOT NULL) THEN
+            RAISE EXCEPTION 'outbox: role % has a password; outbox''s roles have none', r.name
+                USING ERRCODE = 'insufficient_privilege', HINT = 'ALTER ROLE it PASSWORD NULL, or drop it.';
+        END IF;
+        -- What the role may do through other roles: nothing but the admin
+        -- role's membership in the writer role, which outbox grants.
+        IF EXISTS (SELECT FROM pg_catalog.pg_auth_members AS m
+                   JOIN pg_catalog.pg_roles AS g ON g.oid = m.roleid
+                   WHERE m.member = (SELECT b.oid FROM pg_catalog.pg_roles AS b WHERE b.rolname = r.name)
+                     AND NOT (r.kind = 'admin' AND g.rolname = writer)) THEN
+            RAISE EXCEPTION 'outbox: role % is a member of roles outbox did not grant it', r.name
+                USING ERRCODE = 'insufficient_privilege', HINT = 'Revoke those memberships, or drop the role.';
+        END IF;
         IF EXISTS (SELECT FROM pg_catalog.pg_auth_members AS m JOIN pg_catalog.pg_roles AS a ON a.oid = m.member
                    WHERE m.roleid = (SELECT b.oid FROM pg_catalog.pg_roles AS b WHERE b.rolname = r.name)
                      AND NOT a.rolsuper AND (m.admin_option OR r.kind = 'worker')) THEN
@@ -77,7 +95,7 @@ BEGIN
         IF r.kind <> 'worker' THEN
             SELECT d.datname INTO other
             FROM pg_catalog.pg_shdepend AS s JOIN pg_catalog.pg_database AS d ON d.oid = s.dbid
-            WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
+            WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass::pg_catalog.oid
               AND s.refobjid = (SELECT a.oid FROM pg_catalog.pg_roles AS a WHERE a.rolname = r.name)
               AND d.datname <> db
             LIMIT 1;
@@ -87,6 +105,7 @@ BEGIN
             END IF;
         END IF;
     END LOOP;
+    PERFORM pg_catalog.set_config('search_path', saved, true);
 END
 $roles$;
 
@@ -145,10 +164,12 @@ CREATE TABLE outbox.ticks (
     -- The batch's transactions in commit order (NULL only in ticks of
     -- version 0.1.0, whose large batches were not ordered).
     commit_order bigint[],
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- How many of them were ordered by commit timestamp or transaction id
     -- because the worker did not see them commit (see docs/design.md).
-    inexact    integer     NOT NULL DEFAULT 0,
-    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+    -- Columns added after 0.1.0 come last, where ALTER TABLE ADD COLUMN
+    -- puts them: an updated database has the same tables as a new one.
+    inexact    integer     NOT NULL DEFAULT 0
 );
 
 -- Tick 0 is this transaction's snapshot, with this transaction in progress:
@@ -169,9 +190,9 @@ CREATE TABLE outbox.endpoints (
     options         jsonb       NOT NULL DEFAULT '{}',
     paused          boolean     NOT NULL DEFAULT false,
     disabled_reason text,       -- set by the worker, e.g. when the endpoint answered 410 Gone
-    resumed_at      timestamptz, -- resume_endpoint: waiting events are tried again at once
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    resumed_at      timestamptz -- resume_endpoint: waiting events are tried again at once
 );
 
 -- Per-endpoint progress and health, written by the worker in short
@@ -179,10 +200,8 @@ CREATE TABLE outbox.endpoints (
 CREATE TABLE outbox.progress (
     endpoint_id     integer     PRIMARY KEY REFERENCES outbox.endpoints (id) ON DELETE CASCADE,
     -- batches up to this tick are finished; NULL until the worker has seen
-    -- the endpoint and started it after start_xid, the transaction that
-    -- created it (src/worker/store.rs, start_new_endpoints)
+    -- the endpoint and started it after start_xid (below)
     tick            bigint,
-    start_xid       bigint,
     after_rank      bigint,                -- inside batch tick+1: finished up to (after_rank, after_n),
     after_n         integer,               -- rank as in ticks.commit_order (or the txid)
     delivered       bigint      NOT NULL DEFAULT 0,
@@ -194,10 +213,13 @@ CREATE TABLE outbox.progress (
     last_error_at   timestamptz,
     latency_p50_ms  double precision,
     latency_p99_ms  double precision,
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- the transaction that created the endpoint (src/worker/store.rs,
+    -- start_new_endpoints)
+    start_xid       bigint,
     -- batches read whose commit order came from commit timestamps or
     -- transaction ids (docs/design.md, "Commit order")
-    inexact_batches bigint      NOT NULL DEFAULT 0,
-    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+    inexact_batches bigint      NOT NULL DEFAULT 0
 );
 
 -- Tables whose changes are captured by outbox.capture().

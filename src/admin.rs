@@ -29,7 +29,9 @@ pub mod outbox {
     }
 
     /// Endpoints and dead letters change on the primary only: say so, as
-    /// clearly as outbox_emit does (write/emit.rs).
+    /// clearly as outbox_emit does (write/emit.rs). And only in tables of
+    /// this library's version: after a new library was installed, ALTER
+    /// EXTENSION outbox UPDATE comes first.
     fn writable(function: &str) {
         // SAFETY: plain reads of backend state.
         let (standby, read_only) = unsafe { (pg_sys::RecoveryInProgress(), pg_sys::XactReadOnly) };
@@ -47,6 +49,23 @@ pub mod outbox {
                 format!("outbox.{function}: cannot change endpoints or dead letters in a read-only transaction"),
             )
             .hint("Run it in a read-write transaction.")
+            .raise();
+        }
+        let installed = Spi::get_one::<String>(
+            "SELECT (SELECT x.extversion FROM pg_catalog.pg_extension AS x WHERE x.extname = 'outbox')",
+        )
+        .ok()
+        .flatten();
+        if let Some(version) = installed.filter(|v| v != crate::LIBRARY_VERSION) {
+            SqlError::new(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "outbox.{function}: the extension in this database is version {version}, the installed library \
+                     version {}",
+                    crate::LIBRARY_VERSION
+                ),
+            )
+            .hint("Run ALTER EXTENSION outbox UPDATE first (see docs/operations.md, \"Upgrades\").")
             .raise();
         }
     }

@@ -19,6 +19,12 @@ use pgrx::prelude::*;
 
 pgrx::pg_module_magic!(name, version);
 
+/// The extension version this library implements: the version a fresh
+/// CREATE EXTENSION installs, and the one the worker and the admin
+/// functions require of an installation (an older one is updated with
+/// ALTER EXTENSION outbox UPDATE first; docs/operations.md).
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 mod admin;
 mod config;
 mod egress;

@@ -99,6 +99,8 @@ fn plants(schema: &str) -> String {
         ("||", "text", "text"),
         ("+", "timestamptz", "interval"),
         ("-", "timestamptz", "timestamptz"),
+        ("=", "oid", "regclass"),
+        ("!~~", "name", "name"),
     ] {
         let f = format!("op_{}_{left}_{right}", op.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join("_"));
         let ret = match op {
@@ -388,9 +390,49 @@ fn roles_prepared_by_someone_else_are_not_adopted() {
     let err = db.batch_execute("CREATE EXTENSION outbox").unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42501", "{err}");
     db.batch_execute("DROP ROLE outbox_worker").unwrap();
+    // So is one with a password (its owner could log in as the worker).
+    db.batch_execute(
+        "CREATE ROLE outbox_worker LOGIN PASSWORD 'known' NOINHERIT; COMMENT ON ROLE outbox_worker IS 'outbox worker role';",
+    )
+    .unwrap();
+    let err = db.batch_execute("CREATE EXTENSION outbox").unwrap_err();
+    assert!(err.as_db_error().unwrap().message().contains("has a password"), "{err}");
+    db.batch_execute("DROP ROLE outbox_worker").unwrap();
+    // An update from 0.1.0 adopts 0.1.0's own roles, never a worker role
+    // someone prepared without outbox's mark.
+    db.batch_execute("CREATE ROLE outbox_worker NOLOGIN; CREATE EXTENSION outbox VERSION '0.1.0'").unwrap();
+    let err = db.batch_execute("ALTER EXTENSION outbox UPDATE").unwrap_err();
+    assert!(err.as_db_error().unwrap().message().contains("role outbox_worker exists"), "{err}");
+    db.batch_execute("DROP EXTENSION outbox; DROP ROLE outbox_worker, outbox_writer, outbox_admin").unwrap();
     // With the prepared roles gone it installs, and a reinstall in the
     // same database adopts its own roles.
     db.batch_execute("CREATE EXTENSION outbox; DROP EXTENSION outbox; CREATE EXTENSION outbox").unwrap();
+}
+
+#[test]
+fn planted_operators_do_not_run_in_the_extension_scripts() {
+    let cluster = Cluster::start("scripts", &["outbox.databases = ''"]);
+    let mut root = cluster.connect();
+    // CREATE on the extension's schema: what every role had on public
+    // before PostgreSQL 15.
+    root.batch_execute("CREATE ROLE planter LOGIN").unwrap();
+    root.batch_execute("CREATE DATABASE app").unwrap();
+    let mut db = cluster.connect_db("app");
+    db.batch_execute(&format!(
+        "{LOG_TABLE} GRANT CREATE ON SCHEMA public TO planter; CREATE EXTENSION outbox VERSION '0.1.0';"
+    ))
+    .unwrap();
+    // Look-alikes of what the scripts use, in the schema the superuser's
+    // CREATE and ALTER EXTENSION run in; among them operators of exactly
+    // the types the role checks compare (oid = regclass, name !~~ name),
+    // which would win over built-ins that need a cast.
+    let mut planter = cluster.connect_as("app", "planter");
+    planter.batch_execute(&plants("public")).unwrap();
+    db.batch_execute("ALTER EXTENSION outbox UPDATE").unwrap();
+    nothing_gained(&mut db, &["planter"]);
+    // A reinstall adopts the roles it created, through the same checks.
+    db.batch_execute("DROP EXTENSION outbox; CREATE EXTENSION outbox").unwrap();
+    nothing_gained(&mut db, &["planter"]);
 }
 
 #[test]

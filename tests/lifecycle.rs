@@ -181,3 +181,267 @@ fn a_listed_database_may_come_later_and_go_without_a_restart_storm() {
     let after = outbox_lines(&cluster);
     assert!(after - before <= 2, "{} log lines after the drop:\n{}", after - before, cluster.log());
 }
+
+/// 0.1.0's worker state, written the way 0.1.0 wrote it: an endpoint as
+/// its create_endpoint made one (progress at the latest tick). One cluster
+/// loads one library, so the 0.1.0 worker cannot run here; its rows can.
+fn endpoint_0_1_0(db: &mut postgres::Client, name: &str, url: &str, topics: &[&str], paused: bool) {
+    let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    db.execute(
+        "WITH e AS (INSERT INTO outbox.endpoints (name, url, kind, topics, options, paused)
+                    VALUES ($1, $2, 'webhook', $3, '{\"backoff_base_ms\": 20, \"backoff_max_ms\": 200}', $4)
+                    RETURNING id)
+         INSERT INTO outbox.progress (endpoint_id, tick) SELECT e.id, (SELECT max(id) FROM outbox.ticks) FROM e",
+        &[&name, &url, &topics, &paused],
+    )
+    .unwrap();
+}
+
+/// Emit `count` events per key, numbered from `from`, one transaction each.
+fn emit_numbered(db: &mut postgres::Client, keys: &[&str], from: i32, count: i32) {
+    for seq in from..from + count {
+        for key in keys {
+            emit(db, "t", json!({"key": key, "seq": seq}), Some(key));
+        }
+    }
+}
+
+/// Every key's events arrived once each and in order: `seq` 0, 1, 2, ...
+fn assert_complete_and_in_order(got: &[Request], expected_per_key: &[(&str, i64)]) {
+    let mut seen: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for r in got {
+        let body = r.json();
+        if body["topic"] == "t" {
+            let key = body["key"].as_str().unwrap().to_string();
+            seen.entry(key).or_default().push(body["data"]["seq"].as_i64().unwrap());
+        }
+    }
+    for (key, n) in expected_per_key {
+        let want: Vec<i64> = (0..*n).collect();
+        assert_eq!(seen.get(*key), Some(&want), "events of key {key}, in the order they arrived");
+    }
+}
+
+#[test]
+fn an_update_from_0_1_0_keeps_every_event_in_order_while_the_worker_runs() {
+    let cluster = Cluster::start("upgrade", &["outbox.databases = 'app, other'"]);
+    let mut root = cluster.connect();
+    root.batch_execute("CREATE DATABASE app").unwrap();
+    root.batch_execute("CREATE DATABASE other").unwrap();
+    // Another database on 0.2.0, with roles of its own: outbox_worker
+    // exists, so app's worker runs (and waits) before app is updated.
+    let mut other = cluster.connect_db("other");
+    other
+        .batch_execute(
+            "SET outbox.writer_role = 'other_writer'; SET outbox.admin_role = 'other_admin';
+             CREATE EXTENSION outbox",
+        )
+        .unwrap();
+
+    // app on 0.1.0, as released (sql/outbox--0.1.0.sql).
+    let (live, paused, replayed) = (Receiver::start(), Receiver::start(), Receiver::start());
+    let mut app = cluster.connect_db("app");
+    app.batch_execute(
+        "CREATE EXTENSION outbox VERSION '0.1.0';
+         CREATE TABLE orders (id int PRIMARY KEY, status text);
+         SELECT outbox.capture('orders');",
+    )
+    .unwrap();
+    endpoint_0_1_0(&mut app, "live", &live.url("/"), &["*"], false);
+    endpoint_0_1_0(&mut app, "paused", &paused.url("/"), &["t"], true);
+    endpoint_0_1_0(&mut app, "dead", &replayed.url("/"), &["none"], false);
+
+    // Until the update: emitting (and capture) go on, into 0.1.0's tables...
+    let keys = ["a", "b", "c"];
+    emit_numbered(&mut app, &keys, 0, 5);
+    app.batch_execute("INSERT INTO orders VALUES (1, 'new'); UPDATE orders SET status = 'paid'").unwrap();
+    // ...0.1.0's worker took a tick with its batch in commit order...
+    app.batch_execute(
+        "INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, snap_xip, commit_order)
+         SELECT 1, pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
+                ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(s) AS x),
+                ARRAY(SELECT txid FROM outbox.events GROUP BY txid ORDER BY txid)
+         FROM pg_current_snapshot() AS s",
+    )
+    .unwrap();
+    // ...switched tables, as its rotation did...
+    app.batch_execute(
+        "UPDATE outbox.rotation SET current = (slot = 1), since = CASE WHEN slot = 1 THEN now() ELSE since END,
+                empty = CASE WHEN slot = 1 THEN false ELSE empty END;
+         UPDATE outbox.rotation SET left_txid = pg_snapshot_xmax(pg_current_snapshot())::text::bigint WHERE slot = 0",
+    )
+    .unwrap();
+    emit_numbered(&mut app, &keys, 5, 5);
+    // ...and gave up on one event of endpoint `dead`.
+    app.batch_execute(
+        "INSERT INTO outbox.parked (endpoint_id, event_id, seq, batch, rank, txid, n, topic, key, type, payload, headers,
+                                    created_at, state, attempts, next_attempt_at, last_status, last_error, failed_at)
+         SELECT (SELECT id FROM outbox.endpoints WHERE name = 'dead'), e.id, nextval('outbox.parked_seq'), 1, 1,
+                e.txid, e.n, e.topic, e.key, e.type, e.payload, e.headers, e.created_at, 'dead', 5, NULL, 500,
+                'HTTP 500', now()
+         FROM outbox.events AS e ORDER BY e.txid, e.n LIMIT 1",
+    )
+    .unwrap();
+    let (in_0, in_1): (i64, i64) = {
+        let r = app
+            .query_one("SELECT (SELECT count(*) FROM outbox.events_0), (SELECT count(*) FROM outbox.events_1)", &[])
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(in_0 >= 17 && in_1 == 15, "a backlog in both tables: {in_0} and {in_1}");
+
+    // The worker waits, and says why; the admin functions refuse, and say
+    // what to do.
+    wait_until_logged(&cluster, "nothing is delivered until ALTER EXTENSION outbox UPDATE");
+    let err = app.execute("SELECT outbox.resume_endpoint('paused')", &[]).unwrap_err();
+    let e = err.as_db_error().unwrap();
+    assert!(e.message().contains("the extension in this database is version 0.1.0"), "{}", e.message());
+    assert!(e.hint().unwrap_or("").contains("ALTER EXTENSION outbox UPDATE"));
+    assert!(live.requests().is_empty(), "nothing is sent before the update");
+
+    // The update, while a writer emits and the worker runs.
+    let port = cluster.port;
+    let writer = std::thread::spawn(move || {
+        let mut db = connect_port_db(port, "app");
+        emit_numbered(&mut db, &["w"], 0, 60);
+    });
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    app.batch_execute("ALTER EXTENSION outbox UPDATE").unwrap();
+    writer.join().unwrap();
+    let version: String =
+        app.query_one("SELECT extversion FROM pg_extension WHERE extname = 'outbox'", &[]).unwrap().get(0);
+    assert_eq!(version, "0.2.0");
+
+    // Nothing lost, every key in order, captured changes too.
+    let got = live.wait_for(10 * 3 + 60 + 2, WAIT);
+    assert_complete_and_in_order(&got, &[("a", 10), ("b", 10), ("c", 10), ("w", 60)]);
+    let ops: Vec<String> = got
+        .iter()
+        .filter(|r| r.json()["topic"] == "orders")
+        .map(|r| r.json()["data"]["op"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ops, ["insert", "update"]);
+    // The paused endpoint kept its place, and takes it up when resumed.
+    app.batch_execute("SELECT outbox.resume_endpoint('paused')").unwrap();
+    let got = paused.wait_for(10 * 3 + 60, WAIT);
+    assert_complete_and_in_order(&got, &[("a", 10), ("b", 10), ("c", 10), ("w", 60)]);
+    // The dead letter is one, and can be replayed.
+    let dead: i64 =
+        app.query_one("SELECT count(*) FROM outbox.dead_letters WHERE endpoint = 'dead'", &[]).unwrap().get(0);
+    assert_eq!(dead, 1);
+    app.batch_execute("SELECT outbox.replay(endpoint => 'dead')").unwrap();
+    let got = replayed.wait_for(1, WAIT);
+    assert_eq!(got[0].json()["data"], json!({"key": "a", "seq": 0}));
+    wait_sql(&mut app, WAIT, "SELECT pending = 0 AND dead = 0 FROM outbox.stats WHERE endpoint = 'dead'");
+    // Rotation goes on over the tables 0.1.0 filled.
+    wait_sql(&mut app, WAIT, "SELECT pending = 0 FROM outbox.stats WHERE endpoint = 'live'");
+
+    // The 0.1.0 roles are this database's now, and only its.
+    let marker: Option<String> =
+        app.query_one("SELECT shobj_description('outbox_writer'::regrole, 'pg_authid')", &[]).unwrap().get(0);
+    assert_eq!(marker.as_deref(), Some("outbox writer role of database app"));
+}
+
+fn wait_until_logged(cluster: &Cluster, text: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !cluster.log().contains(text) {
+        assert!(std::time::Instant::now() < deadline, "not logged: {text}\n{}", cluster.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn connect_port_db(port: u16, db: &str) -> postgres::Client {
+    postgres::Client::connect(&format!("host=127.0.0.1 port={port} user=postgres dbname={db}"), postgres::NoTls)
+        .expect("connect")
+}
+
+/// Every object of the extension, its definition and its rights, the
+/// extension's dump configuration and its roles: what a database that
+/// installed this version and one that updated to it must share.
+const CATALOG: &str = r#"
+WITH members AS (
+    SELECT d.classid, d.objid FROM pg_depend AS d JOIN pg_extension AS x ON x.oid = d.refobjid
+    WHERE d.refclassid = 'pg_extension'::regclass AND x.extname = 'outbox' AND d.deptype = 'e')
+SELECT line FROM (
+    SELECT pg_describe_object(m.classid, m.objid, 0) || ' owner ' || pg_get_userbyid(c.relowner)
+           || ' kind ' || c.relkind::text || ' options ' || coalesce(c.reloptions::text, '') || ' acl '
+           || coalesce(c.relacl::text, '') || ' comment ' || coalesce(obj_description(c.oid, 'pg_class'), '')
+           || coalesce(' view ' || pg_get_viewdef(c.oid), '') AS line
+    FROM members AS m JOIN pg_class AS c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid
+    UNION ALL
+    SELECT 'column ' || c.relname || '.' || a.attnum || ' ' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+           || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+           || coalesce(' default ' || pg_get_expr(ad.adbin, ad.adrelid), '') || ' identity ' || a.attidentity::text
+           || ' acl ' || coalesce(a.attacl::text, '')
+    FROM members AS m JOIN pg_class AS c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid
+    JOIN pg_attribute AS a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    LEFT JOIN pg_attrdef AS ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
+    UNION ALL
+    SELECT 'constraint ' || c.relname || ' ' || k.conname || ' ' || pg_get_constraintdef(k.oid)
+    FROM members AS m JOIN pg_class AS c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid
+    JOIN pg_constraint AS k ON k.conrelid = c.oid
+    UNION ALL
+    SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+    FROM members AS m JOIN pg_index AS i ON m.classid = 'pg_class'::regclass AND i.indrelid = m.objid
+    UNION ALL
+    SELECT 'trigger ' || pg_get_triggerdef(t.oid)
+    FROM members AS m JOIN pg_trigger AS t ON m.classid = 'pg_class'::regclass AND t.tgrelid = m.objid
+    WHERE NOT t.tgisinternal
+    UNION ALL
+    SELECT 'sequence ' || s.seqrelid::regclass || ' ' || s.seqtypid::regtype || ' ' || s.seqstart || ' '
+           || s.seqincrement || ' ' || s.seqmax || ' ' || s.seqmin || ' ' || s.seqcache || ' ' || s.seqcycle
+    FROM members AS m JOIN pg_sequence AS s ON m.classid = 'pg_class'::regclass AND s.seqrelid = m.objid
+    UNION ALL
+    SELECT 'function ' || pg_get_functiondef(p.oid) || ' owner ' || pg_get_userbyid(p.proowner) || ' acl '
+           || coalesce(p.proacl::text, '') || ' comment ' || coalesce(obj_description(p.oid, 'pg_proc'), '')
+    FROM members AS m JOIN pg_proc AS p ON m.classid = 'pg_proc'::regclass AND p.oid = m.objid
+    UNION ALL
+    SELECT pg_describe_object(m.classid, m.objid, 0) || coalesce(' acl ' || n.nspacl::text, '')
+    FROM members AS m LEFT JOIN pg_namespace AS n ON m.classid = 'pg_namespace'::regclass AND n.oid = m.objid
+    WHERE m.classid NOT IN ('pg_class'::regclass, 'pg_proc'::regclass)
+    UNION ALL
+    SELECT 'extension config ' || coalesce((SELECT string_agg(c::regclass::text, ',' ORDER BY c::regclass::text)
+                                            FROM unnest(x.extconfig) AS c), '')
+           || ' conditions ' || coalesce(array_to_string(x.extcondition, ','), '') || ' version ' || x.extversion
+    FROM pg_extension AS x WHERE x.extname = 'outbox'
+    UNION ALL
+    SELECT 'role ' || r.rolname || ' super ' || r.rolsuper || ' login ' || r.rolcanlogin || ' inherit ' || r.rolinherit
+           || ' createrole ' || r.rolcreaterole || ' comment ' || coalesce(shobj_description(r.oid, 'pg_authid'), '')
+           || ' member of ' || coalesce((SELECT string_agg(g.rolname, ',' ORDER BY g.rolname)
+                                         FROM pg_auth_members AS am JOIN pg_roles AS g ON g.oid = am.roleid
+                                         WHERE am.member = r.oid), '')
+           || ' connect ' || has_database_privilege(r.oid, current_database(), 'CONNECT')
+    FROM pg_roles AS r WHERE r.rolname IN ('outbox_writer', 'outbox_admin', 'outbox_worker')
+    UNION ALL
+    SELECT 'schema outbox acl ' || coalesce(n.nspacl::text, '') FROM pg_namespace AS n WHERE n.nspname = 'outbox'
+) AS all_lines
+ORDER BY line
+"#;
+
+fn catalog(db: &mut postgres::Client) -> Vec<String> {
+    db.query(CATALOG, &[]).unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+#[test]
+fn an_updated_database_has_the_catalog_of_a_new_one() {
+    let (_cluster, mut db) = cluster_with_outbox("catalog");
+    let new = catalog(&mut db);
+    // Then the same database, installed as 0.1.0 was and updated. The roles
+    // go with the first installation: 0.1.0 creates its own.
+    db.batch_execute(
+        "DROP EXTENSION outbox; DROP ROLE outbox_writer; DROP ROLE outbox_admin;
+         CREATE EXTENSION outbox VERSION '0.1.0'; ALTER EXTENSION outbox UPDATE",
+    )
+    .unwrap();
+    let updated = catalog(&mut db);
+
+    let only_new: Vec<&str> = new.iter().filter(|l| !updated.contains(l)).map(String::as_str).collect();
+    let only_updated: Vec<&str> = updated.iter().filter(|l| !new.contains(l)).map(String::as_str).collect();
+    assert!(
+        only_new.is_empty() && only_updated.is_empty(),
+        "a new installation has:\n{}\n\nwhere an updated one has:\n{}",
+        only_new.join("\n"),
+        only_updated.join("\n")
+    );
+    assert!(new.len() > 100, "the comparison covers the catalog: {} lines", new.len());
+}

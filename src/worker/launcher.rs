@@ -142,7 +142,7 @@ fn worker_target(name: &str) -> Result<(pg_sys::Oid, pg_sys::Oid), String> {
         return Err("the database does not exist (the worker starts when it is created)".into());
     };
     match role {
-        None => Err(format!("role {WORKER_ROLE} does not exist yet: run CREATE EXTENSION outbox in the database")),
+        None => Err(format!("role {WORKER_ROLE} does not exist yet: run CREATE EXTENSION outbox in the database (ALTER EXTENSION outbox UPDATE after an upgrade from 0.1.0)")),
         Some((_, true)) => Err(format!("role {WORKER_ROLE} is a superuser; the worker never runs as one")),
         Some((role_oid, false)) => Ok((db_oid, role_oid)),
     }

@@ -185,6 +185,9 @@ struct Worker {
     read_events: bool,
     /// The worker's role was found to be a superuser: stop.
     superuser: bool,
+    /// The version of an installation this library does not run (older,
+    /// before ALTER EXTENSION UPDATE), as last logged.
+    waiting_for_update: Option<String>,
 }
 
 impl Worker {
@@ -208,6 +211,7 @@ impl Worker {
             broken: HashMap::new(),
             read_events: false,
             superuser: false,
+            waiting_for_update: None,
         }
     }
 
@@ -292,7 +296,17 @@ impl Worker {
             self.superuser = true;
             return Ok(());
         }
-        let extension = store::pin_extension()?;
+        let (extension, version) = store::pin_extension()?;
+        let other_version = version.filter(|v| extension.is_none() && v != crate::LIBRARY_VERSION);
+        if other_version.is_some() && other_version != self.waiting_for_update {
+            pgrx::log!(
+                "outbox worker: the extension is version {} and this library runs version {}; nothing is delivered \
+                 until ALTER EXTENSION outbox UPDATE",
+                other_version.as_deref().unwrap_or_default(),
+                crate::LIBRARY_VERSION
+            );
+        }
+        self.waiting_for_update = other_version;
         if extension != self.extension {
             // Installed, dropped or installed anew: nothing known so far
             // belongs to the tables now there.
@@ -428,7 +442,7 @@ impl Worker {
     fn maintain(&mut self) {
         let retention = guc::RETENTION_S.get().max(1) as f64;
         match transaction(|| {
-            if store::pin_extension()? != self.extension {
+            if store::pin_extension()?.0 != self.extension {
                 return Ok(rotation::Done::Nothing); // the next step looks again
             }
             ticks::drop_old()?;

@@ -45,16 +45,26 @@ pub struct ProgressUpdate {
 /// the transaction (each with a snapshot of its own) sees the same
 /// installation. Without it, a reinstall committing in the middle of a
 /// step would have the old state written into the new tables.
-pub fn pin_extension() -> Result<Option<u32>> {
-    let oid = || -> Result<Option<u32>> {
-        Ok(Spi::get_one::<pg_sys::Oid>("SELECT x.oid FROM pg_catalog.pg_extension AS x WHERE x.extname = 'outbox'")?
-            .map(|o| o.to_u32()))
+///
+/// An installation of another version (0.1.0 after this library was
+/// installed, before ALTER EXTENSION outbox UPDATE) counts as none: its
+/// tables are not the ones this worker knows. Its version is returned
+/// alongside, for the log.
+pub fn pin_extension() -> Result<(Option<u32>, Option<String>)> {
+    let installed = || -> Result<(Option<u32>, Option<String>)> {
+        let (oid, version) = Spi::get_two::<pg_sys::Oid, String>(
+            "SELECT (SELECT x.oid FROM pg_catalog.pg_extension AS x WHERE x.extname = 'outbox'),
+                    (SELECT x.extversion FROM pg_catalog.pg_extension AS x WHERE x.extname = 'outbox')",
+        )?;
+        Ok((oid.map(|o| o.to_u32()), version))
     };
-    if oid()?.is_none() {
-        return Ok(None);
+    let (oid, version) = installed()?;
+    if oid.is_none() || version.as_deref() != Some(crate::LIBRARY_VERSION) {
+        return Ok((None, version));
     }
     Spi::run("LOCK TABLE outbox.rotation IN ACCESS SHARE MODE")?;
-    oid()
+    let (oid, version) = installed()?;
+    Ok((oid.filter(|_| version.as_deref() == Some(crate::LIBRARY_VERSION)), version))
 }
 
 /// Give endpoints created since the last look their first tick: the latest

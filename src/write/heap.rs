@@ -28,6 +28,11 @@ pub struct Row {
 }
 
 const COLUMNS: usize = 10;
+/// Version 0.1.0's events tables had no `size`, the last column. Between
+/// installing this library and ALTER EXTENSION outbox UPDATE, a database
+/// still has them, and its applications must go on emitting: the row is
+/// written without it.
+const COLUMNS_0_1_0: usize = COLUMNS - 1;
 
 fn broken(what: &str) -> ! {
     SqlError::new(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("outbox_emit: {what}"))
@@ -100,7 +105,8 @@ pub unsafe fn insert(table: usize, row: &Row) {
     unsafe {
         let rel = pg_sys::table_open(relid, lock);
         let desc = (*rel).rd_att;
-        if (*desc).natts as usize != COLUMNS || !(*rel).trigdesc.is_null() {
+        let natts = (*desc).natts as usize;
+        if !matches!(natts, COLUMNS | COLUMNS_0_1_0) || !(*rel).trigdesc.is_null() {
             broken("its events table has an unexpected shape");
         }
         let values: [Datum; COLUMNS] = [
@@ -118,6 +124,8 @@ pub unsafe fn insert(table: usize, row: &Row) {
         let mut nulls = [false; COLUMNS];
         nulls[4] = row.key.is_none();
         nulls[5] = row.event_type.is_none();
+        // heap_form_tuple reads natts values: with the 0.1.0 layout, all
+        // but `size`.
         let tuple = pg_sys::heap_form_tuple(desc, values.as_ptr().cast_mut(), nulls.as_mut_ptr());
         // Uses the current command id, toasts large values, logs WAL and
         // counts the insert, like the executor's insert.
