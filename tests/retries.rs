@@ -162,3 +162,27 @@ fn discarding_a_blocking_dead_letter_releases_its_key_and_time_ranges_select() {
     rx.wait_until(WAIT, "k's second event", |r| r.iter().any(|x| data_n(x) == 2));
     wait_sql(&mut db, WAIT, "SELECT dead = 0 AND pending = 0 FROM outbox.stats");
 }
+
+#[test]
+fn an_endpoint_that_is_down_is_probed_at_its_backoff_not_in_a_loop() {
+    let (cluster, mut db) = cluster_with_outbox("probes");
+    let rx = Receiver::start();
+    rx.respond(|_, _| Reply::Status(503));
+    // 1,000 keys, each with an event to retry: once the endpoint counts as
+    // down, one request at a time probes it, no faster than its backoff
+    // (20 ms doubling to 200 ms here), however many keys wait.
+    webhook(&mut db, "down", &rx.url("/"), &["t"], json!({}));
+    db.batch_execute("SELECT count(outbox_emit('t', '{}', 'k' || i)) FROM generate_series(1, 1000) AS i").unwrap();
+    wait_sql(&mut db, WAIT, "SELECT failed_attempts >= 3 FROM outbox.stats");
+    std::thread::sleep(Duration::from_secs(1));
+    let before = rx.requests().len();
+    let cpu_before = worker_cpu_seconds(&cluster);
+    std::thread::sleep(Duration::from_secs(4));
+    let probes = rx.requests().len() - before;
+    let cpu = worker_cpu_seconds(&cluster) - cpu_before;
+    assert!(probes <= 60, "{probes} requests in 4 s to an endpoint that is down");
+    assert!(cpu < 0.4, "the worker used {cpu:.2} s of CPU in 4 s of an outage");
+    // And it comes back.
+    rx.respond(|_, _| Reply::Status(200));
+    wait_sql(&mut db, WAIT, "SELECT delivered = 1000 FROM outbox.stats");
+}

@@ -119,7 +119,7 @@ pub fn drain_outbox(
         loaded += m;
     }
     let worker = outbox_testkit::worker_pid(db);
-    let cpu_before = cpu_seconds(worker);
+    let cpu_before = outbox_testkit::cpu_seconds(worker);
     let started = Instant::now();
     db.execute("SELECT outbox.resume_endpoint('drain')", &[]).unwrap();
     let mut watch = cluster.connect();
@@ -133,20 +133,9 @@ pub fn drain_outbox(
         std::thread::sleep(Duration::from_millis(20));
     }
     let eps = n as f64 / started.elapsed().as_secs_f64();
-    let cpu_us_per_event = (cpu_seconds(worker) - cpu_before) * 1e6 / n as f64;
+    let cpu_us_per_event = (outbox_testkit::cpu_seconds(worker) - cpu_before) * 1e6 / n as f64;
     db.execute("SELECT outbox.drop_endpoint('drain')", &[]).unwrap();
     Drained { eps, cpu_us_per_event }
-}
-
-/// User and system CPU seconds of process `pid`, all its threads.
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
 }
 
 /// The same backlog in relay_outbox, drained by the polling relay in its
@@ -163,4 +152,41 @@ pub fn drain_relay(cluster: &Cluster, db: &mut postgres::Client, rx: &Receiver, 
     let status = relay::command(cluster, rx, mode).status().expect("relay runs");
     assert!(status.success());
     n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The worker's CPU while it has nothing to send, as a percentage of one
+/// core over `secs`, in three states: an active endpoint and no traffic,
+/// a paused endpoint with a backlog, and an endpoint that is down (its
+/// events wait out their backoff).
+pub fn idle_cpu_pct(db: &mut postgres::Client, secs: u64) -> [f64; 3] {
+    let worker = outbox_testkit::worker_pid(db);
+    let measure = |secs: u64| {
+        let before = outbox_testkit::cpu_seconds(worker);
+        std::thread::sleep(Duration::from_secs(secs));
+        (outbox_testkit::cpu_seconds(worker) - before) * 100.0 / secs as f64
+    };
+    let quiet = {
+        let rx = counting_receiver();
+        db.execute("SELECT outbox.create_endpoint('idle', $1, topics => '{idle}')", &[&rx.url("/")]).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let pct = measure(secs);
+        db.execute("SELECT outbox.pause_endpoint('idle')", &[]).unwrap();
+        db.execute("SELECT count(outbox_emit('idle', '{}', 'k' || i)) FROM generate_series(1, 1000) AS i", &[])
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        (pct, measure(secs))
+    };
+    db.execute("SELECT outbox.drop_endpoint('idle')", &[]).unwrap();
+    // A closed port: connection refused at once, retried with backoff.
+    let port = outbox_testkit::cluster::free_port();
+    db.execute(
+        "SELECT outbox.create_endpoint('down', $1, topics => '{down}', options => '{\"backoff_max_ms\": 5000}')",
+        &[&format!("http://127.0.0.1:{port}/")],
+    )
+    .unwrap();
+    db.execute("SELECT count(outbox_emit('down', '{}', 'k' || i)) FROM generate_series(1, 1000) AS i", &[]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let down = measure(secs);
+    db.execute("SELECT outbox.drop_endpoint('down')", &[]).unwrap();
+    [quiet.0, quiet.1, down]
 }

@@ -22,7 +22,7 @@ mod relay;
 mod sustained;
 mod write_path;
 
-use drain::{capacity, counting_receiver, drain_outbox, drain_relay, kafka_v2_responder, WRITERS};
+use drain::{capacity, counting_receiver, drain_outbox, drain_relay, idle_cpu_pct, kafka_v2_responder, WRITERS};
 use latency::{latency_outbox, latency_relay};
 use outbox_testkit::cluster::{server_dir, Cluster};
 use outbox_testkit::kafka::Broker;
@@ -112,10 +112,26 @@ fn main() {
         println!("capacity: {:.0} events/s", capacity(&cluster, &mut db, 10));
         return;
     }
+    if only.as_deref() == Some("idle") {
+        let [quiet, paused, down] = idle_cpu_pct(&mut db, 5);
+        println!("worker CPU, % of a core: no traffic {quiet:.2}, paused with a backlog {paused:.2}, endpoint down {down:.2}");
+        return;
+    }
+    if only.as_deref() == Some("latency") {
+        for _ in 0..2 {
+            let ours = quantiles(&latency_outbox(&cluster, &mut db, 1000.0, size.latency_secs));
+            let theirs = quantiles(&latency_relay(&cluster, &mut db, 1000.0, size.latency_secs));
+            println!(
+                "1,000 events/s, p50/p99 ms: outbox {:.2}/{:.2}, polling relay {:.2}/{:.2}",
+                ours[0], ours[2], theirs[0], theirs[2]
+            );
+        }
+        return;
+    }
     if only.as_deref() == Some("drain") {
         let http = counting_receiver();
         let inflight: i64 = std::env::var("BENCH_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
-        let eps = drain_outbox(
+        let drained = drain_outbox(
             &cluster,
             &mut db,
             &http.url("/"),
@@ -124,9 +140,11 @@ fn main() {
             size.drain_events,
             1000,
             64,
-        )
-        .eps;
-        println!("outbox, HTTP, one event per request, {inflight} in flight: {eps:.0} events/s");
+        );
+        println!(
+            "outbox, HTTP, one event per request, {inflight} in flight: {:.0} events/s, worker CPU {:.1} us/event",
+            drained.eps, drained.cpu_us_per_event
+        );
         return;
     }
 
@@ -173,13 +191,16 @@ fn main() {
         64,
     );
     let eps_http = http_drain.eps;
-    println!("outbox, HTTP, one event per request:   {eps_http:>10.0} events/s");
+    println!(
+        "outbox, HTTP, one event per request:   {eps_http:>10.0} events/s, worker CPU {:.1} us/event",
+        http_drain.cpu_us_per_event
+    );
     let eps_relay = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain");
     println!("polling relay, 16 workers, SKIP LOCKED (no per-key order): {eps_relay:>9.0} events/s");
     let eps_ordered = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain-ordered");
     println!("polling relay, 16 workers, one per key partition (ordered):  {eps_ordered:>9.0} events/s");
     let kafka = kafka_v2_responder();
-    let eps_kafka = drain_outbox(
+    let kafka_drain = drain_outbox(
         &cluster,
         &mut db,
         &kafka.url("/"),
@@ -188,9 +209,12 @@ fn main() {
         size.drain_events,
         1000,
         64,
-    )
-    .eps;
-    println!("outbox, Kafka REST v2, batched:         {eps_kafka:>9.0} events/s");
+    );
+    let eps_kafka = kafka_drain.eps;
+    println!(
+        "outbox, Kafka REST v2, batched:         {eps_kafka:>9.0} events/s, worker CPU {:.1} us/event",
+        kafka_drain.cpu_us_per_event
+    );
     // Native Kafka into a real broker (Tansu, memory storage, on this
     // machine), where the REST figure above has no broker behind it.
     let broker = Broker::start();
@@ -222,6 +246,7 @@ fn main() {
     record(&mut results, "drain_kafka_native_eps", native.eps);
     record(&mut results, "worker_cpu_us_per_event_kafka_native", native.cpu_us_per_event);
     record(&mut results, "worker_cpu_us_per_event_http", http_drain.cpu_us_per_event);
+    record(&mut results, "worker_cpu_us_per_event_kafka", kafka_drain.cpu_us_per_event);
     record(&mut results, "drain_kafka_native_one_key_eps", native_one);
     record(&mut results, "drain_kafka_rest_one_key_eps", rest_one);
     record(&mut results, "drain_http_one_key_eps", http_one);
@@ -233,6 +258,16 @@ fn main() {
     record(&mut results, "drain_ratio_vs_polling_ordered", eps_http / eps_ordered);
     record(&mut results, "drain_kafka_eps", eps_kafka);
     record(&mut results, "drain_ratio_vs_polling", eps_http / eps_relay);
+
+    // Nothing to send: the worker should sleep, not poll.
+    let [quiet, paused, down] = idle_cpu_pct(&mut db, size.latency_secs.max(5));
+    println!(
+        "worker CPU with nothing to send: {quiet:.2} % of a core (no traffic), {paused:.2} % (paused, backlog), \
+         {down:.2} % (endpoint down, backing off)"
+    );
+    record(&mut results, "worker_idle_cpu_pct", quiet);
+    record(&mut results, "worker_paused_cpu_pct", paused);
+    record(&mut results, "worker_down_cpu_pct", down);
 
     // The maximum the machine sustains while writing and delivering at
     // once (both compete for its cores).

@@ -507,6 +507,7 @@ impl EndpointState {
         self.stats.last_error = Some(failure.message.clone());
         let attempts = 1 + if parked { self.parked.attempts(lane) } else { self.window.attempts(lane) };
         let opts = &self.config().options;
+        let (base, max) = (opts.backoff_base, opts.backoff_max);
         let age = SystemTime::now().duration_since(event.created).unwrap_or_default();
         let exhausted =
             opts.max_attempts.is_some_and(|max| attempts >= max) || opts.max_age.is_some_and(|max| age >= max);
@@ -519,11 +520,23 @@ impl EndpointState {
             Verdict::Retry { .. } if exhausted => None,
             Verdict::Reject => None,
             Verdict::Retry { after } => {
-                let delay = backoff(attempts, opts.backoff_base, opts.backoff_max, rand::random::<f64>());
+                let delay = backoff(attempts, base, max, rand::random::<f64>());
                 // Retry-After arrives capped (net/failure.rs): adding it to
                 // a clock cannot overflow.
                 if let Some(a) = after {
                     self.health.hold_until = Some(now + a);
+                }
+                if self.is_down() {
+                    // Down: the next probe waits out the endpoint's own
+                    // backoff. Each probe tries another waiting key, so
+                    // pacing by the keys' backoffs alone let a refused
+                    // connection loop through a thousand keys a second.
+                    // Half the ceiling at least: never a run of near-zero
+                    // pauses.
+                    let failures = self.health.consecutive_failures - DOWN_AFTER_FAILURES + 1;
+                    let unit = 0.5 + rand::random::<f64>() / 2.0;
+                    let pause = now + backoff(failures, base, max, unit);
+                    self.health.hold_until = Some(self.health.hold_until.map_or(pause, |h| h.max(pause)));
                 }
                 Some(now + after.map_or(delay, |a| a.max(delay)))
             }

@@ -156,3 +156,20 @@ pub fn concurrent_load(cluster: &Cluster, topic: &str, per_writer: i32) -> i64 {
     }
     4 * per_writer as i64
 }
+
+/// User and system CPU seconds process `pid` used so far, all its threads
+/// (/proc/<pid>/stat).
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// CPU seconds the cluster's outbox worker used so far.
+pub fn worker_cpu_seconds(cluster: &Cluster) -> f64 {
+    cpu_seconds(cluster.worker_pid_within(WAIT).expect("an outbox worker runs"))
+}
