@@ -445,6 +445,8 @@ impl Worker {
             if store::pin_extension()?.0 != self.extension {
                 return Ok(rotation::Done::Nothing); // the next step looks again
             }
+            // A switch or a TRUNCATE is durable before emitters are told.
+            Spi::run("SET LOCAL synchronous_commit = on")?;
             ticks::drop_old()?;
             rotation::maintain(retention)
         }) {

@@ -27,6 +27,17 @@ const PINNED: &[(&CStr, &CStr)] = &[
     (c"DateStyle", c"ISO, MDY"),
     (c"IntervalStyle", c"postgres"),
     (c"extra_float_digits", c"1"),
+    // What the worker commits is its own bookkeeping (cursors, ticks,
+    // parked rows): a crash that loses the last of it sends those events
+    // again, which at-least-once allows; what must be durable before
+    // anything is sent, the events' commits, is flushed explicitly
+    // (flush_wal in mod.rs). An fsync per step was a tenth of the
+    // worker's CPU and delayed every send behind it. Rotation, rare,
+    // commits synchronously all the same (mod.rs, maintain).
+    (c"synchronous_commit", c"off"),
+    // The worker's statements are few and prepared once; a custom plan for
+    // every execution was planning cost on every step.
+    (c"plan_cache_mode", c"force_generic_plan"),
     (c"row_security", c"off"),
     (c"standard_conforming_strings", c"on"),
     (c"backslash_quote", c"safe_encoding"),

@@ -73,11 +73,12 @@ fn stream_event(row: &SpiHeapTupleData<'_>, batch: i64, rank: i64) -> SpiResult<
 }
 
 thread_local! {
-    /// The stream's statements, planned once per process.
+    /// The worker's most frequent statements, planned once per process.
     static PREPARED: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
-fn prepared(
+/// `sql` planned once per process (a plan that survives its transaction).
+pub(super) fn prepared(
     client: &mut SpiClient<'_>,
     sql: &'static str,
     types: &[pg_sys::Oid],
