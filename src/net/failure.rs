@@ -25,6 +25,16 @@ pub struct Failure {
     pub message: String,
 }
 
+impl Failure {
+    /// Whether the failure says the endpoint itself is unavailable (no
+    /// answer at all: refused, reset, timed out; or 429, 502, 503, 504)
+    /// rather than that it refused this event (a 500 for one key while
+    /// other keys go through).
+    pub fn endpoint_unavailable(&self) -> bool {
+        matches!(self.status, None | Some(429 | 502 | 503 | 504))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Verdict {
     /// Worth trying again, no sooner than `after` when the endpoint said so.

@@ -526,11 +526,14 @@ impl EndpointState {
                 if let Some(a) = after {
                     self.health.hold_until = Some(now + a);
                 }
-                if self.is_down() {
+                if self.is_down() && failure.endpoint_unavailable() {
                     // Down: the next probe waits out the endpoint's own
                     // backoff. Each probe tries another waiting key, so
                     // pacing by the keys' backoffs alone let a refused
                     // connection loop through a thousand keys a second.
+                    // Failures of some keys while others go through (a 500
+                    // for one customer) are the keys' to wait out: they
+                    // are parked, the endpoint is not held.
                     // Half the ceiling at least: never a run of near-zero
                     // pauses.
                     let failures = self.health.consecutive_failures - DOWN_AFTER_FAILURES + 1;
