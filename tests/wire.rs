@@ -256,3 +256,45 @@ fn https_checks_certificates_unless_the_ca_is_configured() {
     wait_sql(&mut db, WAIT_LONG, "SELECT delivered = 1 AND pending = 0 FROM outbox.stats");
     assert_eq!(*served.lock().unwrap(), 1);
 }
+
+#[test]
+fn http2_carries_many_requests_on_one_connection_in_per_key_order() {
+    let (_cluster, mut db) = cluster_with_outbox("http2");
+    let h2 = H2Receiver::start();
+    webhook(&mut db, "h2", &h2.url("/h2"), &["t"], json!({"http_version": "2", "max_in_flight": 32}));
+    // 20 keys, 10 events each, one transaction per round.
+    for seq in 0..10 {
+        db.execute(
+            "SELECT count(outbox_emit('t', jsonb_build_object('seq', $1::int), 'k' || i)) FROM generate_series(1, 20) AS i",
+            &[&seq],
+        )
+        .unwrap();
+    }
+    let got = h2.wait_for(200, WAIT);
+    let mut per_key: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    for r in &got {
+        let body = r.json();
+        per_key
+            .entry(body["key"].as_str().unwrap().to_string())
+            .or_default()
+            .push(body["data"]["seq"].as_i64().unwrap());
+    }
+    assert_eq!(per_key.len(), 20);
+    for (key, seqs) in &per_key {
+        assert_eq!(seqs, &(0..10).collect::<Vec<i64>>(), "order of key {key}");
+    }
+    assert_eq!(h2.connections(), 1, "one HTTP/2 connection carries every request");
+
+    // '1.1' to a receiver that only speaks HTTP/1.1, and a bad value.
+    let rx = Receiver::start();
+    webhook(&mut db, "h1", &rx.url("/h1"), &["u"], json!({"http_version": "1.1"}));
+    emit(&mut db, "u", json!({}), Some("k"));
+    rx.wait_for(1, WAIT);
+    let err = db
+        .execute(
+            "SELECT outbox.create_endpoint('bad', 'http://127.0.0.1:9/', options => '{\"http_version\": \"3\"}')",
+            &[],
+        )
+        .unwrap_err();
+    assert!(err.as_db_error().unwrap().message().contains("http_version must be one of auto, 1.1, 2"), "{err}");
+}

@@ -131,6 +131,23 @@ fn main() {
     if only.as_deref() == Some("drain") {
         let http = counting_receiver();
         let inflight: i64 = std::env::var("BENCH_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+        if std::env::var("BENCH_HTTP2").is_ok() {
+            let h2 = outbox_testkit::H2Receiver::start();
+            let drained = drain_outbox(
+                &cluster,
+                &mut db,
+                &h2.url("/"),
+                "webhook",
+                json!({"max_in_flight": inflight, "http_version": "2"}),
+                size.drain_events,
+                1000,
+                64,
+            );
+            println!(
+                "outbox, HTTP/2, one event per request, {inflight} in flight: {:.0} events/s, worker CPU {:.1} us/event",
+                drained.eps, drained.cpu_us_per_event
+            );
+        }
         let drained = drain_outbox(
             &cluster,
             &mut db,
@@ -195,6 +212,26 @@ fn main() {
         "outbox, HTTP, one event per request:   {eps_http:>10.0} events/s, worker CPU {:.1} us/event",
         http_drain.cpu_us_per_event
     );
+    // The same over HTTP/2 (h2c, prior knowledge): one connection carries
+    // every request in flight.
+    let h2 = outbox_testkit::H2Receiver::start();
+    let h2_drain = drain_outbox(
+        &cluster,
+        &mut db,
+        &h2.url("/"),
+        "webhook",
+        json!({"max_in_flight": 64, "http_version": "2"}),
+        size.drain_events,
+        1000,
+        64,
+    );
+    println!(
+        "outbox, HTTP/2, one event per request: {:>10.0} events/s, worker CPU {:.1} us/event",
+        h2_drain.eps, h2_drain.cpu_us_per_event
+    );
+    record(&mut results, "drain_http2_eps", h2_drain.eps);
+    record(&mut results, "worker_cpu_us_per_event_http2", h2_drain.cpu_us_per_event);
+    record(&mut results, "drain_ratio_http2_vs_http1", h2_drain.eps / eps_http);
     let eps_relay = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain");
     println!("polling relay, 16 workers, SKIP LOCKED (no per-key order): {eps_relay:>9.0} events/s");
     let eps_ordered = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain-ordered");

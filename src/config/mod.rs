@@ -16,7 +16,7 @@ pub use event_limits::{check_event_headers, check_key_and_type};
 pub use names::{
     check_endpoint_name, check_kafka_topic, check_topic, check_topic_pattern, parse_brokers, parse_url, Broker,
 };
-pub use options::{Body, CloudEvents, Compression, Flavor, OnDead, Options, Sasl, Secret};
+pub use options::{Body, CloudEvents, Compression, Flavor, HttpVersion, OnDead, Options, Sasl, Secret};
 
 use serde_json::{Map, Value};
 

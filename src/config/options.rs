@@ -18,6 +18,18 @@ pub enum OnDead {
     Skip,
 }
 
+/// Which HTTP an endpoint's requests go over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    /// HTTP/1.1, or HTTP/2 when a TLS server offers it (ALPN).
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 only: over TLS, or over plain TCP with prior knowledge
+    /// (h2c); one connection carries many requests at once.
+    Http2,
+}
+
 /// What a webhook body (or Kafka record value) carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body {
@@ -167,6 +179,10 @@ options! {
     /// PEM certificates trusted for HTTPS besides the usual roots.
     "ca_cert" => ca_cert: Option<String> = None, ca_cert,
         "PEM certificate(s) to trust for HTTPS besides the public roots";
+    "http_version" => http_version: HttpVersion = HttpVersion::Auto,
+        |m, k| choice(m, k, &[("auto", HttpVersion::Auto), ("1.1", HttpVersion::Http1), ("2", HttpVersion::Http2)]),
+        "'auto' (default: HTTP/1.1, or HTTP/2 when an HTTPS server offers it), '1.1', or '2' (HTTP/2 only, \
+         also over plain http:// with prior knowledge)";
     /// Redirects followed (to allowed hosts only); 0: none.
     "max_redirects" => max_redirects: usize = 0, |m, k| count(m, k, 0, 10),
         "redirects followed, to hosts outbox.allowed_hosts allows; default 0 (none)";

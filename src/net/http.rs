@@ -13,7 +13,7 @@
 use super::failure::{self, Failure};
 use super::resolve;
 use super::NetError;
-use crate::config;
+use crate::config::{self, HttpVersion};
 use crate::egress::{AllowList, Egress};
 use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
@@ -82,6 +82,13 @@ impl Client {
             .pool_max_idle_per_host(opts.max_in_flight)
             .tcp_nodelay(true)
             .user_agent(concat!("outbox/", env!("CARGO_PKG_VERSION")));
+        builder = match opts.http_version {
+            HttpVersion::Auto => builder,
+            HttpVersion::Http1 => builder.http1_only(),
+            // Many requests at once on one connection: no pool of
+            // connections per request in flight.
+            HttpVersion::Http2 => builder.http2_prior_knowledge(),
+        };
         builder = match &egress.proxy {
             None => builder.no_proxy(),
             Some(proxy) => builder

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod exporter;
 pub mod faults;
+pub mod h2;
 pub mod http;
 pub mod kafka;
 pub mod outbox;
@@ -12,6 +13,7 @@ pub mod process;
 pub mod receiver;
 
 pub use cluster::{connect_port, free_port, Cluster};
+pub use h2::H2Receiver;
 pub use outbox::*;
 pub use process::{die_with_parent, private_mb, rss_fields};
 pub use receiver::{Receiver, Reply, Request};
