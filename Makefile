@@ -9,6 +9,10 @@ PGRX_VERSION := 0.18.0
 PACKAGES     := postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo \
                 prometheus-postgres-exporter prometheus
 
+# make bench only: the peers it is measured against (PgQ with its ticker
+# daemon; wal2json for logical decoding) and perf for the worker's profile.
+BENCH_PACKAGES := postgresql-15-pgq3 pgqd postgresql-15-wal2json linux-perf
+
 ROOT  := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 SUDO  := $(if $(ROOT),,sudo)
 # cargo pgrx test needs a user to run its test cluster as (Postgres refuses
@@ -47,7 +51,7 @@ test: install lint unit e2e
 # for the time of the install only): the tests start their own servers,
 # exporter and broker on loopback.
 setup:
-	@missing=""; for p in $(PACKAGES); do \
+	@missing=""; for p in $(PACKAGES) $(EXTRA_PACKAGES); do \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -66,7 +70,8 @@ setup:
 	@grep -qs '^pg15 = "$(PG_CONFIG)"' $$HOME/.pgrx/config.toml || cargo pgrx init --pg15 $(PG_CONFIG)
 
 # Measured against the alternatives in one run (see README, Performance).
-bench: setup
+bench:
+	$(MAKE) --no-print-directory setup EXTRA_PACKAGES="$(BENCH_PACKAGES)"
 	$(REPLACE_LIBRARY)
 	cargo pgrx install --release --pg-config $(PG_CONFIG) $(if $(ROOT),,--sudo)
 	$(INSTALL_RELEASED)

@@ -190,3 +190,25 @@ pub fn idle_cpu_pct(db: &mut postgres::Client, secs: u64) -> [f64; 3] {
     db.execute("SELECT outbox.drop_endpoint('down')", &[]).unwrap();
     [quiet.0, quiet.1, down]
 }
+
+/// The same backlog in a PgQ queue (`bench`), drained by one PgQ consumer
+/// in its own process (relay.rs, `pgq`), with pgqd ticking.
+pub fn drain_pgq(cluster: &Cluster, db: &mut postgres::Client, rx: &Receiver, n: i64, keys: i64) -> f64 {
+    let per_tx = 5_000.min(n);
+    let mut loaded = 0;
+    while loaded < n {
+        let m = per_tx.min(n - loaded);
+        db.execute(
+            "SELECT count(pgq.insert_event('bench', 'ev', jsonb_build_object('i', i, 'pad', repeat('x', 24))::text,
+                                           'key-' || (i % $2), NULL, NULL, NULL))
+             FROM generate_series($3::bigint, $3::bigint + $1 - 1) AS i",
+            &[&m, &keys, &loaded],
+        )
+        .unwrap();
+        loaded += m;
+    }
+    let started = Instant::now();
+    let status = relay::command(cluster, rx, "pgq").arg(n.to_string()).status().expect("the PgQ consumer runs");
+    assert!(status.success());
+    n as f64 / started.elapsed().as_secs_f64()
+}

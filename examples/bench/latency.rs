@@ -116,3 +116,25 @@ pub fn latency_relay(cluster: &Cluster, db: &mut postgres::Client, rate: f64, se
     let _ = relay.wait();
     lat
 }
+
+/// Commit to receiver through PgQ: pgq.insert_event in the transaction,
+/// pgqd ticking, one consumer posting (relay.rs, `pgq-follow`).
+pub fn latency_pgq(cluster: &Cluster, rate: f64, secs: u64) -> Vec<f64> {
+    let (rx, arrived) = timing_receiver("relay_id");
+    let mut relay = relay::command(cluster, &rx, "pgq-follow").spawn().expect("the PgQ consumer runs");
+    let committed = paced(cluster, rate, secs, |c, i| {
+        let id: i64 = c
+            .query_one(
+                "SELECT pgq.insert_event('bench', 'ev', jsonb_build_object('i', $1::bigint)::text,
+                                         'key-' || ($1::bigint % 1000), NULL, NULL, NULL)",
+                &[&i],
+            )
+            .unwrap()
+            .get(0);
+        id.to_string()
+    });
+    let lat = latencies(&committed, &arrived);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    lat
+}

@@ -18,12 +18,15 @@
 mod drain;
 mod latency;
 mod plot;
+mod profile;
 mod relay;
 mod sustained;
 mod write_path;
 
-use drain::{capacity, counting_receiver, drain_outbox, drain_relay, idle_cpu_pct, kafka_v2_responder, WRITERS};
-use latency::{latency_outbox, latency_relay};
+use drain::{
+    capacity, counting_receiver, drain_outbox, drain_pgq, drain_relay, idle_cpu_pct, kafka_v2_responder, WRITERS,
+};
+use latency::{latency_outbox, latency_pgq, latency_relay};
 use outbox_testkit::cluster::{server_dir, Cluster};
 use outbox_testkit::kafka::Broker;
 use plot::{cdf, median, quantiles, svg_chart};
@@ -105,6 +108,23 @@ fn main() {
     )
     .unwrap();
 
+    // PgQ, the queue Skype built for this job, as a peer: a queue, one
+    // consumer, and pgqd ticking (Debian's postgresql-15-pgq3 and pgqd;
+    // `make bench` installs them). Set to tick on any waiting event.
+    let pgqd = db
+        .batch_execute(
+            "CREATE EXTENSION pgq;
+             SELECT pgq.create_queue('bench');
+             SELECT pgq.register_consumer('bench', 'relay');
+             SELECT pgq.set_queue_config('bench', 'ticker_max_count', '1');
+             SELECT pgq.set_queue_config('bench', 'ticker_max_lag', '0');",
+        )
+        .ok()
+        .and_then(|_| relay::start_pgqd(&cluster, &dir));
+    if pgqd.is_none() {
+        println!("PgQ: not measured (postgresql-15-pgq3 and pgqd are not installed)");
+    }
+
     let mut results = serde_json::Map::new();
     let mut raw = String::from("section,label,value\n");
 
@@ -148,6 +168,10 @@ fn main() {
                 drained.eps, drained.cpu_us_per_event
             );
         }
+        let profiler = std::env::var("BENCH_PROFILE")
+            .is_ok()
+            .then(|| profile::start(outbox_testkit::worker_pid(&mut db), &out.join("worker_drain.perf")))
+            .flatten();
         let drained = drain_outbox(
             &cluster,
             &mut db,
@@ -158,6 +182,10 @@ fn main() {
             1000,
             64,
         );
+        if let Some(p) = profiler {
+            let svg = out.join("worker_drain_flamegraph.svg");
+            println!("profile: {:?} -> {}", p.finish("outbox worker, HTTP drain", &svg), svg.display());
+        }
         println!(
             "outbox, HTTP, one event per request, {inflight} in flight: {:.0} events/s, worker CPU {:.1} us/event",
             drained.eps, drained.cpu_us_per_event
@@ -208,6 +236,31 @@ fn main() {
         64,
     );
     let eps_http = http_drain.eps;
+    // The same drain again, profiled (perf slows what it watches, so not
+    // the one measured above): where the worker's time goes.
+    let profiler = profile::start(outbox_testkit::worker_pid(&mut db), &out.join("worker_drain.perf"));
+    drain_outbox(
+        &cluster,
+        &mut db,
+        &http.url("/"),
+        "webhook",
+        json!({"max_in_flight": 64}),
+        size.drain_events,
+        1000,
+        64,
+    );
+    match profiler
+        .map(|p| p.finish("outbox worker, HTTP drain, one event per request", &out.join("worker_drain_flamegraph.svg")))
+    {
+        Some(Ok((main, net))) => println!(
+            "profile: {:.0} % of the worker's samples on its main thread, {:.0} % in its network threads \
+             (worker_drain_flamegraph.svg)",
+            main * 100.0,
+            net * 100.0
+        ),
+        Some(Err(e)) => println!("profile: none ({e})"),
+        None => println!("profile: none (perf is not installed: apt-get install linux-perf)"),
+    }
     println!(
         "outbox, HTTP, one event per request:   {eps_http:>10.0} events/s, worker CPU {:.1} us/event",
         http_drain.cpu_us_per_event
@@ -236,6 +289,12 @@ fn main() {
     println!("polling relay, 16 workers, SKIP LOCKED (no per-key order): {eps_relay:>9.0} events/s");
     let eps_ordered = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain-ordered");
     println!("polling relay, 16 workers, one per key partition (ordered):  {eps_ordered:>9.0} events/s");
+    if pgqd.is_some() {
+        let eps_pgq = drain_pgq(&cluster, &mut db, &http, size.drain_events, 1000);
+        println!("PgQ, one consumer, pgqd ticking:         {eps_pgq:>9.0} events/s");
+        record(&mut results, "drain_pgq_eps", eps_pgq);
+        record(&mut results, "drain_ratio_vs_pgq", eps_http / eps_pgq);
+    }
     let kafka = kafka_v2_responder();
     let kafka_drain = drain_outbox(
         &cluster,
@@ -340,6 +399,15 @@ fn main() {
                 cdf_series.push((format!("{who}, 1,000 events/s"), cdf(lat)));
             }
         }
+    }
+    if pgqd.is_some() {
+        let q = quantiles(&latency_pgq(&cluster, 1000.0, size.latency_secs));
+        println!(
+            "{:>34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            "PgQ at 1000 events/s (50 ms ticks)", q[0], q[1], q[2], q[3]
+        );
+        record(&mut results, "lat_1k_pgq_p50_ms", q[0]);
+        record(&mut results, "lat_1k_pgq_p99_ms", q[2]);
     }
     std::fs::write(
         out.join("latency_cdf.svg"),

@@ -26,6 +26,11 @@ const POLL: Duration = Duration::from_millis(10);
 pub fn main(args: &[String]) {
     let mode = args[0].clone();
     let (db_port, http_port): (u16, u16) = (args[1].parse().unwrap(), args[2].parse().unwrap());
+    if mode == "pgq" || mode == "pgq-follow" {
+        let stop_after = args.get(3).and_then(|n| n.parse().ok());
+        pgq_consumer(db_port, http_port, stop_after);
+        return;
+    }
     let handles: Vec<_> = (0..WORKERS)
         .map(|w| {
             let mode = mode.clone();
@@ -90,6 +95,60 @@ fn worker(mode: &str, me: i32, db_port: u16, http_port: u16) {
         tx.execute("UPDATE relay_outbox SET done = true WHERE id = ANY ($1)", &[&ids]).unwrap();
         tx.commit().unwrap();
     }
+}
+
+/// A PgQ consumer (queue `bench`, consumer `relay`), as PgQ's own
+/// consumers work: take the next batch (pgqd made the ticks), POST its
+/// events in order over one connection, finish the batch, commit. One
+/// consumer: PgQ's order is the batch's, one event after another.
+/// `stop_after`: end once that many events went out (a drain); none:
+/// follow for ever, polling every 10 ms when there is no batch.
+fn pgq_consumer(db_port: u16, http_port: u16, stop_after: Option<i64>) {
+    let mut db = connect_port(db_port);
+    let mut http = Http::connect(http_port);
+    let mut sent = 0i64;
+    while stop_after.is_none_or(|n| sent < n) {
+        let mut tx = db.transaction().unwrap();
+        let batch: Option<i64> = tx.query_one("SELECT pgq.next_batch('bench', 'relay')", &[]).unwrap().get(0);
+        let Some(batch) = batch else {
+            tx.commit().unwrap();
+            std::thread::sleep(POLL);
+            continue;
+        };
+        let rows = tx
+            .query("SELECT ev_id, coalesce(ev_extra1, ''), ev_data FROM pgq.get_batch_events($1)", &[&batch])
+            .unwrap();
+        for r in &rows {
+            let (id, key, data): (i64, String, String) = (r.get(0), r.get(1), r.get(2));
+            let body =
+                format!("{{\"relay_id\":{id},\"key\":{},\"data\":{data}}}", serde_json::to_string(&key).unwrap());
+            http.post(&body);
+        }
+        sent += rows.len() as i64;
+        tx.query_one("SELECT pgq.finish_batch($1)", &[&batch]).unwrap();
+        tx.commit().unwrap();
+    }
+}
+
+/// pgqd, PgQ's ticker daemon, for the bench cluster: a tick every 50 ms
+/// when events wait (the queue is set to tick on any event), so a batch
+/// is ready soon after a commit.
+pub fn start_pgqd(cluster: &Cluster, dir: &std::path::Path) -> Option<std::process::Child> {
+    let ini = dir.join("pgqd.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[pgqd]\nlogfile = {}\npidfile = {}\nbase_connstr = host=127.0.0.1 port={} user=postgres\n\
+             initial_database = postgres\ndatabase_list = postgres\nticker_period = 0.05\n",
+            dir.join("pgqd.log").display(),
+            dir.join("pgqd.pid").display(),
+            cluster.port
+        ),
+    )
+    .ok()?;
+    let mut c = Command::new("pgqd");
+    die_with_parent(&mut c);
+    c.arg(&ini).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().ok()
 }
 
 /// A minimal keep-alive HTTP/1.1 client (as lean as a relay gets).
