@@ -51,18 +51,14 @@ pub mod outbox {
             .hint("Run it in a read-write transaction.")
             .raise();
         }
-        let installed = Spi::get_one::<String>(
-            "SELECT (SELECT x.extversion FROM pg_catalog.pg_extension AS x WHERE x.extname = 'outbox')",
-        )
-        .ok()
-        .flatten();
-        if let Some(version) = installed.filter(|v| v != crate::LIBRARY_VERSION) {
+        let library = crate::installation::LIBRARY_VERSION;
+        let (_, installed) = crate::installation::installed();
+        if let Some(version) = installed.filter(|v| v != library) {
             SqlError::new(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!(
                     "outbox.{function}: the extension in this database is version {version}, the installed library \
-                     version {}",
-                    crate::LIBRARY_VERSION
+                     version {library}"
                 ),
             )
             .hint("Run ALTER EXTENSION outbox UPDATE first (see docs/operations.md, \"Upgrades\").")

@@ -8,7 +8,7 @@
 //!   [`write`] (everything that runs in the application's transaction),
 //!   [`admin`] (endpoint management SQL API), [`worker`] (the launcher and
 //!   the per-database workers), [`utility_hook`], [`shmem`], [`guc`],
-//!   [`search_path`].
+//!   [`search_path`], [`installation`].
 //! * Network side (tokio threads, never a Postgres call): [`net`], with
 //!   [`egress`] (which addresses it may reach).
 //! * Plain logic shared by both, testable without a server: [`config`]
@@ -19,18 +19,13 @@ use pgrx::prelude::*;
 
 pgrx::pg_module_magic!(name, version);
 
-/// The extension version this library implements: the version a fresh
-/// CREATE EXTENSION installs, and the one the worker and the admin
-/// functions require of an installation (an older one is updated with
-/// ALTER EXTENSION outbox UPDATE first; docs/operations.md).
-pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
-
 mod admin;
 mod config;
 mod egress;
 mod error;
 mod event;
 mod guc;
+mod installation;
 mod net;
 mod schedule;
 mod search_path;

@@ -297,13 +297,13 @@ impl Worker {
             return Ok(());
         }
         let (extension, version) = store::pin_extension()?;
-        let other_version = version.filter(|v| extension.is_none() && v != crate::LIBRARY_VERSION);
+        let other_version = version.filter(|v| extension.is_none() && v != crate::installation::LIBRARY_VERSION);
         if other_version.is_some() && other_version != self.waiting_for_update {
             pgrx::log!(
                 "outbox worker: the extension is version {} and this library runs version {}; nothing is delivered \
                  until ALTER EXTENSION outbox UPDATE",
                 other_version.as_deref().unwrap_or_default(),
-                crate::LIBRARY_VERSION
+                crate::installation::LIBRARY_VERSION
             );
         }
         self.waiting_for_update = other_version;

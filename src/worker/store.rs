@@ -4,6 +4,7 @@
 
 use super::error::Result;
 use super::stream::Cursor;
+use crate::installation::LIBRARY_VERSION;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
@@ -54,8 +55,8 @@ pub fn pin_extension() -> Result<(Option<u32>, Option<String>)> {
     // Catalog reads through the index and a lock, no SQL: this runs every
     // step, and parsing and planning three statements was a fifth of the
     // worker's main thread under load.
-    let (oid, version) = installed();
-    if oid.is_none() || version.as_deref() != Some(crate::LIBRARY_VERSION) {
+    let (oid, version) = crate::installation::installed();
+    if oid.is_none() || version.as_deref() != Some(LIBRARY_VERSION) {
         return Ok((None, version));
     }
     // SAFETY: in a transaction; names looked up in the catalogs.
@@ -67,54 +68,8 @@ pub fn pin_extension() -> Result<(Option<u32>, Option<String>)> {
         }
         pg_sys::LockRelationOid(rotation, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
     }
-    let (oid, version) = installed();
-    Ok((oid.filter(|_| version.as_deref() == Some(crate::LIBRARY_VERSION)), version))
-}
-
-/// The oid and version of extension outbox, read from pg_extension.
-fn installed() -> (Option<u32>, Option<String>) {
-    let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-    // SAFETY: in a transaction; a catalog index scan as get_extension_oid
-    // does it, and attributes read from the tuple it returns.
-    unsafe {
-        let rel = pg_sys::table_open(pg_sys::ExtensionRelationId, lock);
-        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-        pg_sys::ScanKeyInit(
-            &mut key,
-            pg_sys::Anum_pg_extension_extname as pg_sys::AttrNumber,
-            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::Oid::from(pg_sys::F_NAMEEQ),
-            pg_sys::Datum::from(c"outbox".as_ptr()),
-        );
-        let scan = pg_sys::systable_beginscan(
-            rel,
-            pg_sys::Oid::from(pg_sys::ExtensionNameIndexId),
-            true,
-            std::ptr::null_mut(),
-            1,
-            &mut key,
-        );
-        let tuple = pg_sys::systable_getnext(scan);
-        let found = if tuple.is_null() {
-            (None, None)
-        } else {
-            let desc = (*rel).rd_att;
-            let attr = |n: u32| {
-                std::num::NonZeroUsize::new(n as usize).and_then(|n| pgrx::htup::heap_getattr_raw(tuple, n, desc))
-            };
-            let oid = attr(pg_sys::Anum_pg_extension_oid).map(|d| d.value() as u32);
-            let version = attr(pg_sys::Anum_pg_extension_extversion).map(|d| {
-                let text = pg_sys::text_to_cstring(d.cast_mut_ptr());
-                let version = std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned();
-                pg_sys::pfree(text.cast());
-                version
-            });
-            (oid, version)
-        };
-        pg_sys::systable_endscan(scan);
-        pg_sys::table_close(rel, lock);
-        found
-    }
+    let (oid, version) = crate::installation::installed();
+    Ok((oid.filter(|_| version.as_deref() == Some(LIBRARY_VERSION)), version))
 }
 
 /// Give endpoints created since the last look their first tick: the latest
