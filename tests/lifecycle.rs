@@ -300,11 +300,8 @@ fn an_update_from_0_1_0_keeps_every_event_in_order_while_the_worker_runs() {
     assert!(live.requests().is_empty(), "nothing is sent before the update");
 
     // The update, while a writer emits and the worker runs.
-    let port = cluster.port;
-    let writer = std::thread::spawn(move || {
-        let mut db = connect_port_db(port, "app");
-        emit_numbered(&mut db, &["w"], 0, 60);
-    });
+    let mut writer_db = cluster.connect_db("app");
+    let writer = std::thread::spawn(move || emit_numbered(&mut writer_db, &["w"], 0, 60));
     std::thread::sleep(std::time::Duration::from_millis(150));
     app.batch_execute("ALTER EXTENSION outbox UPDATE").unwrap();
     writer.join().unwrap();
@@ -348,11 +345,6 @@ fn wait_until_logged(cluster: &Cluster, text: &str) {
         assert!(std::time::Instant::now() < deadline, "not logged: {text}\n{}", cluster.log());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-}
-
-fn connect_port_db(port: u16, db: &str) -> postgres::Client {
-    postgres::Client::connect(&format!("host=127.0.0.1 port={port} user=postgres dbname={db}"), postgres::NoTls)
-        .expect("connect")
 }
 
 /// Every object of the extension, its definition and its rights, the

@@ -99,38 +99,36 @@ pub fn latency_outbox(cluster: &Cluster, db: &mut postgres::Client, rate: f64, s
 
 pub fn latency_relay(cluster: &Cluster, db: &mut postgres::Client, rate: f64, secs: u64) -> Vec<f64> {
     db.batch_execute("TRUNCATE relay_outbox").unwrap();
-    let (rx, arrived) = timing_receiver("relay_id");
-    let mut relay = relay::command(cluster, &rx, "follow").spawn().expect("relay runs");
-    let committed = paced(cluster, rate, secs, |c, i| {
-        let id: i64 = c
-            .query_one(
-                "INSERT INTO relay_outbox (key, payload) VALUES ('key-' || ($1::bigint % 1000), jsonb_build_object('i', $1::bigint)) RETURNING id",
-                &[&i],
-            )
-            .unwrap()
-            .get(0);
-        id.to_string()
-    });
-    let lat = latencies(&committed, &arrived);
-    let _ = relay.kill();
-    let _ = relay.wait();
-    lat
+    through_relay(
+        cluster,
+        "follow",
+        "INSERT INTO relay_outbox (key, payload) VALUES ('key-' || ($1::bigint % 1000), jsonb_build_object('i', $1::bigint)) RETURNING id",
+        rate,
+        secs,
+    )
 }
 
 /// Commit to receiver through PgQ: pgq.insert_event in the transaction,
 /// pgqd ticking, one consumer posting (relay.rs, `pgq-follow`).
 pub fn latency_pgq(cluster: &Cluster, rate: f64, secs: u64) -> Vec<f64> {
+    through_relay(
+        cluster,
+        "pgq-follow",
+        "SELECT pgq.insert_event('bench', 'ev', jsonb_build_object('i', $1::bigint)::text,
+                                 'key-' || ($1::bigint % 1000), NULL, NULL, NULL)",
+        rate,
+        secs,
+    )
+}
+
+/// Latencies of events written by `write` ($1 the event's number; it
+/// returns the id the relay posts as `relay_id`) and posted by the relay
+/// process in `mode`.
+fn through_relay(cluster: &Cluster, mode: &str, write: &'static str, rate: f64, secs: u64) -> Vec<f64> {
     let (rx, arrived) = timing_receiver("relay_id");
-    let mut relay = relay::command(cluster, &rx, "pgq-follow").spawn().expect("the PgQ consumer runs");
+    let mut relay = relay::command(cluster, &rx, mode).spawn().expect("the relay runs");
     let committed = paced(cluster, rate, secs, |c, i| {
-        let id: i64 = c
-            .query_one(
-                "SELECT pgq.insert_event('bench', 'ev', jsonb_build_object('i', $1::bigint)::text,
-                                         'key-' || ($1::bigint % 1000), NULL, NULL, NULL)",
-                &[&i],
-            )
-            .unwrap()
-            .get(0);
+        let id: i64 = c.query_one(write, &[&i]).unwrap().get(0);
         id.to_string()
     });
     let lat = latencies(&committed, &arrived);
