@@ -1,7 +1,8 @@
 //! Drain: a backlog delivered by the worker (HTTP, Kafka REST) or by the
-//! polling relay; and the capacity, writing and delivering at once.
+//! polling relay, PgQ or CDC; and the capacity, writing and delivering
+//! at once.
 
-use crate::relay;
+use crate::{cdc, relay};
 use outbox_testkit::{Cluster, Receiver, Reply};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -211,4 +212,34 @@ pub fn drain_pgq(cluster: &Cluster, db: &mut postgres::Client, rx: &Receiver, n:
     let status = relay::command(cluster, rx, "pgq").arg(n.to_string()).status().expect("the PgQ consumer runs");
     assert!(status.success());
     n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The same backlog in cdc_outbox on the CDC cluster, decoded from a
+/// fresh slot by wal2json and posted by the CDC relay in its own process
+/// (relay.rs, `cdc`), which ends once it posted `n` distinct events.
+pub fn drain_cdc(cdc: &Cluster, rx: &Receiver, n: i64, keys: i64) -> f64 {
+    let mut db = cdc.connect();
+    db.batch_execute("TRUNCATE cdc_outbox").unwrap();
+    cdc::fresh_slot(&mut db);
+    let per_tx = 5_000.min(n);
+    let mut loaded = 0;
+    while loaded < n {
+        let m = per_tx.min(n - loaded);
+        db.execute(
+            "INSERT INTO cdc_outbox (key, payload)
+             SELECT 'key-' || (i % $2), jsonb_build_object('i', i, 'pad', repeat('x', 24))
+             FROM generate_series($3::bigint, $3::bigint + $1 - 1) AS i",
+            &[&m, &keys, &loaded],
+        )
+        .unwrap();
+        loaded += m;
+    }
+    let before = rx.count();
+    let started = Instant::now();
+    let status = relay::command(cdc, rx, "cdc").arg(n.to_string()).status().expect("the CDC relay runs");
+    assert!(status.success());
+    let eps = n as f64 / started.elapsed().as_secs_f64();
+    // Exactly n: a duplicate (decoding is at-least-once) would show here.
+    assert_eq!(rx.count() - before, n as usize, "the CDC relay's posts, for {n} events");
+    eps
 }

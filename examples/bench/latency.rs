@@ -1,7 +1,7 @@
 //! Latency, commit to receiver, at a paced rate: outbox and the polling
-//! relay.
+//! relay, PgQ, CDC.
 
-use crate::relay;
+use crate::{cdc, relay};
 use outbox_testkit::{Cluster, Receiver, Reply};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -121,9 +121,27 @@ pub fn latency_pgq(cluster: &Cluster, rate: f64, secs: u64) -> Vec<f64> {
     )
 }
 
+/// Commit to receiver through logical decoding, on the CDC cluster: an
+/// INSERT into cdc_outbox, wal2json decoding it from a fresh slot,
+/// pg_recvlogical streaming it, one relay posting (relay.rs,
+/// `cdc-follow`).
+pub fn latency_cdc(cdc: &Cluster, rate: f64, secs: u64) -> Vec<f64> {
+    let mut db = cdc.connect();
+    db.batch_execute("TRUNCATE cdc_outbox").unwrap();
+    cdc::fresh_slot(&mut db);
+    through_relay(
+        cdc,
+        "cdc-follow",
+        "INSERT INTO cdc_outbox (key, payload) VALUES ('key-' || ($1::bigint % 1000), jsonb_build_object('i', $1::bigint)) RETURNING id",
+        rate,
+        secs,
+    )
+}
+
 /// Latencies of events written by `write` ($1 the event's number; it
 /// returns the id the relay posts as `relay_id`) and posted by the relay
-/// process in `mode`.
+/// process in `mode`. Every event must arrive: a relay that loses one
+/// fails the run rather than leaving it out of the figures.
 fn through_relay(cluster: &Cluster, mode: &str, write: &'static str, rate: f64, secs: u64) -> Vec<f64> {
     let (rx, arrived) = timing_receiver("relay_id");
     let mut relay = relay::command(cluster, &rx, mode).spawn().expect("the relay runs");
@@ -134,5 +152,7 @@ fn through_relay(cluster: &Cluster, mode: &str, write: &'static str, rate: f64, 
     let lat = latencies(&committed, &arrived);
     let _ = relay.kill();
     let _ = relay.wait();
+    let sent = committed.lock().unwrap().len();
+    assert_eq!(lat.len(), sent, "{mode}: events received, of those committed");
     lat
 }

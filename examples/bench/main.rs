@@ -2,12 +2,18 @@
 //! one machine, with the same settings and clients.
 //!
 //! - write path: pgbench, a business INSERT alone (a), with outbox_emit (b),
-//!   with a hand-written INSERT into a plain outbox table (c);
+//!   with a hand-written INSERT into a plain outbox table (c); and (a)
+//!   while logical decoding captures it (CDC, below);
 //! - drain: a backlog delivered by the worker over HTTP (one event per
 //!   request) and Kafka REST (batched), against the classic
-//!   outbox-plus-polling relay (FOR UPDATE SKIP LOCKED) in its own process;
+//!   outbox-plus-polling relay (FOR UPDATE SKIP LOCKED) in its own process,
+//!   PgQ (one consumer, pgqd ticking), and an outbox table captured by
+//!   logical decoding ("outbox table + CDC", Debezium's outbox pattern:
+//!   wal2json and pg_recvlogical feeding one relay, on a second cluster
+//!   with wal_level = logical);
 //! - latency commit to receiver at 1,000 events/s and at 80 % of the
-//!   measured maximum, for both;
+//!   measured maximum, for outbox and the polling relay; PgQ and CDC at
+//!   1,000 events/s;
 //! - sustained load at 80 % of the maximum (backlog, table size, memory);
 //! - scaling over keys and payload sizes.
 //!
@@ -15,6 +21,7 @@
 //! reports). Writes target/bench/results.json, raw.csv, latency and
 //! throughput plots (SVG).
 
+mod cdc;
 mod drain;
 mod latency;
 mod plot;
@@ -24,9 +31,10 @@ mod sustained;
 mod write_path;
 
 use drain::{
-    capacity, counting_receiver, drain_outbox, drain_pgq, drain_relay, idle_cpu_pct, kafka_v2_responder, WRITERS,
+    capacity, counting_receiver, drain_cdc, drain_outbox, drain_pgq, drain_relay, idle_cpu_pct, kafka_v2_responder,
+    WRITERS,
 };
-use latency::{latency_outbox, latency_pgq, latency_relay};
+use latency::{latency_cdc, latency_outbox, latency_pgq, latency_relay};
 use outbox_testkit::cluster::{server_dir, Cluster};
 use outbox_testkit::kafka::Broker;
 use plot::{cdf, median, quantiles, svg_chart};
@@ -124,6 +132,11 @@ fn main() {
     if pgqd.is_none() {
         println!("PgQ: not measured (postgresql-15-pgq3 and pgqd are not installed)");
     }
+    // CDC (Debian's postgresql-15-wal2json), on a cluster of its own.
+    let cdc = cdc::available().then(cdc::start);
+    if cdc.is_none() {
+        println!("CDC: not measured (postgresql-15-wal2json is not installed)");
+    }
 
     let mut results = serde_json::Map::new();
     let mut raw = String::from("section,label,value\n");
@@ -193,6 +206,24 @@ fn main() {
         return;
     }
 
+    if only.as_deref() == Some("cdc") {
+        let Some(cdc) = &cdc else { return };
+        let scripts = write_scripts(&out);
+        let mut emit: Vec<f64> = (0..3).map(|_| pgbench(&cluster, &scripts[1], 16, size.pgbench_secs)).collect();
+        let emit = median(&mut emit);
+        let bare_cdc = cdc::write_tps(cdc, &scripts[0], 16, size.pgbench_secs);
+        db.batch_execute("TRUNCATE orders").unwrap();
+        println!(
+            "write, 16 clients: (b) +emit {emit:.0} tps, (a) insert captured by CDC {bare_cdc:.0} tps, ratio {:.3}",
+            emit / bare_cdc
+        );
+        let eps = drain_cdc(cdc, &counting_receiver(), size.drain_events, 1000);
+        println!("drain of {} events, outbox table + CDC, one relay: {eps:.0} events/s", size.drain_events);
+        let q = quantiles(&latency_cdc(cdc, 1000.0, size.latency_secs));
+        println!("1,000 events/s, p50/p99 ms: CDC {:.2}/{:.2}", q[0], q[2]);
+        return;
+    }
+
     // 1. Write path.
     println!("\n== write path: transactions/s (pgbench, single-statement transactions)");
     let scripts = write_scripts(&out);
@@ -218,6 +249,17 @@ fn main() {
         if clients == 16 {
             record(&mut results, "write_ratio_vs_bare", b / a);
             record(&mut results, "write_ratio_vs_handwritten", b / c);
+            // With CDC the business write is all the application does;
+            // decoding captures it on the CDC cluster.
+            if let Some(cdc) = &cdc {
+                let bare_cdc = cdc::write_tps(cdc, &scripts[0], clients, size.pgbench_secs);
+                println!(
+                    "{clients:>8} {bare_cdc:>12.0} (a) on the CDC cluster, decoding capturing it; b / that: {:.3}",
+                    b / bare_cdc
+                );
+                record(&mut results, "write_tps_bare_cdc_16", bare_cdc);
+                record(&mut results, "write_ratio_vs_cdc", b / bare_cdc);
+            }
         }
     }
     db.batch_execute("TRUNCATE orders, my_outbox").unwrap();
@@ -294,6 +336,12 @@ fn main() {
         println!("PgQ, one consumer, pgqd ticking:         {eps_pgq:>9.0} events/s");
         record(&mut results, "drain_pgq_eps", eps_pgq);
         record(&mut results, "drain_ratio_vs_pgq", eps_http / eps_pgq);
+    }
+    if let Some(cdc) = &cdc {
+        let eps_cdc = drain_cdc(cdc, &http, size.drain_events, 1000);
+        println!("outbox table + CDC, one relay:           {eps_cdc:>9.0} events/s");
+        record(&mut results, "drain_cdc_eps", eps_cdc);
+        record(&mut results, "drain_ratio_vs_cdc", eps_http / eps_cdc);
     }
     let kafka = kafka_v2_responder();
     let kafka_drain = drain_outbox(
@@ -409,6 +457,12 @@ fn main() {
         record(&mut results, "lat_1k_pgq_p50_ms", q[0]);
         record(&mut results, "lat_1k_pgq_p99_ms", q[2]);
     }
+    if let Some(cdc) = &cdc {
+        let q = quantiles(&latency_cdc(cdc, 1000.0, size.latency_secs));
+        println!("{:>34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", "CDC at 1000 events/s (wal2json)", q[0], q[1], q[2], q[3]);
+        record(&mut results, "lat_1k_cdc_p50_ms", q[0]);
+        record(&mut results, "lat_1k_cdc_p99_ms", q[2]);
+    }
     std::fs::write(
         out.join("latency_cdf.svg"),
         svg_chart("Latency, commit to receiver, 1,000 events/s", "ms", "fraction", &cdf_series, true),
@@ -493,6 +547,7 @@ fn main() {
         out.display()
     );
     drop(db);
+    drop(cdc);
     drop(cluster);
 }
 

@@ -1,13 +1,17 @@
 //! The baseline: the classic polling relay, as a team would write it, in
 //! its own process (this program, run as `bench relay <mode> <db port>
 //! <http port>`). Workers claim rows with FOR UPDATE SKIP LOCKED, POST
-//! them over a kept-alive connection, mark them done, commit.
+//! them over a kept-alive connection, mark them done, commit. The PgQ
+//! consumer and the CDC relay run the same way.
 
+use outbox_testkit::cluster::bindir;
 use outbox_testkit::http::read_message;
 use outbox_testkit::{connect_port, die_with_parent, Cluster, Receiver};
-use std::io::{BufReader, Write};
+use serde_json::Value;
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// The relay, started as a process of its own (which ends with the
@@ -29,6 +33,11 @@ pub fn main(args: &[String]) {
     if mode == "pgq" || mode == "pgq-follow" {
         let stop_after = args.get(3).and_then(|n| n.parse().ok());
         pgq_consumer(db_port, http_port, stop_after);
+        return;
+    }
+    if mode == "cdc" || mode == "cdc-follow" {
+        let stop_after = args.get(3).and_then(|n| n.parse().ok());
+        cdc_relay(db_port, http_port, stop_after);
         return;
     }
     let handles: Vec<_> = (0..WORKERS)
@@ -128,6 +137,67 @@ fn pgq_consumer(db_port: u16, http_port: u16, stop_after: Option<i64>) {
         tx.query_one("SELECT pgq.finish_batch($1)", &[&batch]).unwrap();
         tx.commit().unwrap();
     }
+}
+
+/// The CDC relay ("outbox table + CDC", as Debezium's outbox pattern):
+/// pg_recvlogical streams slot `cdc` (wal2json, format 2: one JSON
+/// object a row), and each insert is POSTed as it comes, one after
+/// another over one connection: commit order, so per-key order.
+/// Captured are cdc_outbox (an event is a row: its key and payload) and
+/// orders, for the write path, where the business row itself is the
+/// event (as when CDC streams a table; capturing orders is what puts
+/// decoding on that path). `relay_id` is the row's id.
+/// `stop_after`: end once that many distinct ids went out (a drain); a
+/// duplicate is posted but is no progress. None: follow for ever.
+fn cdc_relay(db_port: u16, http_port: u16, stop_after: Option<usize>) {
+    let mut recv = Command::new(bindir().join("pg_recvlogical"));
+    die_with_parent(&mut recv);
+    let mut recv = recv
+        .args(["-h", "127.0.0.1", "-p", &db_port.to_string(), "-U", "postgres", "-d", "postgres"])
+        .args(["-S", "cdc", "--start", "--no-loop", "-f", "-"])
+        .args(["-o", "format-version=2", "-o", "include-transaction=false"])
+        .args(["-o", "add-tables=public.cdc_outbox,public.orders"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("pg_recvlogical runs");
+    let mut http = Http::connect(http_port);
+    let mut posted = HashSet::new();
+    for line in BufReader::new(recv.stdout.take().unwrap()).lines() {
+        let Some((id, body)) = cdc_event(&line.expect("pg_recvlogical's output")) else { continue };
+        http.post(&body);
+        posted.insert(id);
+        if stop_after.is_some_and(|n| posted.len() >= n) {
+            let _ = recv.kill();
+            let _ = recv.wait();
+            return;
+        }
+    }
+    panic!("pg_recvlogical ended ({:?}) after {} events", recv.wait(), posted.len());
+}
+
+/// An insert decoded by wal2json (format 2) as the relay's POST body,
+/// with the row's id; None for anything else (updates, truncates).
+/// wal2json gives a jsonb value as a string holding its text: that text
+/// is embedded as JSON, as the polling relay embeds `payload::text`.
+fn cdc_event(line: &str) -> Option<(i64, String)> {
+    let change: Value = serde_json::from_str(line).expect("wal2json emits JSON");
+    if change["action"] != "I" {
+        return None;
+    }
+    let mut row: serde_json::Map<String, Value> = change["columns"]
+        .as_array()?
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap_or_default().to_string(), c["value"].clone()))
+        .collect();
+    let id = row["id"].as_i64().expect("a captured row has a bigint id");
+    let key = row.remove("key").unwrap_or_else(|| id.to_string().into());
+    let data = match row.remove("payload") {
+        Some(Value::String(text)) => text,
+        Some(json) => json.to_string(),
+        None => Value::Object(row).to_string(),
+    };
+    Some((id, format!("{{\"relay_id\":{id},\"key\":{key},\"data\":{data}}}")))
 }
 
 /// pgqd, PgQ's ticker daemon, for the bench cluster: a tick every 50 ms
