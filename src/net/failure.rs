@@ -111,7 +111,7 @@ pub fn transport(e: reqwest::Error, timeout: Duration) -> Failure {
     Failure::retry(message)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -11,11 +11,12 @@
 //! own headers, which may be credentials, never go to another origin.
 
 use super::failure::{self, Failure};
+use super::http1;
 use super::resolve;
 use super::NetError;
 use crate::config::{self, HttpVersion};
 use crate::egress::{AllowList, Egress};
-use reqwest::header::HeaderMap;
+use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -56,6 +57,10 @@ impl Answer {
 /// certificates, its own headers, and where it may connect.
 pub struct Client {
     inner: reqwest::Client,
+    /// Plain HTTP/1.1 to the endpoint's own origin goes over these
+    /// connections instead of reqwest's (http1.rs says why); None for
+    /// TLS, HTTP/2 and through a proxy.
+    lean: Option<(url::Origin, http1::Pool)>,
     egress: Arc<Egress>,
     /// The endpoint's `headers` option: sent with every request to the
     /// endpoint's origin, never after a redirect to another.
@@ -64,8 +69,35 @@ pub struct Client {
     max_redirects: usize,
 }
 
+const USER_AGENT: &str = concat!("outbox/", env!("CARGO_PKG_VERSION"));
+
+/// One hop's answer, before the rules of `send` apply to it: its status,
+/// what its headers ask, and its body (at most MAX_RESPONSE_BYTES) or why
+/// reading it failed.
+struct Hop {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    location: Option<Vec<u8>>,
+    body: Result<Vec<u8>, Failure>,
+}
+
+impl Hop {
+    fn new(status: StatusCode, headers: &HeaderMap, body: Result<Vec<u8>, Failure>) -> Hop {
+        Hop {
+            status,
+            retry_after: headers
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| failure::parse_retry_after(v, SystemTime::now())),
+            location: headers.get(reqwest::header::LOCATION).map(|v| v.as_bytes().to_vec()),
+            body,
+        }
+    }
+}
+
 impl Client {
-    pub fn new(opts: &config::Options, egress: Arc<Egress>) -> Result<Client, NetError> {
+    /// The client of the endpoint at `url` (its origin may get the lean
+    /// HTTP/1.1 connections).
+    pub fn new(url: &Url, opts: &config::Options, egress: Arc<Egress>) -> Result<Client, NetError> {
         let mut own_headers = HeaderMap::new();
         for (name, value) in &opts.headers {
             // Validated by config::Options::parse.
@@ -81,7 +113,7 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(opts.max_in_flight)
             .tcp_nodelay(true)
-            .user_agent(concat!("outbox/", env!("CARGO_PKG_VERSION")));
+            .user_agent(USER_AGENT);
         builder = match opts.http_version {
             HttpVersion::Auto => builder,
             HttpVersion::Http1 => builder.http1_only(),
@@ -102,7 +134,12 @@ impl Client {
             }
         }
         let inner = builder.build().map_err(|e| NetError(format!("building the HTTP client: {e}")))?;
-        Ok(Client { inner, egress, own_headers, timeout: opts.timeout, max_redirects: opts.max_redirects })
+        // Plain http:// speaks HTTP/1.1 under `auto` too (no h2c upgrade).
+        let lean = (egress.proxy.is_none() && opts.http_version != HttpVersion::Http2)
+            .then(|| http1::Pool::for_origin(url, egress.clone(), opts.connect_timeout, opts.max_in_flight))
+            .flatten()
+            .map(|pool| (url.origin(), pool));
+        Ok(Client { inner, lean, egress, own_headers, timeout: opts.timeout, max_redirects: opts.max_redirects })
     }
 
     /// POST `request`, following allowed redirects; the answer, whatever
@@ -123,25 +160,20 @@ impl Client {
                     format!("redirect to {} is not allowed by outbox.allowed_hosts", url.host_str().unwrap_or(""))
                 }));
             }
+            let here = if hop == 0 { origin.clone() } else { url.origin() };
             let mut all = headers.clone();
-            if url.origin() == origin {
+            if here == origin {
                 all.extend(self.own_headers.clone());
             }
-            let response = self
-                .inner
-                .post(url.clone())
-                .headers(all)
-                .body(body.clone())
-                .timeout(self.timeout)
-                .send()
-                .await
-                .map_err(|e| failure::transport(e, self.timeout))?;
-            let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| failure::parse_retry_after(v, SystemTime::now()));
-            let location = response.headers().get(reqwest::header::LOCATION).map(|v| v.as_bytes().to_vec());
+            let answer = match &self.lean {
+                Some((lean_origin, pool)) if *lean_origin == here => {
+                    all.insert(reqwest::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+                    tokio::time::timeout(self.timeout, lean_hop(pool, &url, all, body.clone())).await
+                }
+                _ => tokio::time::timeout(self.timeout, self.reqwest_hop(&url, all, body.clone())).await,
+            };
+            let Hop { status, retry_after, location, body } =
+                answer.map_err(|_| Failure::retry(format!("timed out after {} ms", self.timeout.as_millis())))??;
             let redirect = matches!(status, StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT);
             if let (true, Some(to)) = (redirect && self.max_redirects > 0, &location) {
                 if hop >= self.max_redirects {
@@ -158,29 +190,69 @@ impl Client {
                 url = next;
                 continue;
             }
-            let body = match read_capped(response).await {
+            let body = match body {
                 Ok(b) => b,
                 // The answer was cut short: only a success can be trusted as
                 // such.
-                Err(e) if !status.is_success() => Vec::from(e.to_string()),
-                Err(e) => return Err(failure::transport(e, self.timeout)),
+                Err(cut) if !status.is_success() => cut.message.into_bytes(),
+                Err(cut) => return Err(cut),
             };
             return Ok(Answer { status, retry_after, location, body });
         }
         unreachable!("the loop returns")
     }
+
+    /// One request through reqwest (TLS, HTTP/2, a proxy, another origin).
+    async fn reqwest_hop(&self, url: &Url, headers: HeaderMap, body: bytes::Bytes) -> Result<Hop, Failure> {
+        let mut response = self
+            .inner
+            .post(url.clone())
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| failure::transport(e, self.timeout))?;
+        let mut read = Vec::new();
+        let whole = loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) if append_capped(&mut read, &chunk) => {}
+                // Dropping the response closes the connection.
+                Ok(Some(_)) => break Ok(read),
+                Ok(None) => break Ok(read),
+                Err(e) => break Err(failure::transport(e, self.timeout)),
+            }
+        };
+        Ok(Hop::new(response.status(), response.headers(), whole))
+    }
 }
 
-async fn read_capped(mut response: reqwest::Response) -> reqwest::Result<Vec<u8>> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        let room = MAX_RESPONSE_BYTES - body.len();
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= MAX_RESPONSE_BYTES {
-            break; // dropping the response closes the connection
+/// One request over the lean HTTP/1.1 connections (http1.rs).
+async fn lean_hop(pool: &http1::Pool, url: &Url, headers: HeaderMap, body: bytes::Bytes) -> Result<Hop, Failure> {
+    use http_body_util::BodyExt;
+    let (response, connection) = pool.post(url, headers, body).await?;
+    let (head, mut incoming) = response.into_parts();
+    let mut read = Vec::new();
+    let whole = loop {
+        match incoming.frame().await {
+            Some(Ok(frame)) => match frame.data_ref() {
+                Some(chunk) if !append_capped(&mut read, chunk) => break Ok(read), // closed when dropped
+                _ => {}
+            },
+            None => {
+                connection.reuse();
+                break Ok(read);
+            }
+            Some(Err(e)) => break Err(Failure::retry(format!("request failed: {}", failure::error_chain(&e)))),
         }
-    }
-    Ok(body)
+    };
+    Ok(Hop::new(head.status, &head.headers, whole))
+}
+
+/// Append `chunk` to `body` up to MAX_RESPONSE_BYTES; false once full.
+fn append_capped(body: &mut Vec<u8>, chunk: &[u8]) -> bool {
+    let room = MAX_RESPONSE_BYTES - body.len();
+    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    body.len() < MAX_RESPONSE_BYTES
 }
 
 /// Resolves names like the system does, then keeps only the addresses the

@@ -6,6 +6,7 @@
 mod envelope;
 mod failure;
 mod http;
+mod http1;
 mod kafka;
 mod kafka_rest;
 mod resolve;

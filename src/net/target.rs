@@ -49,9 +49,10 @@ impl Target {
     /// is made and no thread started.
     pub fn new(endpoint: config::Endpoint, source: &str, egress: Arc<Egress>) -> Result<Target, NetError> {
         let transport = match &endpoint.address {
-            Address::Http(url) => {
-                Transport::Http(Box::new(Http { client: Client::new(&endpoint.options, egress)?, url: url.clone() }))
-            }
+            Address::Http(url) => Transport::Http(Box::new(Http {
+                client: Client::new(url, &endpoint.options, egress)?,
+                url: url.clone(),
+            })),
             Address::Brokers(brokers) => Transport::Kafka(kafka::producer(brokers, &endpoint.options, egress)),
         };
         Ok(Target { endpoint, source: source.to_string(), transport })
