@@ -301,3 +301,36 @@ fn http2_carries_many_requests_on_one_connection_in_per_key_order() {
         .unwrap_err();
     assert!(err.as_db_error().unwrap().message().contains("http_version must be one of auto, 1.1, 2"), "{err}");
 }
+
+#[test]
+fn kept_alive_connections_the_server_closes_cost_no_attempt() {
+    let (_cluster, mut db) = cluster_with_outbox("closing");
+    let rx = Receiver::start();
+    // Every answer ends its connection unannounced: the worker finds the
+    // connection it kept closed, either before it sends on it or after.
+    rx.respond(|_, _| Reply::ThenClose(Box::new(Reply::Status(200))));
+    webhook(
+        &mut db,
+        "closing",
+        &rx.url("/"),
+        &["t"],
+        json!({"max_in_flight": 4, "backoff_base_ms": 60000, "backoff_max_ms": 60000}),
+    );
+    for seq in 0..20 {
+        db.execute(
+            "SELECT count(outbox_emit('t', jsonb_build_object('seq', $1::int), 'k' || i)) FROM generate_series(1, 10) AS i",
+            &[&seq],
+        )
+        .unwrap();
+    }
+    wait_sql(&mut db, WAIT, "SELECT (delivered = 200 AND pending = 0) OR failed_attempts > 0 FROM outbox.stats");
+    let (failed, error): (i64, Option<String>) = {
+        let r = db.query_one("SELECT failed_attempts, last_error FROM outbox.stats", &[]).unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((failed, error), (0, None), "a closed kept-alive connection is no failed delivery");
+    let got = rx.requests();
+    let ids: HashSet<String> = got.iter().map(|r| r.json()["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!((got.len(), ids.len()), (200, 200), "each event once");
+    assert!(rx.connections() >= 200, "{} connections: the receiver did not close them", rx.connections());
+}

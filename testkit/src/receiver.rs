@@ -51,6 +51,9 @@ pub enum Reply {
     Partial,
     /// An answer with a body of this many bytes (streamed).
     Big(u16, usize),
+    /// Answer, then close the connection a moment later without saying
+    /// so (as a server's idle timeout does to a kept-alive connection).
+    ThenClose(Box<Reply>),
 }
 
 impl Reply {
@@ -58,7 +61,7 @@ impl Reply {
     pub fn acks(&self) -> bool {
         match self {
             Reply::Status(c) | Reply::Full { status: c, .. } | Reply::Big(c, _) => (200..300).contains(c),
-            Reply::After(_, then) => then.acks(),
+            Reply::After(_, then) | Reply::ThenClose(then) => then.acks(),
             Reply::Hang | Reply::Close | Reply::Partial => false,
         }
     }
@@ -355,6 +358,13 @@ fn answer(writer: &mut impl Write, reply: Reply, shared: &Shared) -> bool {
             false
         }
         Reply::Close => false,
+        Reply::ThenClose(then) => {
+            answer(writer, *then, shared);
+            // Long enough for a client keeping the connection to send its
+            // next request on it, which is then never read.
+            shared.pause(Duration::from_millis(5));
+            false
+        }
         Reply::Partial => {
             let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"partial");
             let _ = writer.flush();
