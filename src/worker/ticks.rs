@@ -21,6 +21,7 @@
 //! endpoint read. See docs/design.md.
 
 use super::error::Result;
+use super::stream::prepared;
 use crate::shmem::{CommitRing, COMMIT_RING};
 use pgrx::prelude::*;
 use std::collections::HashMap;
@@ -110,46 +111,52 @@ pub fn latest() -> Result<i64> {
     Ok(Spi::get_one::<i64>("SELECT pg_catalog.max(id) FROM outbox.ticks")?.unwrap_or(0))
 }
 
+// The statements of a tick, prepared once (stream::prepared): they run on
+// every step that finds new commits, and at 1,000 events/s parsing and
+// planning them each time was most of the worker's main thread (and of
+// the latency, commit to receiver).
+const LAST_TICK_AND_SNAPSHOT: &str = "SELECT last.id, last.snap_xmax, last.snap_xip,
+        pg_catalog.pg_snapshot_xmin(s)::pg_catalog.text::bigint,
+        pg_catalog.pg_snapshot_xmax(s)::pg_catalog.text::bigint,
+        ARRAY(SELECT x::pg_catalog.text::bigint FROM pg_catalog.pg_snapshot_xip(s) AS x)
+ FROM (SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER BY id DESC LIMIT 1) AS last,
+      pg_catalog.pg_current_snapshot() AS s";
+
+// The transactions whose events became visible since the last tick, with
+// their commit timestamps when track_commit_timestamp is on.
+const COMMITTED_SINCE: &str = "SELECT coalesce(pg_catalog.array_agg(txid ORDER BY txid), '{}'),
+        coalesce(pg_catalog.array_agg(ts ORDER BY txid), '{}')
+ FROM (SELECT txid,
+              CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::boolean
+                   THEN (extract(epoch FROM pg_catalog.pg_xact_commit_timestamp(
+                             (txid % 4294967296)::pg_catalog.text::pg_catalog.xid)) * 1000000)::bigint
+              END AS ts
+       FROM (SELECT DISTINCT txid FROM (
+                 SELECT txid FROM outbox.events WHERE txid = ANY ($2)
+                 UNION ALL
+                 SELECT txid FROM outbox.events WHERE txid >= $1 AND txid < $3) AS e
+             WHERE NOT txid = ANY ($4)) AS d) AS t";
+
+const INSERT_TICK: &str = "INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, snap_xip, commit_order, inexact)
+ VALUES ($1, $2, $3, $4, $5, $6)";
+
+const LOAD_TICKS: &str = "SELECT id, snap_xmax, snap_xip, commit_order, inexact FROM outbox.ticks WHERE id = ANY ($1)";
+
 /// Take a new tick if transactions committed since the last one, or
 /// `always`; returns the latest tick id either way.
 pub fn take(always: bool, order: &mut CommitOrder, ring: Option<&CommitRing>) -> Result<i64> {
+    use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID};
     Ok(Spi::connect_mut(|client| {
-        let row = client
-            .select(
-                "SELECT last.id, last.snap_xmax, last.snap_xip,
-                        pg_catalog.pg_snapshot_xmin(s)::pg_catalog.text::bigint,
-                        pg_catalog.pg_snapshot_xmax(s)::pg_catalog.text::bigint,
-                        ARRAY(SELECT x::pg_catalog.text::bigint FROM pg_catalog.pg_snapshot_xip(s) AS x)
-                 FROM (SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER BY id DESC LIMIT 1) AS last,
-                      pg_catalog.pg_current_snapshot() AS s",
-                Some(1),
-                &[],
-            )?
-            .first();
+        let plan = prepared(client, LAST_TICK_AND_SNAPSHOT, &[])?;
+        let row = client.update(&*plan, Some(1), &[])?.first();
         let last_id: i64 = row.get(1)?.unwrap_or(0);
         let last_xmax: i64 = row.get(2)?.unwrap_or(0);
         let last_xip: Vec<i64> = row.get(3)?.unwrap_or_default();
         let (xmin, xmax, xip): (i64, i64, Vec<i64>) =
             (row.get(4)?.unwrap_or(0), row.get(5)?.unwrap_or(0), row.get(6)?.unwrap_or_default());
-        // The transactions whose events became visible since the last tick,
-        // with their commit timestamps when track_commit_timestamp is on.
+        let plan = prepared(client, COMMITTED_SINCE, &[INT8OID, INT8ARRAYOID, INT8OID, INT8ARRAYOID])?;
         let row = client
-            .select(
-                "SELECT coalesce(pg_catalog.array_agg(txid ORDER BY txid), '{}'),
-                        coalesce(pg_catalog.array_agg(ts ORDER BY txid), '{}')
-                 FROM (SELECT txid,
-                              CASE WHEN pg_catalog.current_setting('track_commit_timestamp')::boolean
-                                   THEN (extract(epoch FROM pg_catalog.pg_xact_commit_timestamp(
-                                             (txid % 4294967296)::pg_catalog.text::pg_catalog.xid)) * 1000000)::bigint
-                              END AS ts
-                       FROM (SELECT DISTINCT txid FROM (
-                                 SELECT txid FROM outbox.events WHERE txid = ANY ($2)
-                                 UNION ALL
-                                 SELECT txid FROM outbox.events WHERE txid >= $1 AND txid < $3) AS e
-                             WHERE NOT txid = ANY ($4)) AS d) AS t",
-                Some(1),
-                &[last_xmax.into(), last_xip.into(), xmax.into(), xip.clone().into()],
-            )?
+            .update(&*plan, Some(1), &[last_xmax.into(), last_xip.into(), xmax.into(), xip.clone().into()])?
             .first();
         let ids: Vec<i64> = row.get(1)?.unwrap_or_default();
         let stamps: Vec<Option<i64>> = row.get(2)?.unwrap_or_default();
@@ -165,9 +172,9 @@ pub fn take(always: bool, order: &mut CommitOrder, ring: Option<&CommitRing>) ->
             ids.into_iter().zip(stamps).map(|(txid, committed_at)| Txn { txid, committed_at }).collect();
         let inexact = order.sort(&mut txns) as i32;
         let commit_order: Vec<i64> = txns.iter().map(|t| t.txid).collect();
+        let plan = prepared(client, INSERT_TICK, &[INT8OID, INT8OID, INT8OID, INT8ARRAYOID, INT8ARRAYOID, INT4OID])?;
         client.update(
-            "INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, snap_xip, commit_order, inexact)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            &*plan,
             None,
             &[(last_id + 1).into(), xmin.into(), xmax.into(), xip.into(), commit_order.into(), inexact.into()],
         )?;
@@ -178,11 +185,8 @@ pub fn take(always: bool, order: &mut CommitOrder, ring: Option<&CommitRing>) ->
 /// Ticks by id.
 pub fn load(ids: &[i64]) -> Result<Vec<Tick>> {
     Ok(Spi::connect_mut(|client| {
-        let rows = client.update(
-            "SELECT id, snap_xmax, snap_xip, commit_order, inexact FROM outbox.ticks WHERE id = ANY ($1)",
-            None,
-            &[ids.to_vec().into()],
-        )?;
+        let plan = prepared(client, LOAD_TICKS, &[pg_sys::INT8ARRAYOID])?;
+        let rows = client.update(&*plan, None, &[ids.to_vec().into()])?;
         let mut out = Vec::new();
         for row in rows {
             out.push(Tick {
