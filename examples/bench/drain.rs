@@ -119,6 +119,7 @@ pub fn drain_outbox(
         .unwrap();
         loaded += m;
     }
+    quiesce(db);
     let worker = outbox_testkit::worker_pid(db);
     let cpu_before = outbox_testkit::cpu_seconds(worker);
     let started = Instant::now();
@@ -149,6 +150,7 @@ pub fn drain_relay(cluster: &Cluster, db: &mut postgres::Client, rx: &Receiver, 
         &[&n, &keys],
     )
     .unwrap();
+    quiesce(db);
     let started = Instant::now();
     let status = relay::command(cluster, rx, mode).status().expect("relay runs");
     assert!(status.success());
@@ -208,6 +210,7 @@ pub fn drain_pgq(cluster: &Cluster, db: &mut postgres::Client, rx: &Receiver, n:
         .unwrap();
         loaded += m;
     }
+    quiesce(db);
     let started = Instant::now();
     let status = relay::command(cluster, rx, "pgq").arg(n.to_string()).status().expect("the PgQ consumer runs");
     assert!(status.success());
@@ -235,6 +238,7 @@ pub fn drain_cdc(cdc: &Cluster, rx: &Receiver, n: i64, keys: i64) -> f64 {
         loaded += m;
     }
     let before = rx.count();
+    quiesce(&mut db);
     let started = Instant::now();
     let status = relay::command(cdc, rx, "cdc").arg(n.to_string()).status().expect("the CDC relay runs");
     assert!(status.success());
@@ -242,4 +246,12 @@ pub fn drain_cdc(cdc: &Cluster, rx: &Receiver, n: i64, keys: i64) -> f64 {
     // Exactly n: a duplicate (decoding is at-least-once) would show here.
     assert_eq!(rx.count() - before, n as usize, "the CDC relay's posts, for {n} events");
     eps
+}
+
+/// Start every drain from the same state: what loading it (or the write
+/// path before it) left dirty in shared buffers written out. Otherwise
+/// whichever drain runs first pays for the checkpoint, and its backends
+/// (the worker's main thread among them) evict dirty pages themselves.
+fn quiesce(db: &mut postgres::Client) {
+    db.batch_execute("CHECKPOINT").unwrap();
 }
