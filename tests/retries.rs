@@ -74,6 +74,18 @@ fn gone_disables_the_endpoint_until_resumed() {
 }
 
 #[test]
+fn an_answer_whose_body_stalls_keeps_its_status() {
+    let (_cluster, mut db) = cluster_with_outbox("stalled");
+    let rx = Receiver::start();
+    // 410 Gone, then a body that never ends: the endpoint said it is gone,
+    // whatever the timeout made of the rest.
+    rx.respond(|_, _| Reply::Stalled(410));
+    webhook(&mut db, "stalled", &rx.url("/"), &["*"], json!({"timeout_ms": 300}));
+    emit(&mut db, "t", json!({"n": 1}), Some("k"));
+    wait_sql(&mut db, WAIT, "SELECT state = 'disabled' AND disabled_reason LIKE 'HTTP 410%' FROM outbox.stats");
+}
+
+#[test]
 fn rejected_events_go_to_dead_letters_and_others_flow() {
     let (_cluster, mut db) = cluster_with_outbox("reject");
     let rx = Receiver::start();

@@ -16,7 +16,7 @@ use super::resolve;
 use super::NetError;
 use crate::config::{self, HttpVersion};
 use crate::egress::{AllowList, Egress};
-use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, USER_AGENT};
 use reqwest::{StatusCode, Url};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -69,7 +69,7 @@ pub struct Client {
     max_redirects: usize,
 }
 
-const USER_AGENT: &str = concat!("outbox/", env!("CARGO_PKG_VERSION"));
+const AGENT: &str = concat!("outbox/", env!("CARGO_PKG_VERSION"));
 
 /// One hop's answer, before the rules of `send` apply to it: its status,
 /// what its headers ask, and its body (at most MAX_RESPONSE_BYTES) or why
@@ -113,7 +113,7 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(opts.max_in_flight)
             .tcp_nodelay(true)
-            .user_agent(USER_AGENT);
+            .user_agent(AGENT);
         builder = match opts.http_version {
             HttpVersion::Auto => builder,
             HttpVersion::Http1 => builder.http1_only(),
@@ -165,15 +165,15 @@ impl Client {
             if here == origin {
                 all.extend(self.own_headers.clone());
             }
-            let answer = match &self.lean {
+            let Hop { status, retry_after, location, body } = match &self.lean {
                 Some((lean_origin, pool)) if *lean_origin == here => {
-                    all.insert(reqwest::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
-                    tokio::time::timeout(self.timeout, lean_hop(pool, &url, all, body.clone())).await
+                    // What reqwest adds, unless the endpoint's headers set it.
+                    all.entry(USER_AGENT).or_insert(HeaderValue::from_static(AGENT));
+                    all.entry(ACCEPT).or_insert(HeaderValue::from_static("*/*"));
+                    lean_hop(pool, &url, all, body.clone(), self.timeout).await?
                 }
-                _ => tokio::time::timeout(self.timeout, self.reqwest_hop(&url, all, body.clone())).await,
+                _ => self.reqwest_hop(&url, all, body.clone()).await?,
             };
-            let Hop { status, retry_after, location, body } =
-                answer.map_err(|_| Failure::retry(format!("timed out after {} ms", self.timeout.as_millis())))??;
             let redirect = matches!(status, StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT);
             if let (true, Some(to)) = (redirect && self.max_redirects > 0, &location) {
                 if hop >= self.max_redirects {
@@ -209,6 +209,8 @@ impl Client {
             .post(url.clone())
             .headers(headers)
             .body(body)
+            // Up to the end of the answer's body, as lean_hop.
+            .timeout(self.timeout)
             .send()
             .await
             .map_err(|e| failure::transport(e, self.timeout))?;
@@ -226,23 +228,37 @@ impl Client {
     }
 }
 
-/// One request over the lean HTTP/1.1 connections (http1.rs).
-async fn lean_hop(pool: &http1::Pool, url: &Url, headers: HeaderMap, body: bytes::Bytes) -> Result<Hop, Failure> {
+/// One request over the lean HTTP/1.1 connections (http1.rs), within
+/// `timeout` up to the end of the answer's body. An answer whose body is
+/// cut short (by the timeout too) keeps its status: a 410 or a 503 with
+/// `Retry-After` means what it says however its body ends.
+async fn lean_hop(
+    pool: &http1::Pool,
+    url: &Url,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+    timeout: Duration,
+) -> Result<Hop, Failure> {
     use http_body_util::BodyExt;
-    let (response, connection) = pool.post(url, headers, body).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let timed_out = || Failure::retry(format!("timed out after {} ms", timeout.as_millis()));
+    let (response, connection) =
+        tokio::time::timeout_at(deadline, pool.post(url, headers, body)).await.map_err(|_| timed_out())??;
     let (head, mut incoming) = response.into_parts();
     let mut read = Vec::new();
+    // Every way out but the end of the body drops the connection (closed).
     let whole = loop {
-        match incoming.frame().await {
-            Some(Ok(frame)) => match frame.data_ref() {
-                Some(chunk) if !append_capped(&mut read, chunk) => break Ok(read), // closed when dropped
+        match tokio::time::timeout_at(deadline, incoming.frame()).await {
+            Ok(Some(Ok(frame))) => match frame.data_ref() {
+                Some(chunk) if !append_capped(&mut read, chunk) => break Ok(read),
                 _ => {}
             },
-            None => {
+            Ok(None) => {
                 connection.reuse();
                 break Ok(read);
             }
-            Some(Err(e)) => break Err(Failure::retry(format!("request failed: {}", failure::error_chain(&e)))),
+            Ok(Some(Err(e))) => break Err(Failure::retry(format!("request failed: {}", failure::error_chain(&e)))),
+            Err(_) => break Err(timed_out()),
         }
     };
     Ok(Hop::new(head.status, &head.headers, whole))

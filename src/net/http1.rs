@@ -85,14 +85,18 @@ impl Pool {
     /// answer's head, its body still to be read, and the connection.
     pub async fn post(&self, url: &Url, mut headers: HeaderMap, body: Bytes) -> Result<(Response, Lent<'_>), Failure> {
         let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
-        let uri: hyper::Uri = target.parse().map_err(|e| Failure::reject(format!("unusable URL path: {e}")))?;
+        // Only a same-origin redirect's path could fail here (too long):
+        // tried again later, like any request that could not be sent.
+        let uri: hyper::Uri = target.parse().map_err(|e| Failure::retry(format!("unusable URL path: {e}")))?;
         headers.insert(HOST, self.authority.clone());
         // A kept-alive connection the server closed meanwhile fails before
-        // anything is read; that request goes again on a new connection
-        // (as reqwest does). Delivery is at least once either way.
+        // an answer is read; the request goes again, once, on a new
+        // connection. The server may have read it: delivery is at least
+        // once.
         let mut reused = true;
         loop {
-            let mut sender = match self.take_idle() {
+            let idle = if reused { self.take_idle() } else { None };
+            let mut sender = match idle {
                 Some(s) => s,
                 None => {
                     reused = false;
@@ -105,7 +109,10 @@ impl Pool {
             *request.headers_mut() = headers.clone();
             match sender.send_request(request).await {
                 Ok(response) => return Ok((response, Lent { pool: self, sender: Some(sender) })),
-                Err(e) if reused && (e.is_canceled() || e.is_closed() || e.is_incomplete_message()) => continue,
+                Err(e) if reused && (e.is_canceled() || e.is_closed() || e.is_incomplete_message()) => {
+                    reused = false;
+                    continue;
+                }
                 Err(e) => return Err(Failure::retry(format!("request failed: {}", failure::error_chain(&e)))),
             }
         }

@@ -51,6 +51,9 @@ pub enum Reply {
     Partial,
     /// An answer with a body of this many bytes (streamed).
     Big(u16, usize),
+    /// Send this status and the start of a body, then nothing more (the
+    /// connection stays open until the client gives up).
+    Stalled(u16),
     /// Answer, then close the connection a moment later without saying
     /// so (as a server's idle timeout does to a kept-alive connection).
     ThenClose(Box<Reply>),
@@ -62,7 +65,7 @@ impl Reply {
         match self {
             Reply::Status(c) | Reply::Full { status: c, .. } | Reply::Big(c, _) => (200..300).contains(c),
             Reply::After(_, then) | Reply::ThenClose(then) => then.acks(),
-            Reply::Hang | Reply::Close | Reply::Partial => false,
+            Reply::Hang | Reply::Close | Reply::Partial | Reply::Stalled(_) => false,
         }
     }
 }
@@ -363,6 +366,12 @@ fn answer(writer: &mut impl Write, reply: Reply, shared: &Shared) -> bool {
             // Long enough for a client keeping the connection to send its
             // next request on it, which is then never read.
             shared.pause(Duration::from_millis(5));
+            false
+        }
+        Reply::Stalled(status) => {
+            let _ = writer.write_all(format!("HTTP/1.1 {status} X\r\ncontent-length: 1000\r\n\r\n{{").as_bytes());
+            let _ = writer.flush();
+            shared.pause(Duration::from_secs(3600));
             false
         }
         Reply::Partial => {
