@@ -106,19 +106,15 @@ pub fn drain_outbox(
     )
     .unwrap();
     db.execute("SELECT outbox.pause_endpoint('drain')", &[]).unwrap();
-    let per_tx = 5_000.min(n);
     let pad = "x".repeat(payload_bytes.saturating_sub(40));
-    let mut loaded = 0;
-    while loaded < n {
-        let m = per_tx.min(n - loaded);
+    in_transactions(n, |first, m| {
         db.execute(
             "SELECT count(outbox_emit('drain', jsonb_build_object('i', i, 'pad', $3::text), 'key-' || (i % $2)))
              FROM generate_series($4::bigint, $4::bigint + $1 - 1) AS i",
-            &[&m, &keys, &pad, &loaded],
+            &[&m, &keys, &pad, &first],
         )
         .unwrap();
-        loaded += m;
-    }
+    });
     quiesce(db);
     let worker = outbox_testkit::worker_pid(db);
     let cpu_before = outbox_testkit::cpu_seconds(worker);
@@ -197,19 +193,15 @@ pub fn idle_cpu_pct(db: &mut postgres::Client, secs: u64) -> [f64; 3] {
 /// The same backlog in a PgQ queue (`bench`), drained by one PgQ consumer
 /// in its own process (relay.rs, `pgq`), with pgqd ticking.
 pub fn drain_pgq(cluster: &Cluster, db: &mut postgres::Client, rx: &Receiver, n: i64, keys: i64) -> f64 {
-    let per_tx = 5_000.min(n);
-    let mut loaded = 0;
-    while loaded < n {
-        let m = per_tx.min(n - loaded);
+    in_transactions(n, |first, m| {
         db.execute(
             "SELECT count(pgq.insert_event('bench', 'ev', jsonb_build_object('i', i, 'pad', repeat('x', 24))::text,
                                            'key-' || (i % $2), NULL, NULL, NULL))
              FROM generate_series($3::bigint, $3::bigint + $1 - 1) AS i",
-            &[&m, &keys, &loaded],
+            &[&m, &keys, &first],
         )
         .unwrap();
-        loaded += m;
-    }
+    });
     quiesce(db);
     let started = Instant::now();
     let status = relay::command(cluster, rx, "pgq").arg(n.to_string()).status().expect("the PgQ consumer runs");
@@ -224,19 +216,15 @@ pub fn drain_cdc(cdc: &Cluster, rx: &Receiver, n: i64, keys: i64) -> f64 {
     let mut db = cdc.connect();
     db.batch_execute("TRUNCATE cdc_outbox").unwrap();
     cdc::fresh_slot(&mut db);
-    let per_tx = 5_000.min(n);
-    let mut loaded = 0;
-    while loaded < n {
-        let m = per_tx.min(n - loaded);
+    in_transactions(n, |first, m| {
         db.execute(
             "INSERT INTO cdc_outbox (key, payload)
              SELECT 'key-' || (i % $2), jsonb_build_object('i', i, 'pad', repeat('x', 24))
              FROM generate_series($3::bigint, $3::bigint + $1 - 1) AS i",
-            &[&m, &keys, &loaded],
+            &[&m, &keys, &first],
         )
         .unwrap();
-        loaded += m;
-    }
+    });
     let before = rx.count();
     quiesce(&mut db);
     let started = Instant::now();
@@ -246,6 +234,17 @@ pub fn drain_cdc(cdc: &Cluster, rx: &Receiver, n: i64, keys: i64) -> f64 {
     // Exactly n: a duplicate (decoding is at-least-once) would show here.
     assert_eq!(rx.count() - before, n as usize, "the CDC relay's posts, for {n} events");
     eps
+}
+
+/// A backlog of `n` loaded in transactions of at most 5,000:
+/// `load(first, count)` writes events first..first + count.
+fn in_transactions(n: i64, mut load: impl FnMut(i64, i64)) {
+    let mut first = 0;
+    while first < n {
+        let count = 5_000.min(n - first);
+        load(first, count);
+        first += count;
+    }
 }
 
 /// Start every drain from the same state: what loading it (or the write

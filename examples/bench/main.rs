@@ -269,30 +269,15 @@ fn main() {
     // 2. Drain.
     println!("\n== drain: a backlog of {} events over 1,000 keys", size.drain_events);
     let http = counting_receiver();
-    let http_drain = drain_outbox(
-        &cluster,
-        &mut db,
-        &http.url("/"),
-        "webhook",
-        json!({"max_in_flight": 64}),
-        size.drain_events,
-        1000,
-        64,
-    );
+    let drain_http = |db: &mut postgres::Client| {
+        drain_outbox(&cluster, db, &http.url("/"), "webhook", json!({"max_in_flight": 64}), size.drain_events, 1000, 64)
+    };
+    let http_drain = drain_http(&mut db);
     let eps_http = http_drain.eps;
     // The same drain again, profiled (perf slows what it watches, so not
     // the one measured above): where the worker's time goes.
     let profiler = profile::start(outbox_testkit::worker_pid(&mut db), &out.join("worker_drain.perf"));
-    drain_outbox(
-        &cluster,
-        &mut db,
-        &http.url("/"),
-        "webhook",
-        json!({"max_in_flight": 64}),
-        size.drain_events,
-        1000,
-        64,
-    );
+    drain_http(&mut db);
     match profiler
         .map(|p| p.finish("outbox worker, HTTP drain, one event per request", &out.join("worker_drain_flamegraph.svg")))
     {

@@ -96,9 +96,7 @@ fn worker(mode: &str, me: i32, db_port: u16, http_port: u16) {
             let id: i64 = r.get(0);
             let key: String = r.get(1);
             let payload: String = r.get(2);
-            let body =
-                format!("{{\"relay_id\":{id},\"key\":{},\"data\":{payload}}}", serde_json::to_string(&key).unwrap());
-            http.post(&body);
+            http.post(&post_body(id, &key, &payload));
             ids.push(id);
         }
         tx.execute("UPDATE relay_outbox SET done = true WHERE id = ANY ($1)", &[&ids]).unwrap();
@@ -129,9 +127,7 @@ fn pgq_consumer(db_port: u16, http_port: u16, stop_after: Option<i64>) {
             .unwrap();
         for r in &rows {
             let (id, key, data): (i64, String, String) = (r.get(0), r.get(1), r.get(2));
-            let body =
-                format!("{{\"relay_id\":{id},\"key\":{},\"data\":{data}}}", serde_json::to_string(&key).unwrap());
-            http.post(&body);
+            http.post(&post_body(id, &key, &data));
         }
         sent += rows.len() as i64;
         tx.query_one("SELECT pgq.finish_batch($1)", &[&batch]).unwrap();
@@ -191,13 +187,22 @@ fn cdc_event(line: &str) -> Option<(i64, String)> {
         .map(|c| (c["name"].as_str().unwrap_or_default().to_string(), c["value"].clone()))
         .collect();
     let id = row["id"].as_i64().expect("a captured row has a bigint id");
-    let key = row.remove("key").unwrap_or_else(|| id.to_string().into());
+    let key = match row.remove("key") {
+        Some(Value::String(key)) => key,
+        _ => id.to_string(),
+    };
     let data = match row.remove("payload") {
         Some(Value::String(text)) => text,
         Some(json) => json.to_string(),
         None => Value::Object(row).to_string(),
     };
-    Some((id, format!("{{\"relay_id\":{id},\"key\":{key},\"data\":{data}}}")))
+    Some((id, post_body(id, &key, &data)))
+}
+
+/// What every relay here POSTs: the row's id (`relay_id`, which the
+/// latency receiver matches), its key, and its payload's JSON text.
+fn post_body(id: i64, key: &str, data: &str) -> String {
+    format!("{{\"relay_id\":{id},\"key\":{},\"data\":{data}}}", serde_json::to_string(key).unwrap())
 }
 
 /// pgqd, PgQ's ticker daemon, for the bench cluster: a tick every 50 ms

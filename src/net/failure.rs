@@ -97,18 +97,32 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8], 
     Failure { verdict, status: Some(code), message }
 }
 
-/// A request that got no usable answer.
+/// A request through reqwest that got no usable answer.
 pub fn transport(e: reqwest::Error, timeout: Duration) -> Failure {
     // The URL is in outbox.stats already; keep it out of error texts.
     let e = e.without_url();
-    let message = if e.is_timeout() {
-        format!("timed out after {} ms", timeout.as_millis())
+    if e.is_timeout() {
+        timed_out(timeout)
     } else if e.is_connect() {
-        format!("connection failed: {}", error_chain(&e))
+        connect_failed(&error_chain(&e))
     } else {
-        format!("request failed: {}", error_chain(&e))
-    };
-    Failure::retry(message)
+        request_failed(&e)
+    }
+}
+
+/// No (whole) answer within the endpoint's `timeout`.
+pub fn timed_out(timeout: Duration) -> Failure {
+    Failure::retry(format!("timed out after {} ms", timeout.as_millis()))
+}
+
+/// No connection; `why` is already fit for a message (a snippet).
+pub fn connect_failed(why: &str) -> Failure {
+    Failure::retry(format!("connection failed: {why}"))
+}
+
+/// The request failed on an open connection.
+pub fn request_failed(e: &dyn std::error::Error) -> Failure {
+    Failure::retry(format!("request failed: {}", error_chain(e)))
 }
 
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -160,13 +160,19 @@ impl Client {
                     format!("redirect to {} is not allowed by outbox.allowed_hosts", url.host_str().unwrap_or(""))
                 }));
             }
-            let here = if hop == 0 { origin.clone() } else { url.origin() };
+            let moved;
+            let here = if hop == 0 {
+                &origin
+            } else {
+                moved = url.origin();
+                &moved
+            };
             let mut all = headers.clone();
-            if here == origin {
+            if *here == origin {
                 all.extend(self.own_headers.clone());
             }
             let Hop { status, retry_after, location, body } = match &self.lean {
-                Some((lean_origin, pool)) if *lean_origin == here => {
+                Some((lean_origin, pool)) if lean_origin == here => {
                     // What reqwest adds, unless the endpoint's headers set it.
                     all.entry(USER_AGENT).or_insert(HeaderValue::from_static(AGENT));
                     all.entry(ACCEPT).or_insert(HeaderValue::from_static("*/*"));
@@ -241,7 +247,7 @@ async fn lean_hop(
 ) -> Result<Hop, Failure> {
     use http_body_util::BodyExt;
     let deadline = tokio::time::Instant::now() + timeout;
-    let timed_out = || Failure::retry(format!("timed out after {} ms", timeout.as_millis()));
+    let timed_out = || failure::timed_out(timeout);
     let (response, connection) =
         tokio::time::timeout_at(deadline, pool.post(url, headers, body)).await.map_err(|_| timed_out())??;
     let (head, mut incoming) = response.into_parts();
@@ -257,7 +263,7 @@ async fn lean_hop(
                 connection.reuse();
                 break Ok(read);
             }
-            Ok(Some(Err(e))) => break Err(Failure::retry(format!("request failed: {}", failure::error_chain(&e)))),
+            Ok(Some(Err(e))) => break Err(failure::request_failed(&e)),
             Err(_) => break Err(timed_out()),
         }
     };

@@ -113,7 +113,7 @@ impl Pool {
                     reused = false;
                     continue;
                 }
-                Err(e) => return Err(Failure::retry(format!("request failed: {}", failure::error_chain(&e)))),
+                Err(e) => return Err(failure::request_failed(&e)),
             }
         }
     }
@@ -129,7 +129,7 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, Failure> {
-        let refused = |e: String| Failure::retry(format!("connection failed: {}", failure::snippet(e.as_bytes())));
+        let refused = |e: String| failure::connect_failed(&failure::snippet(e.as_bytes()));
         let addresses =
             resolve::allowed_addresses(&self.egress, &self.host, self.port, false).await.map_err(refused)?;
         let mut last = String::new();
