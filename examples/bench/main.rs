@@ -202,8 +202,18 @@ fn main() {
             println!("profile: {:?} -> {}", p.finish("outbox worker, HTTP drain", &svg), svg.display());
         }
         println!(
-            "outbox, HTTP, one event per request, {inflight} in flight: {:.0} events/s, worker CPU {:.1} us/event",
-            drained.eps, drained.cpu_us_per_event
+            "outbox, HTTP, one event per request, {inflight} in flight: {:.0} events/s, worker CPU {:.1} us/event, \
+             with the database {:.1}",
+            drained.eps, drained.cpu_us_per_event, drained.total_cpu_us_per_event
+        );
+        let relay = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain-ordered");
+        println!(
+            "polling relay, ordered: {:.0} events/s, relay CPU {:.1} us/event, with the database {:.1}; \
+             outbox/relay {:.2}",
+            relay.eps,
+            relay.cpu_us_per_event,
+            relay.total_cpu_us_per_event,
+            drained.eps / relay.eps
         );
         return;
     }
@@ -291,8 +301,9 @@ fn main() {
         None => println!("profile: none (perf is not installed: apt-get install linux-perf)"),
     }
     println!(
-        "outbox, HTTP, one event per request:   {eps_http:>10.0} events/s, worker CPU {:.1} us/event",
-        http_drain.cpu_us_per_event
+        "outbox, HTTP, one event per request:   {eps_http:>10.0} events/s, worker CPU {:.1} us/event, \
+         with the database {:.1}",
+        http_drain.cpu_us_per_event, http_drain.total_cpu_us_per_event
     );
     // The same over HTTP/2 (h2c, prior knowledge): one connection carries
     // every request in flight.
@@ -314,10 +325,23 @@ fn main() {
     record(&mut results, "drain_http2_eps", h2_drain.eps);
     record(&mut results, "worker_cpu_us_per_event_http2", h2_drain.cpu_us_per_event);
     record(&mut results, "drain_ratio_http2_vs_http1", h2_drain.eps / eps_http);
-    let eps_relay = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain");
-    println!("polling relay, 16 workers, SKIP LOCKED (no per-key order): {eps_relay:>9.0} events/s");
-    let eps_ordered = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain-ordered");
-    println!("polling relay, 16 workers, one per key partition (ordered):  {eps_ordered:>9.0} events/s");
+    let relay = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain");
+    let eps_relay = relay.eps;
+    println!(
+        "polling relay, 16 workers, SKIP LOCKED (no per-key order): {eps_relay:>9.0} events/s, relay CPU {:.1} us/event, \
+         with the database {:.1}",
+        relay.cpu_us_per_event, relay.total_cpu_us_per_event
+    );
+    let ordered = drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain-ordered");
+    let eps_ordered = ordered.eps;
+    println!(
+        "polling relay, 16 workers, one per key partition (ordered):  {eps_ordered:>9.0} events/s, relay CPU {:.1} \
+         us/event, with the database {:.1}",
+        ordered.cpu_us_per_event, ordered.total_cpu_us_per_event
+    );
+    record(&mut results, "relay_cpu_us_per_event_ordered", ordered.cpu_us_per_event);
+    record(&mut results, "relay_total_cpu_us_per_event_ordered", ordered.total_cpu_us_per_event);
+    record(&mut results, "total_cpu_us_per_event_http", http_drain.total_cpu_us_per_event);
     if pgqd.is_some() {
         let eps_pgq = drain_pgq(&cluster, &mut db, &http, size.drain_events, 1000);
         println!("PgQ, one consumer, pgqd ticking:         {eps_pgq:>9.0} events/s");

@@ -160,13 +160,61 @@ pub fn concurrent_load(cluster: &Cluster, topic: &str, per_writer: i32) -> i64 {
 /// User and system CPU seconds process `pid` used so far, all its threads
 /// (/proc/<pid>/stat).
 pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = proc_stat(pid);
+    stat.seconds(11) + stat.seconds(12)
+}
+
+/// CPU seconds the whole cluster used so far: the postmaster, every
+/// process it runs now (backends, the outbox worker, the checkpointer...),
+/// and the ones that already ended (their time is added to the
+/// postmaster's children's time when it reaps them).
+pub fn cluster_cpu_seconds(cluster: &Cluster) -> f64 {
+    let pid_file = std::fs::read_to_string(cluster.dir.join("data").join("postmaster.pid")).unwrap_or_default();
+    let Some(postmaster) = pid_file.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else { return 0.0 };
+    let own = proc_stat(postmaster);
+    let mut total = (11..=14).map(|i| own.seconds(i)).sum::<f64>();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let stat = proc_stat(pid);
+        if stat.field(1) == postmaster as f64 {
+            total += stat.seconds(11) + stat.seconds(12);
+        }
+    }
+    total
+}
+
+/// /proc/<pid>/stat's fields after the command name (which is in
+/// parentheses and may hold spaces): index 1 is the parent's pid, 11 and
+/// 12 user and system time, 13 and 14 those of reaped children.
+struct ProcStat(Vec<String>);
+
+fn proc_stat(pid: i32) -> ProcStat {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
+    ProcStat(stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().map(String::from).collect())
+}
+
+impl ProcStat {
+    fn field(&self, i: usize) -> f64 {
+        self.0.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+    }
+
+    fn seconds(&self, i: usize) -> f64 {
+        // SAFETY: sysconf has no preconditions.
+        self.field(i) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+}
+
+/// CPU seconds of this process's children that ended and were waited
+/// for (getrusage(RUSAGE_CHILDREN)).
+pub fn reaped_children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// CPU seconds the cluster's outbox worker used so far.
