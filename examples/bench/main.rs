@@ -153,11 +153,14 @@ fn main() {
         return;
     }
     if only.as_deref() == Some("latency") {
+        // BENCH_RATE: another rate than 1,000 events/s (80 % of the
+        // capacity, say).
+        let rate: f64 = std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(1000.0);
         for _ in 0..2 {
-            let ours = quantiles(&latency_outbox(&cluster, &mut db, 1000.0, size.latency_secs));
-            let theirs = quantiles(&latency_relay(&cluster, &mut db, 1000.0, size.latency_secs));
+            let ours = quantiles(&latency_outbox(&cluster, &mut db, rate, size.latency_secs));
+            let theirs = quantiles(&latency_relay(&cluster, &mut db, rate, size.latency_secs));
             println!(
-                "1,000 events/s, p50/p99 ms: outbox {:.2}/{:.2}, polling relay {:.2}/{:.2}",
+                "{rate:.0} events/s, p50/p99 ms: outbox {:.2}/{:.2}, polling relay {:.2}/{:.2}",
                 ours[0], ours[2], theirs[0], theirs[2]
             );
         }
