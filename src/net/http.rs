@@ -176,7 +176,8 @@ impl Client {
                     // What reqwest adds, unless the endpoint's headers set it.
                     all.entry(USER_AGENT).or_insert(HeaderValue::from_static(AGENT));
                     all.entry(ACCEPT).or_insert(HeaderValue::from_static("*/*"));
-                    lean_hop(pool, &url, all, body.clone(), self.timeout).await?
+                    let answer = pool.post(&url, &all, &body, self.timeout, MAX_RESPONSE_BYTES).await?;
+                    Hop::new(answer.status, &answer.headers, answer.body)
                 }
                 _ => self.reqwest_hop(&url, all, body.clone()).await?,
             };
@@ -232,42 +233,6 @@ impl Client {
         };
         Ok(Hop::new(response.status(), response.headers(), whole))
     }
-}
-
-/// One request over the lean HTTP/1.1 connections (http1.rs), within
-/// `timeout` up to the end of the answer's body. An answer whose body is
-/// cut short (by the timeout too) keeps its status: a 410 or a 503 with
-/// `Retry-After` means what it says however its body ends.
-async fn lean_hop(
-    pool: &http1::Pool,
-    url: &Url,
-    headers: HeaderMap,
-    body: bytes::Bytes,
-    timeout: Duration,
-) -> Result<Hop, Failure> {
-    use http_body_util::BodyExt;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let timed_out = || failure::timed_out(timeout);
-    let (response, connection) =
-        tokio::time::timeout_at(deadline, pool.post(url, headers, body)).await.map_err(|_| timed_out())??;
-    let (head, mut incoming) = response.into_parts();
-    let mut read = Vec::new();
-    // Every way out but the end of the body drops the connection (closed).
-    let whole = loop {
-        match tokio::time::timeout_at(deadline, incoming.frame()).await {
-            Ok(Some(Ok(frame))) => match frame.data_ref() {
-                Some(chunk) if !append_capped(&mut read, chunk) => break Ok(read),
-                _ => {}
-            },
-            Ok(None) => {
-                connection.reuse();
-                break Ok(read);
-            }
-            Ok(Some(Err(e))) => break Err(failure::request_failed(&e)),
-            Err(_) => break Err(timed_out()),
-        }
-    };
-    Ok(Hop::new(head.status, &head.headers, whole))
 }
 
 /// Append `chunk` to `body` up to MAX_RESPONSE_BYTES; false once full.
