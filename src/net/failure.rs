@@ -106,7 +106,7 @@ pub fn transport(e: reqwest::Error, timeout: Duration) -> Failure {
     } else if e.is_connect() {
         connect_failed(&error_chain(&e))
     } else {
-        request_failed(&e)
+        request_failed(&error_chain(&e))
     }
 }
 
@@ -120,9 +120,9 @@ pub fn connect_failed(why: &str) -> Failure {
     Failure::retry(format!("connection failed: {why}"))
 }
 
-/// The request failed on an open connection.
-pub fn request_failed(e: &dyn std::error::Error) -> Failure {
-    Failure::retry(format!("request failed: {}", error_chain(e)))
+/// The request failed on an open connection; `why` as for connect_failed.
+pub fn request_failed(why: &str) -> Failure {
+    Failure::retry(format!("request failed: {why}"))
 }
 
 pub fn error_chain(e: &dyn std::error::Error) -> String {

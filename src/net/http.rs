@@ -216,7 +216,7 @@ impl Client {
             .post(url.clone())
             .headers(headers)
             .body(body)
-            // Up to the end of the answer's body, as lean_hop.
+            // Up to the end of the answer's body, as http1's Pool::post.
             .timeout(self.timeout)
             .send()
             .await

@@ -120,13 +120,11 @@ impl Pool {
                     reuse = false;
                     continue;
                 }
-                Ok(Err(Broken::BeforeAnswer(why) | Broken::Answer(why))) => {
-                    return Err(Failure::retry(format!("request failed: {why}")))
-                }
+                Ok(Err(Broken::BeforeAnswer(why) | Broken::Answer(why))) => return Err(failure::request_failed(&why)),
             };
             let body = match tokio::time::timeout_at(deadline, conn.read_body(&head, max_body)).await {
                 Err(_) => Err(timed_out()),
-                Ok(Err(why)) => Err(Failure::retry(format!("request failed: {why}"))),
+                Ok(Err(why)) => Err(failure::request_failed(&why)),
                 Ok(Ok((body, ended))) => {
                     if ended && head.keep_alive {
                         self.give_back(conn);
@@ -555,53 +553,63 @@ mod tests {
     /// so; counts connections.
     async fn server(answers: Vec<(&'static [u8], bool)>) -> (Url, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = Url::parse(&format!("http://{}/hook?x=1", listener.local_addr().unwrap())).unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let counted = connections.clone();
         let answers = Arc::new(Mutex::new(answers.into_iter()));
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                let answers = answers.clone();
-                tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        // One request: its head, then content-length bytes.
-                        let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            match socket.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => seen.extend_from_slice(&buf[..n]),
-                            }
-                            continue;
-                        };
-                        let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length: "))
-                            .map_or(0, |v| v.trim().parse().unwrap());
-                        while seen.len() < end + 4 + length {
-                            match socket.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => seen.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        seen.drain(..end + 4 + length);
-                        let Some((answer, close)) = answers.lock().unwrap().next() else { return };
-                        // In pieces, as a network may deliver it.
-                        for piece in answer.chunks(7) {
-                            socket.write_all(piece).await.unwrap();
-                            socket.flush().await.unwrap();
-                        }
-                        if close {
-                            return;
-                        }
+        let url = scripted(move |mut socket| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let answers = answers.clone();
+            async move {
+                let mut seen = Vec::new();
+                // One request: its head, then content-length bytes.
+                while let Some(end) = read_until(&mut socket, &mut seen, head_end).await {
+                    let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    let whole = |seen: &[u8]| (seen.len() >= end + length).then_some(end + length);
+                    let Some(whole) = read_until(&mut socket, &mut seen, whole).await else { return };
+                    seen.drain(..whole);
+                    let Some((answer, close)) = answers.lock().unwrap().next() else { return };
+                    // In pieces, as a network may deliver it.
+                    for piece in answer.chunks(7) {
+                        socket.write_all(piece).await.unwrap();
+                        socket.flush().await.unwrap();
                     }
-                });
+                    if close {
+                        return;
+                    }
+                }
             }
-        });
-        (url, connections)
+        })
+        .await;
+        (url.join("/hook?x=1").unwrap(), connections)
+    }
+
+    /// Where the request head at the start of `seen` ends (past its empty
+    /// line), once it is there.
+    fn head_end(seen: &[u8]) -> Option<usize> {
+        seen.windows(4).position(|w| w == b"\r\n\r\n").map(|at| at + 4)
+    }
+
+    /// Read from `socket` into `seen` until `done` finds what it wants;
+    /// None if the connection ends first.
+    async fn read_until(
+        socket: &mut tokio::net::TcpStream,
+        seen: &mut Vec<u8>,
+        done: impl Fn(&[u8]) -> Option<usize>,
+    ) -> Option<usize> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(found) = done(seen) {
+                return Some(found);
+            }
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
     }
 
     fn pool(url: &Url) -> Pool {
@@ -700,14 +708,7 @@ mod tests {
 
     /// Read until the end of a request's head.
     async fn read_head_of(socket: &mut tokio::net::TcpStream) {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            match socket.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
+        read_until(socket, &mut Vec::new(), head_end).await;
     }
 
     #[tokio::test]
