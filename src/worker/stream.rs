@@ -4,13 +4,13 @@
 use super::error::Result;
 use super::ticks::Tick;
 use crate::event::{Event, Position};
+use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys::{self, PgOid};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData, SpiResult};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, SystemTime};
 
 /// "Batches up to `tick` are done; inside batch `tick + 1`, everything up
 /// to and including position `after` = (rank, n) is done."
@@ -20,7 +20,7 @@ pub struct Cursor {
     pub after: Option<(i64, i32)>,
 }
 
-/// The 8 columns an Event's content is read from (see `event_at`), of the
+/// The 7 columns an Event's content is read from (see `event_at`), of the
 /// table alias `$t` whose event id is `$id`.
 macro_rules! event_columns {
     ($t:literal, $id:literal) => {
@@ -37,12 +37,8 @@ macro_rules! event_columns {
             ".payload::pg_catalog.text, ",
             $t,
             ".headers::pg_catalog.text, ",
-            "pg_catalog.to_char(",
             $t,
-            ".created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), ",
-            "extract(epoch FROM ",
-            $t,
-            ".created_at)::pg_catalog.float8"
+            ".created_at"
         )
     };
 }
@@ -52,7 +48,8 @@ pub(crate) use event_columns;
 /// (1-based) of `row`: the one reader of rows into events, for the stream
 /// and for parked events.
 pub fn event_at(row: &SpiHeapTupleData<'_>, first: usize, position: Position) -> SpiResult<Event> {
-    let epoch: f64 = row.get(first + 7)?.unwrap_or_default();
+    let created_at: Option<TimestampWithTimeZone> = row.get(first + 6)?;
+    let (timestamp, created) = crate::event::timestamp(created_at.map_or(0, TimestampWithTimeZone::into_inner));
     Ok(Event {
         position,
         id: row.get(first)?.unwrap_or_default(),
@@ -61,8 +58,8 @@ pub fn event_at(row: &SpiHeapTupleData<'_>, first: usize, position: Position) ->
         event_type: row.get(first + 3)?,
         payload: row.get(first + 4)?.unwrap_or_else(|| "null".into()),
         headers: row.get(first + 5)?.unwrap_or_else(|| "{}".into()),
-        timestamp: row.get(first + 6)?.unwrap_or_default(),
-        created: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0)),
+        timestamp,
+        created,
     })
 }
 
@@ -206,7 +203,7 @@ pub fn read_batch(
             let mut candidates = 0;
             for row in rows {
                 let rank: i64 = row.get(1)?.unwrap_or_default();
-                candidates = row.get(12)?.unwrap_or_default();
+                candidates = row.get(11)?.unwrap_or_default();
                 events.push(stream_event(&row, hi.id, rank)?);
             }
             let complete = all_of_it(events.len(), candidates, limit);
@@ -239,7 +236,7 @@ fn read_ordered(
         let mut candidates = 0;
         let before = events.len();
         for row in rows {
-            candidates = row.get(12)?.unwrap_or_default();
+            candidates = row.get(11)?.unwrap_or_default();
             let event = stream_event(&row, batch, rank)?;
             used += event.size() as i64;
             events.push(event);
@@ -269,7 +266,7 @@ fn read_ordered(
         let before = events.len();
         for row in rows {
             let i: i64 = row.get(1)?.unwrap_or_default();
-            candidates = row.get(12)?.unwrap_or_default();
+            candidates = row.get(11)?.unwrap_or_default();
             let event = stream_event(&row, batch, next as i64 + i)?;
             used += event.size() as i64;
             events.push(event);
