@@ -176,11 +176,10 @@ pub fn forget_events_table(db_oid: pg_sys::Oid) {
 }
 
 /// The worker of database `index` starts a step: the next commit wakes it
-/// again. Returns nothing; call before reading the tables.
-pub fn worker_awake(index: usize) {
-    if let Some(entries) = entries() {
-        entries[index].wake_pending.store(false, Ordering::Release);
-    }
+/// again. Returns whether a commit woke it since the last call (true when
+/// unknown); call before reading the tables.
+pub fn worker_awake(index: usize) -> bool {
+    entries().is_none_or(|entries| entries[index].wake_pending.swap(false, Ordering::AcqRel))
 }
 
 /// Whether commits should wake the worker of database `index` (it has endpoints).

@@ -217,6 +217,13 @@ unsafe extern "C-unwind" fn process_utility(
     if tag == pg_sys::NodeTag::T_TransactionStmt {
         if let Some(gid) = unsafe { commit_prepared_gid(stmt) } {
             unsafe { note_commit_prepared(gid.as_ptr()) };
+            run();
+            // Committed now: the worker reads its events at once, not at
+            // its next tick.
+            // SAFETY: MyDatabaseId is set in every backend (COMMIT
+            // PREPARED runs in the database that prepared).
+            shmem::wake_worker(unsafe { pg_sys::MyDatabaseId }, false);
+            return;
         }
         return run();
     }

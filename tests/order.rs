@@ -72,6 +72,8 @@ fn commit_order_holds_in_a_batch_of_any_size() {
     db.batch_execute("SELECT outbox.resume_endpoint('hooks')").unwrap();
     rx.wait_until(WAIT, "all events", |r| r.len() >= 1_502);
     assert_eq!(same_key_order(&rx), ["b", "a"], "commit order of key 'same'");
+    // Progress is written within moments of the deliveries, not with them.
+    wait_sql(&mut db, WAIT, "SELECT delivered >= 1502 FROM outbox.stats");
     let inexact: i64 = db.query_one("SELECT inexact_order_batches FROM outbox.stats", &[]).unwrap().get(0);
     assert_eq!(inexact, 0, "the worker knew every commit");
 }
@@ -96,6 +98,7 @@ fn across_a_server_restart_commit_timestamps_keep_the_order_and_inexact_batches_
     db.batch_execute("SELECT outbox.resume_endpoint('hooks')").unwrap();
     rx.wait_until(WAIT, "all events", |r| r.len() >= 12);
     assert_eq!(same_key_order(&rx), ["b", "a"]);
+    wait_sql(&mut db, WAIT, "SELECT delivered >= 12 FROM outbox.stats");
     let inexact: i64 = db.query_one("SELECT inexact_order_batches FROM outbox.stats", &[]).unwrap().get(0);
     assert!(inexact >= 1, "a batch ordered by commit timestamps is counted");
 }

@@ -36,6 +36,12 @@ const DOWN_AFTER_FAILURES: u32 = 3;
 const PARK_AFTER_ATTEMPTS: u32 = 3;
 /// Latency samples kept for the p50/p99 in outbox.stats.
 const LATENCY_SAMPLES: usize = 1024;
+/// Progress is written within this long of a change, not on every step: an
+/// UPDATE of outbox.progress per step was an eighth of the worker's CPU in
+/// an HTTP drain. Losing what was not written yet costs resends after a
+/// crash (at-least-once), never events: the cursor written is always
+/// behind what was delivered, and parked copies are written before it.
+const SAVE_EVERY: Duration = Duration::from_millis(10);
 /// Events read per endpoint per step, so one step stays short.
 const READ_PER_STEP: usize = 5_000;
 /// Rows per read query.
@@ -104,6 +110,8 @@ struct Stats {
     last_error: Option<String>,
     latency_changed: bool,
     reported: (i32, i32),
+    /// Since when progress changed without being written (see SAVE_EVERY).
+    unsaved_since: Option<Instant>,
 }
 
 pub struct EndpointState {
@@ -156,6 +164,11 @@ impl EndpointState {
         self.setup.active
     }
 
+    /// The cursor outbox.progress holds, as far as this state knows.
+    pub fn saved_cursor(&self) -> Cursor {
+        self.cursor.saved
+    }
+
     /// The tick reading continues after.
     pub fn read_tick(&self) -> i64 {
         self.cursor.read.tick
@@ -204,7 +217,7 @@ impl EndpointState {
     /// wrote remains.
     pub fn sync(&mut self, step: &mut Step) -> Result<usize> {
         let (block, now) = (self.block_on_dead(), step.now);
-        self.write_back()?;
+        self.write_back(now, false)?;
         self.parked.refresh(self.id, block, now)?;
         if !self.setup.active {
             return Ok(0);
@@ -218,12 +231,44 @@ impl EndpointState {
         Ok(read)
     }
 
-    /// Write what the worker learned since the last step: parked and dead
-    /// events, outcomes of parked events, a 410, progress. Parked copies
-    /// are written before the cursor that passes them.
-    fn write_back(&mut self) -> Result<()> {
+    /// Whether the next step must open a transaction for this endpoint:
+    /// something to write that must not wait (parked rows, a 410), progress
+    /// unwritten for SAVE_EVERY, a lane to park, parked lanes to read, or
+    /// room in the window while `unread` events may wait (ticks not read
+    /// yet, or commits not ticked yet). Otherwise the step only hands out
+    /// requests, which needs no transaction.
+    pub fn wants_step(&self, now: Instant, window: (usize, usize), unread: bool) -> bool {
+        let (max_events, max_bytes) = window;
+        let gone_unwritten = self.health.gone.is_some() && !self.health.gone_written && self.setup.active;
+        let save_due = self.save_due().is_some_and(|t| t <= now);
+        // Refilled at half: a step reads up to READ_PER_STEP events, not
+        // one page per outcome. And whenever nothing in the window can go
+        // out (its lanes wait out retries): later keys must not wait for
+        // those.
+        let half = self.window.len() <= max_events / 2 && self.window.bytes() <= max_bytes / 2;
+        let stalled = self.window.ready_len() == 0 && self.window.in_flight() == 0;
+        let refill = self.setup.active && unread && self.window_room(max_events, max_bytes) > 0 && (half || stalled);
+        gone_unwritten || save_due || refill || self.lane_to_park(window).is_some() || self.parked.wants_step(now)
+    }
+
+    /// When unwritten progress must be written.
+    pub fn save_due(&self) -> Option<Instant> {
+        self.stats.unsaved_since.map(|t| t + SAVE_EVERY)
+    }
+
+    fn mark_unsaved(&mut self, now: Instant) {
+        self.stats.unsaved_since.get_or_insert(now);
+    }
+
+    /// Write what the worker learned: parked and dead events and outcomes
+    /// of parked events at once, a 410 at once, progress when SAVE_EVERY
+    /// has passed since it changed (or `force`: the state is about to be
+    /// dropped). Parked copies are written before the cursor that passes
+    /// them.
+    pub fn write_back(&mut self, now: Instant, force: bool) -> Result<()> {
         self.flush_parked()?;
-        let update = self.progress();
+        let save = force || self.save_due().is_some_and(|t| t <= now);
+        let update = if save { self.progress() } else { None };
         let gone = self.health.gone.clone().filter(|_| !self.health.gone_written && self.setup.active);
         Spi::connect_mut(|client| {
             if let Some(reason) = &gone {
@@ -240,6 +285,9 @@ impl EndpointState {
         }
         if let Some(update) = update {
             self.saved(&update);
+        }
+        if save {
+            self.stats.unsaved_since = None;
         }
         Ok(())
     }
@@ -268,6 +316,7 @@ impl EndpointState {
             let page = stream::read_batch(lo, hi, self.cursor.read.after, &self.setup.like, room as i64, bytes)?;
             let inexact = hi.inexact > 0;
             budget = budget.saturating_sub(page.events.len());
+            self.mark_unsaved(step.now);
             self.take_page(page.events)?;
             if page.complete {
                 self.cursor.read = Cursor { tick: lo_id + 1, after: None };
@@ -317,15 +366,8 @@ impl EndpointState {
     /// When the oldest event of the window is waiting out a backoff, and
     /// the window is full or that event failed a few times, move its lane
     /// to outbox.parked so other lanes and the cursor go on.
-    fn park_stuck_lanes(&mut self, (max_events, max_bytes): (usize, usize), now: Instant) {
-        if self.is_down() {
-            return;
-        }
-        while let Some(lane) = self.window.stuck_lane() {
-            let full = self.window.len() >= max_events || self.window.bytes() >= max_bytes;
-            if !full && self.window.attempts(&lane) < PARK_AFTER_ATTEMPTS {
-                break;
-            }
+    fn park_stuck_lanes(&mut self, window: (usize, usize), now: Instant) {
+        while let Some(lane) = self.lane_to_park(window) {
             let Some(taken) = self.window.take_lane(&lane) else { break };
             let due = taken.due.unwrap_or(now);
             let event_id = matches!(lane, LaneId::Solo(_)).then(|| taken.events[0].1.id.clone());
@@ -344,6 +386,16 @@ impl EndpointState {
             }
             self.parked.insert(lane, Status::Due(due), taken.attempts, event_id);
         }
+    }
+
+    /// The lane park_stuck_lanes moves out next, if any.
+    fn lane_to_park(&self, (max_events, max_bytes): (usize, usize)) -> Option<LaneId> {
+        if self.is_down() {
+            return None;
+        }
+        let lane = self.window.stuck_lane()?;
+        let full = self.window.len() >= max_events || self.window.bytes() >= max_bytes;
+        (full || self.window.attempts(&lane) >= PARK_AFTER_ATTEMPTS).then_some(lane)
     }
 
     // ------------------------------------------------------------------
@@ -422,6 +474,7 @@ impl EndpointState {
                 let Some(run) = self.window.next_run(max, |head, e| head.topic == e.topic) else { break };
                 events.extend(run.events.into_iter().map(|(_, e)| (run.lane.clone(), e)));
             }
+            self.mark_unsaved(now);
             for group in self.by_topic(events, now) {
                 self.health.requests += 1;
                 jobs.push(Job {
@@ -458,6 +511,7 @@ impl EndpointState {
     /// A request came back with what the endpoint did with each event.
     pub fn on_outcome(&mut self, outcome: Outcome, now: Instant) {
         self.health.requests = self.health.requests.saturating_sub(1);
+        self.mark_unsaved(now);
         for (lane, position, result) in outcome.results {
             self.on_result(&lane, position, result, now);
         }

@@ -148,6 +148,9 @@ pub extern "C-unwind" fn outbox_worker_main(arg: pg_sys::Datum) {
         }
         worker.step();
     }
+    if !shmem::releasing(index) && !worker.superuser {
+        worker.save_all();
+    }
     worker.network.shutdown(Duration::from_millis(500));
     pgrx::log!("outbox worker in database {db:?} stopped");
 }
@@ -191,6 +194,9 @@ struct Worker {
     /// Events were read in this step: their commits must be durable
     /// before anything is sent.
     read_events: bool,
+    /// Transactions that emitted committed since the last tick was taken
+    /// (or looked for): their events are in no tick yet.
+    commits_unticked: bool,
     /// The worker's role was found to be a superuser: stop.
     superuser: bool,
     /// The version of an installation this library does not run (older,
@@ -218,6 +224,7 @@ impl Worker {
             error_pause_until: None,
             broken: HashMap::new(),
             read_events: false,
+            commits_unticked: true,
             superuser: false,
             waiting_for_update: None,
         }
@@ -237,7 +244,7 @@ impl Worker {
     fn timeout(&self) -> Duration {
         let now = Instant::now();
         let mut until = now + poll_interval();
-        for t in self.endpoints.iter().filter_map(|e| e.next_wake(now)) {
+        for t in self.endpoints.iter().flat_map(|e| [e.next_wake(now), e.save_due()]).flatten() {
             until = until.min(t);
         }
         if let Some(t) = self.error_pause_until {
@@ -252,21 +259,26 @@ impl Worker {
             return;
         }
         // Before reading anything: a commit from now on wakes us again.
-        shmem::worker_awake(self.index);
+        self.commits_unticked |= shmem::worker_awake(self.index);
         self.error_pause_until = None;
         self.apply_outcomes();
 
-        self.read_events = false;
-        if let Err(e) = transaction(|| self.sync()) {
-            pgrx::warning!("outbox worker: {e}");
-            // Forget what may not have been written; start again from
-            // the tables after a pause.
-            self.forget_all();
-            self.error_pause_until = Some(Instant::now() + ERROR_PAUSE);
-            return;
-        }
-        if self.read_events {
-            flush_wal();
+        // Most wake-ups in a drain bring outcomes and nothing else: the
+        // window still holds events to send and progress was written a
+        // moment ago. Those steps hand out requests without a transaction.
+        if self.wants_database(Instant::now()) {
+            self.read_events = false;
+            if let Err(e) = transaction(|| self.sync()) {
+                pgrx::warning!("outbox worker: {e}");
+                // Forget what may not have been written; start again from
+                // the tables after a pause.
+                self.forget_all();
+                self.error_pause_until = Some(Instant::now() + ERROR_PAUSE);
+                return;
+            }
+            if self.read_events {
+                flush_wal();
+            }
         }
         self.dispatch(Instant::now());
 
@@ -276,7 +288,51 @@ impl Worker {
         }
     }
 
+    /// Whether this step needs the database: the extension or the
+    /// configuration may have changed, a tick is due, or an endpoint has
+    /// something to read or write (EndpointState::wants_step).
+    fn wants_database(&self, now: Instant) -> bool {
+        if self.extension.is_none()
+            || self.config_version != Some(shmem::config_version(self.index))
+            || self.last_reload.elapsed() >= RELOAD_EVERY
+            || self.last_tick.elapsed() >= poll_interval()
+            || self.broken.values().any(|t| *t <= now)
+        {
+            return true;
+        }
+        let window = window();
+        self.endpoints.iter().any(|ep| {
+            let unread = self.commits_unticked || ep.read_tick() < self.latest_tick;
+            ep.wants_step(now, window, unread)
+        })
+    }
+
+    /// Before the worker exits: outcomes that came back are written, so a
+    /// restart does not send their events again.
+    fn save_all(&mut self) {
+        self.apply_outcomes();
+        if self.extension.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let saved = transaction(|| {
+            if store::pin_extension()?.0 != self.extension {
+                return Ok(());
+            }
+            for ep in &mut self.endpoints {
+                if let Err(e) = subtransaction(|| ep.write_back(now, true)) {
+                    pgrx::warning!("outbox worker: endpoint {}: {e}", ep.id);
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = saved {
+            pgrx::warning!("outbox worker: writing progress before exiting: {e}");
+        }
+    }
+
     fn forget_all(&mut self) {
+        self.commits_unticked = true;
         self.extension = None;
         self.endpoints.clear();
         self.ticks.clear();
@@ -379,24 +435,30 @@ impl Worker {
         let now = Instant::now();
         let parked_cap = window().0;
         let mut next = Vec::with_capacity(rows.len());
-        for row in rows {
+        for mut row in rows {
             if self.broken.get(&row.id).is_some_and(|t| *t > now) {
                 continue;
             }
             self.broken.remove(&row.id);
+            let existing = self.endpoints.iter().position(|e| e.id == row.id).map(|i| self.endpoints.swap_remove(i));
             let config = match crate::config::Endpoint::parse(&row.name, &row.url, &row.kind, &row.topics, &row.options)
             {
                 Ok(c) => c,
                 Err(e) => {
                     pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name);
+                    existing.map(|ep| retire(ep, now));
                     continue;
                 }
             };
-            let existing = self.endpoints.iter().position(|e| e.id == row.id);
-            if let Some(mut ep) = existing.map(|i| self.endpoints.swap_remove(i)) {
+            if let Some(mut ep) = existing {
                 if ep.reconfigure(&row, &config, &self.egress) {
                     next.push(ep);
                     continue;
+                }
+                // Built anew from where this state got to (`row` was read
+                // before its last progress was written).
+                if let Some(cursor) = retire(ep, now) {
+                    row.cursor = cursor;
                 }
             }
             // A new endpoint, or its topics or kind changed: (re)start from
@@ -408,7 +470,11 @@ impl Worker {
             self.next_incarnation += 1;
         }
         self.endpoints = next;
+        // Entries of endpoints dropped while broken.
+        self.broken.retain(|_, t| *t > now);
         shmem::want_commits(self.index, self.endpoints.iter().any(EndpointState::is_active));
+        // Commits while no endpoint was active woke nobody.
+        self.commits_unticked = true;
         Ok(())
     }
 
@@ -418,7 +484,10 @@ impl Worker {
     /// use decides what rotation may remove, so it must move on when all
     /// is quiet).
     fn tick(&mut self) -> Result<()> {
-        let caught_up = self.endpoints.iter().any(|e| e.is_active() && e.read_tick() >= self.latest_tick);
+        // Without commits noted since the last look there is nothing to
+        // tick but prepared transactions, which the overdue tick takes.
+        let caught_up =
+            self.commits_unticked && self.endpoints.iter().any(|e| e.is_active() && e.read_tick() >= self.latest_tick);
         let ring = shmem::commit_ring(self.index);
         let many = ring.is_some_and(|ring| self.commit_order.unread(ring) >= TICK_AFTER_COMMITS);
         let overdue = self.last_tick.elapsed() >= poll_interval();
@@ -426,6 +495,8 @@ impl Worker {
             return Ok(());
         }
         let latest = ticks::take(overdue, &mut self.commit_order, ring)?;
+        // Whatever committed before is in this tick or an earlier one.
+        self.commits_unticked = false;
         if latest != self.latest_tick {
             self.latest_tick = latest;
             self.last_tick = Instant::now();
@@ -469,6 +540,18 @@ impl Worker {
             }
             Ok(done) => pgrx::debug2!("outbox worker: maintenance: {done:?}"),
             Err(e) => pgrx::warning!("outbox worker: table maintenance: {e}"),
+        }
+    }
+}
+
+/// An endpoint's state is dropped: first write what it learned, or its
+/// delivered events would go out again. The cursor written, if it was.
+fn retire(mut ep: EndpointState, now: Instant) -> Option<stream::Cursor> {
+    match subtransaction(|| ep.write_back(now, true)) {
+        Ok(()) => Some(ep.saved_cursor()),
+        Err(e) => {
+            pgrx::warning!("outbox worker: endpoint {}: {e}", ep.id);
+            None
         }
     }
 }

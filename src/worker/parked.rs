@@ -158,6 +158,20 @@ impl Parked {
         self.lanes.insert(lane, Lane::new(status, attempts, event_id));
     }
 
+    /// Whether the next step must open a transaction for these lanes: rows
+    /// to write, lanes to (re)read, or heads to load.
+    pub fn wants_step(&self, now: Instant) -> bool {
+        self.stale
+            || !self.complete
+            || !self.writes.is_empty()
+            || !self.to_park.is_empty()
+            || self.lanes.values().any(|l| match l.status {
+                Status::Next => true,
+                Status::Due(at) => at <= now && !l.behind_window,
+                _ => false,
+            })
+    }
+
     /// Queue `row` to be copied into the table.
     pub fn park(&mut self, row: ParkRow) {
         self.to_park.push(row);
