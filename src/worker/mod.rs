@@ -293,10 +293,8 @@ impl Worker {
     /// something to read or write (EndpointState::wants_step).
     fn wants_database(&self, now: Instant) -> bool {
         if self.extension.is_none()
-            || self.config_version != Some(shmem::config_version(self.index))
-            || self.last_reload.elapsed() >= RELOAD_EVERY
+            || self.reload_due(shmem::config_version(self.index), now)
             || self.last_tick.elapsed() >= poll_interval()
-            || self.broken.values().any(|t| *t <= now)
         {
             return true;
         }
@@ -305,6 +303,14 @@ impl Worker {
             let unread = self.commits_unticked || ep.read_tick() < self.latest_tick;
             ep.wants_step(now, window, unread)
         })
+    }
+
+    /// Whether endpoints must be read again: the configuration changed
+    /// (`version`), RELOAD_EVERY passed, or a broken endpoint's pause ended.
+    fn reload_due(&self, version: u64, now: Instant) -> bool {
+        self.config_version != Some(version)
+            || self.last_reload.elapsed() >= RELOAD_EVERY
+            || self.broken.values().any(|t| *t <= now)
     }
 
     /// Before the worker exits: outcomes that came back are written, so a
@@ -387,8 +393,7 @@ impl Worker {
         }
 
         let version = shmem::config_version(self.index);
-        let broken_due = self.broken.values().any(|t| *t <= Instant::now());
-        if self.config_version != Some(version) || self.last_reload.elapsed() >= RELOAD_EVERY || broken_due {
+        if self.reload_due(version, Instant::now()) {
             rotation::publish_current(self.index)?;
             self.reload_endpoints()?;
             self.config_version = Some(version);
