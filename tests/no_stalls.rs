@@ -70,3 +70,51 @@ fn an_open_transaction_elsewhere_does_not_stall_delivery() {
     open.batch_execute("COMMIT").unwrap();
     rx.wait_until(WAIT, "the open transaction's event", |r| r.iter().any(|x| data_n(x) == -1));
 }
+
+#[test]
+fn a_key_whose_events_fill_the_window_does_not_hold_back_a_new_key() {
+    // Key "slow" fills most of a small window and its first request hangs:
+    // nothing in the window can go out, while requests could. An event of
+    // another key committed meanwhile goes out at once, not after the
+    // hanging request's timeout or the (long) poll interval.
+    let cluster = Cluster::start("window-stall", &["outbox.window_events = 10", "outbox.poll_interval = '60s'"]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox").unwrap();
+    let rx = Receiver::start();
+    rx.respond(|r, _| if r.json()["key"] == "slow" { Reply::Hang } else { Reply::Status(200) });
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({"timeout_ms": 30000, "max_in_flight": 4}));
+    db.execute(
+        "SELECT count(outbox_emit('t', jsonb_build_object('i', i), 'slow')) FROM generate_series(1, 8) AS i",
+        &[],
+    )
+    .unwrap();
+    rx.wait_for(1, WAIT);
+    // Past the progress write that follows the request.
+    std::thread::sleep(Duration::from_millis(300));
+    let committed = Instant::now();
+    emit(&mut db, "t", json!({"i": 0}), Some("fast"));
+    rx.wait_until(WAIT, "the event of key fast", |r| r.iter().any(|r| r.json()["key"] == "fast"));
+    let waited = committed.elapsed();
+    assert!(waited < Duration::from_secs(3), "key fast waited {waited:?} behind key slow");
+}
+
+#[test]
+fn an_event_of_a_prepared_transaction_goes_out_when_it_is_committed() {
+    // COMMIT PREPARED, in another session and long after PREPARE, wakes
+    // the worker as a commit does: no wait for the (long) poll interval.
+    let cluster = Cluster::start("twophase-wake", &["outbox.poll_interval = '60s'", "max_prepared_transactions = 10"]);
+    let mut db = cluster.connect();
+    db.batch_execute("CREATE EXTENSION outbox").unwrap();
+    let rx = Receiver::start();
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({}));
+    let mut app = cluster.connect();
+    app.batch_execute("BEGIN; SELECT outbox_emit('t', '{\"prepared\": true}', 'k'); PREPARE TRANSACTION 'tx-wake';")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rx.count(), 0, "prepared, not committed");
+    let committed = Instant::now();
+    db.batch_execute("COMMIT PREPARED 'tx-wake'").unwrap();
+    rx.wait_for(1, WAIT_LONG);
+    let waited = committed.elapsed();
+    assert!(waited < Duration::from_secs(3), "the prepared transaction's event waited {waited:?}");
+}

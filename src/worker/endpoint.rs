@@ -242,11 +242,12 @@ impl EndpointState {
         let gone_unwritten = self.health.gone.is_some() && !self.health.gone_written && self.setup.active;
         let save_due = self.save_due().is_some_and(|t| t <= now);
         // Refilled at half: a step reads up to READ_PER_STEP events, not
-        // one page per outcome. And whenever nothing in the window can go
-        // out (its lanes wait out retries): later keys must not wait for
-        // those.
+        // one page per outcome. And whenever requests could go out but
+        // nothing loaded is ready (its lanes are in flight or wait out
+        // retries): later keys must not wait for those.
         let half = self.window.len() <= max_events / 2 && self.window.bytes() <= max_bytes / 2;
-        let stalled = self.window.ready_len() == 0 && self.window.in_flight() == 0;
+        let stalled =
+            self.window.ready_len() + self.parked.ready_len() == 0 && self.health.requests < self.send_limit(now);
         let refill = self.setup.active && unread && self.window_room(max_events, max_bytes) > 0 && (half || stalled);
         gone_unwritten || save_due || refill || self.lane_to_park(window).is_some() || self.parked.wants_step(now)
     }
