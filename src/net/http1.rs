@@ -238,10 +238,20 @@ struct Conn {
 }
 
 impl Conn {
-    /// Nothing to read, nor the connection's end: asked of the socket
-    /// itself (tokio's readiness lags what the kernel already holds).
+    /// Nothing to read, nor the connection's end. Tokio's readiness
+    /// answers first, without a system call: the short read that ended the
+    /// last answer cleared it, so it is set only if the server spoke (or
+    /// closed) since, or that read filled the buffer exactly. Only then is
+    /// the socket itself asked. Readiness can lag the kernel by the moments
+    /// before the runtime next polls for events; bytes that arrive in that
+    /// window are read as the answer to the next request, which at worst
+    /// fails it (a 408, a closed connection) and sends it again.
     fn quiet(&self) -> bool {
         use std::os::fd::AsRawFd;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if self.stream.poll_read_ready(&mut cx).is_pending() {
+            return true;
+        }
         let mut byte = 0u8;
         // SAFETY: peeks at most one byte into `byte`, without waiting.
         let n = unsafe {

@@ -59,7 +59,7 @@ pub type Waker = Arc<dyn Fn() + Send + Sync>;
 /// Handle to the running network side.
 pub struct Network {
     runtime: Option<tokio::runtime::Runtime>,
-    jobs: tokio_mpsc::UnboundedSender<Job>,
+    jobs: tokio_mpsc::UnboundedSender<Vec<Job>>,
     outcomes: mpsc::Receiver<Outcome>,
     /// Set when outcomes wait and the main thread was woken for them: one
     /// wake-up (a signal to the process) per batch of outcomes, not one
@@ -80,50 +80,57 @@ impl Network {
         })
         .map_err(|e| NetError(format!("starting the network runtime: {e}")))?;
 
-        let (jobs, mut job_rx) = tokio_mpsc::unbounded_channel::<Job>();
+        let (jobs, mut job_rx) = tokio_mpsc::unbounded_channel::<Vec<Job>>();
         let (outcome_tx, outcomes) = mpsc::channel();
         let wake_pending = Arc::new(AtomicBool::new(false));
         let pending = wake_pending.clone();
         runtime.spawn(async move {
-            while let Some(job) = job_rx.recv().await {
-                let outcome_tx = outcome_tx.clone();
-                let wake = wake.clone();
-                let pending = pending.clone();
-                tokio::spawn(async move {
-                    let events: Vec<Arc<Event>> = job.events.iter().map(|(_, e)| e.clone()).collect();
-                    // A panic in a delivery must still produce an outcome, or
-                    // its lanes would wait forever.
-                    let results = match CatchUnwind(Box::pin(deliver(&job.target, &events))).await {
-                        Ok(r) => r,
-                        Err(message) => {
-                            vec![
-                                Err(Failure::retry(format!("internal error in delivery: {message}")));
-                                job.events.len()
-                            ]
+            while let Some(step) = job_rx.recv().await {
+                for job in step {
+                    let outcome_tx = outcome_tx.clone();
+                    let wake = wake.clone();
+                    let pending = pending.clone();
+                    tokio::spawn(async move {
+                        let events: Vec<Arc<Event>> = job.events.iter().map(|(_, e)| e.clone()).collect();
+                        // A panic in a delivery must still produce an outcome, or
+                        // its lanes would wait forever.
+                        let results = match CatchUnwind(Box::pin(deliver(&job.target, &events))).await {
+                            Ok(r) => r,
+                            Err(message) => {
+                                vec![
+                                    Err(Failure::retry(format!("internal error in delivery: {message}")));
+                                    job.events.len()
+                                ]
+                            }
+                        };
+                        let outcome = Outcome {
+                            endpoint_id: job.endpoint_id,
+                            incarnation: job.incarnation,
+                            results: job
+                                .events
+                                .into_iter()
+                                .zip(results)
+                                .map(|((lane, event), result)| (lane, event.position, result))
+                                .collect(),
+                        };
+                        if outcome_tx.send(outcome).is_ok() && !pending.swap(true, Ordering::AcqRel) {
+                            wake();
                         }
-                    };
-                    let outcome = Outcome {
-                        endpoint_id: job.endpoint_id,
-                        incarnation: job.incarnation,
-                        results: job
-                            .events
-                            .into_iter()
-                            .zip(results)
-                            .map(|((lane, event), result)| (lane, event.position, result))
-                            .collect(),
-                    };
-                    if outcome_tx.send(outcome).is_ok() && !pending.swap(true, Ordering::AcqRel) {
-                        wake();
-                    }
-                });
+                    });
+                }
             }
         });
         Ok(Network { runtime: Some(runtime), jobs, outcomes, wake_pending })
     }
 
-    pub fn submit(&self, job: Job) {
+    /// Hand a step's jobs over: one message, so one wake-up of the
+    /// runtime however many requests the step starts.
+    pub fn submit(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
         // Fails only after shutdown, when nobody waits for outcomes anymore.
-        let _ = self.jobs.send(job);
+        let _ = self.jobs.send(jobs);
     }
 
     /// Outcomes that arrived since the last call.
