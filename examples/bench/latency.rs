@@ -13,6 +13,26 @@ use std::time::{Duration, Instant};
 /// outbox endpoint's first connections, the relay's), not its steady state.
 const WARM_UP: Duration = Duration::from_secs(1);
 
+/// Before each system's latency is measured: what earlier parts left
+/// behind (dirty buffers of a drained backlog, autovacuum of its tables)
+/// is done, so that it does not weigh on whichever system happens to be
+/// measured first. Waits at most 30 s for autovacuum.
+pub fn settle(db: &mut postgres::Client) {
+    db.batch_execute("CHECKPOINT").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let busy: i64 = db
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'", &[])
+            .unwrap()
+            .get(0);
+        if busy == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 /// Emit at `rate` events/s for `secs`, after WARM_UP, from several
 /// connections; `emit` runs one transaction and returns the event's id
 /// (after commit). Only events of the `secs` after the warm-up are noted.

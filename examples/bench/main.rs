@@ -34,7 +34,7 @@ use drain::{
     capacity, counting_receiver, drain_cdc, drain_outbox, drain_pgq, drain_relay, idle_cpu_pct, kafka_v2_responder,
     WRITERS,
 };
-use latency::{latency_cdc, latency_outbox, latency_pgq, latency_relay};
+use latency::{latency_cdc, latency_outbox, latency_pgq, latency_relay, settle};
 use outbox_testkit::cluster::{server_dir, Cluster};
 use outbox_testkit::kafka::Broker;
 use plot::{cdf, median, quantiles, svg_chart};
@@ -157,7 +157,9 @@ fn main() {
         // capacity, say).
         let rate: f64 = std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(1000.0);
         for _ in 0..2 {
+            settle(&mut db);
             let ours = quantiles(&latency_outbox(&cluster, &mut db, rate, size.latency_secs));
+            settle(&mut db);
             let theirs = quantiles(&latency_relay(&cluster, &mut db, rate, size.latency_secs));
             println!(
                 "{rate:.0} events/s, p50/p99 ms: outbox {:.2}/{:.2}, polling relay {:.2}/{:.2}",
@@ -441,7 +443,9 @@ fn main() {
     let mut cdf_series = Vec::new();
     println!("{:>34} {:>8} {:>8} {:>8} {:>8}", "", "p50 ms", "p95 ms", "p99 ms", "max ms");
     for (label, rate) in [("1k", 1000.0), ("80pct", rate80)] {
+        settle(&mut db);
         let ours = latency_outbox(&cluster, &mut db, rate, size.latency_secs);
+        settle(&mut db);
         let theirs = latency_relay(&cluster, &mut db, rate, size.latency_secs);
         for (who, lat) in [("outbox", &ours), ("polling relay", &theirs)] {
             let q = quantiles(lat);
@@ -463,6 +467,7 @@ fn main() {
         }
     }
     if pgqd.is_some() {
+        settle(&mut db);
         let q = quantiles(&latency_pgq(&cluster, 1000.0, size.latency_secs));
         println!(
             "{:>34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
@@ -472,6 +477,7 @@ fn main() {
         record(&mut results, "lat_1k_pgq_p99_ms", q[2]);
     }
     if let Some(cdc) = &cdc {
+        settle(&mut db);
         let q = quantiles(&latency_cdc(cdc, 1000.0, size.latency_secs));
         println!("{:>34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", "CDC at 1000 events/s (wal2json)", q[0], q[1], q[2], q[3]);
         record(&mut results, "lat_1k_cdc_p50_ms", q[0]);
