@@ -45,8 +45,11 @@ request!(ApiVersionsRequest, ApiVersionsResponse, 18);
 request!(InitProducerIdRequest, InitProducerIdResponse, 22);
 request!(SaslAuthenticateRequest, SaslAuthenticateResponse, 36);
 
-/// Largest response accepted, checked on the length prefix before allocating.
-pub(crate) const MAX_RESPONSE_BYTES: usize = 100 * 1024 * 1024;
+/// Largest response accepted, checked on the length prefix before allocating
+/// (each exchange in flight holds one). What the producer asks for answers
+/// in far less: produce results, metadata of the topics it sends to,
+/// versions, authentication.
+pub(crate) const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}

@@ -22,6 +22,9 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 const MAX_ATTEMPTS: u32 = 6;
 /// Cached topic metadata older than this is refreshed before use.
 const METADATA_MAX_AGE: Duration = Duration::from_secs(300);
+/// Partitions of one topic, at most (Kafka sets no limit; clusters hold a
+/// few hundred thousand in all).
+const MAX_PARTITIONS: usize = 1_000_000;
 /// Produce request bytes besides the batches: header, client id, topic, lengths.
 const REQUEST_OVERHEAD: usize = 128;
 /// Versions this client speaks.
@@ -775,7 +778,16 @@ impl Inner {
             }
             code => return Err(ProduceError::from_code(code, format!("metadata for topic {topic}"))),
         }
-        let n = t.partitions.iter().map(|p| p.partition_index + 1).max().unwrap_or(0).max(0) as usize;
+        let n = t.partitions.iter().map(|p| p.partition_index.saturating_add(1)).max().unwrap_or(0).max(0) as usize;
+        // The leaders' table has a slot per partition up to the highest
+        // number the broker names: a number no topic has would allocate
+        // gigabytes from one field of one answer.
+        if n > MAX_PARTITIONS {
+            return Err(ProduceError::retriable(
+                UNKNOWN_TOPIC_OR_PARTITION,
+                format!("metadata for topic {topic} names partition {}, more than {MAX_PARTITIONS}", n - 1),
+            ));
+        }
         if n == 0 {
             return Err(ProduceError::retriable(LEADER_NOT_AVAILABLE, format!("topic {topic} has no partitions yet")));
         }

@@ -40,8 +40,13 @@ impl ScramHash {
     }
 }
 
-/// Most iterations a server may ask for (Kafka allows 4096..=16384).
-const MAX_ITERATIONS: u32 = 1_000_000;
+/// Most iterations a server may ask for: Kafka's own limit (it stores
+/// 4096..=16384). The server picks the count and the client pays it in
+/// CPU on the network thread, before any timeout can interrupt: a broker
+/// (or whoever sits between, without TLS) asking for a million would hold
+/// up every endpoint's deliveries for the better part of a second per
+/// connection.
+const MAX_ITERATIONS: u32 = 16_384;
 
 /// One SCRAM exchange. Holds the password only until the proof is computed.
 pub(crate) struct ScramClient {
@@ -162,6 +167,17 @@ mod tests {
         c.verify_server_final("v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=").unwrap();
         assert!(c.verify_server_final("v=AAAATRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=").is_err());
         assert!(c.verify_server_final("e=invalid-proof").is_err());
+    }
+
+    #[test]
+    fn more_iterations_than_kafka_stores_are_refused() {
+        let server_first = |i: u32| format!("r=cnonceSERVER,s={},i={i}", B64.encode(b"0123456789abcdef"));
+        let mut c = ScramClient::new(ScramHash::Sha256, "u", "p", "cnonce".into());
+        c.client_first();
+        assert!(c.client_final(&server_first(16_385)).unwrap_err().contains("iteration count"));
+        let mut c = ScramClient::new(ScramHash::Sha256, "u", "p", "cnonce".into());
+        c.client_first();
+        assert!(c.client_final(&server_first(16_384)).is_ok());
     }
 
     /// A server side of SCRAM-SHA-512, computed independently from the
