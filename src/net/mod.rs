@@ -157,6 +157,23 @@ impl Drop for Network {
     }
 }
 
+/// Events larger than this in all make building their request (serialising,
+/// checking and signing bodies) heavy enough to leave the runtime's thread.
+const HEAVY_BYTES: usize = 256 * 1024;
+
+/// Build the request for `events` with `build`. When they are large, the
+/// building runs under tokio's `block_in_place`: the runtime hands its other
+/// tasks (every endpoint's requests, their timeouts) to another thread
+/// meanwhile, so one endpoint's 60 MB batch does not hold up the rest.
+pub(crate) fn build_request<R>(events: &[Arc<Event>], build: impl FnOnce() -> R) -> R {
+    let bytes: usize = events.iter().map(|e| e.size()).sum();
+    if bytes > HEAVY_BYTES && outbox_kafka::may_block_in_place() {
+        tokio::task::block_in_place(build)
+    } else {
+        build()
+    }
+}
+
 /// Send `events` (one request) by the endpoint's protocol; the outcome of
 /// each event, in order.
 async fn deliver(target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
@@ -215,5 +232,71 @@ fn block_all_signals() {
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use crate::event::Position;
+    use crate::net::envelope::tests::sample;
+    use serde_json::json;
+    use std::time::Instant;
+
+    fn job(id: i32, options: serde_json::Value, events: Vec<Event>) -> Job {
+        let ep = config::Endpoint::parse("t", "http://127.0.0.1:1/", "webhook", &["*".into()], &options).unwrap();
+        let target = Arc::new(Target::new(ep, "/outbox/db", Arc::default()).unwrap());
+        let events = events.into_iter().map(|e| (LaneId::Solo(e.position), Arc::new(e))).collect();
+        Job { endpoint_id: id, incarnation: 1, target, events }
+    }
+
+    /// Building one endpoint's large request (a signed CloudEvents batch of
+    /// 60 events of 1 MB) must not hold up another endpoint's requests on
+    /// the network side's one thread. Neither can reach its receiver
+    /// (nothing is allowed): the outcome comes right after the request is
+    /// built.
+    #[test]
+    fn a_heavy_request_does_not_hold_up_a_light_one() {
+        let network = Network::start(1, Arc::new(|| {})).unwrap();
+        let payload = json!({ "d": "x".repeat(1 << 20) }).to_string();
+        let big: Vec<Event> = (0..60)
+            .map(|n| Event {
+                position: Position { batch: 1, rank: 1, txid: 1, n },
+                payload: payload.clone(),
+                ..sample()
+            })
+            .collect();
+        let options = json!({"cloudevents": "structured", "batch_size": 100,
+                             "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"});
+        let started = Instant::now();
+        network.submit(vec![job(1, options, big)]);
+        std::thread::sleep(Duration::from_millis(50));
+        let light_sent = Instant::now();
+        network.submit(vec![job(2, json!({}), vec![sample()])]);
+        let (mut light, mut heavy) = (None, None);
+        while (light.is_none() || heavy.is_none()) && started.elapsed() < Duration::from_secs(60) {
+            for outcome in network.outcomes() {
+                let at = Some(Instant::now());
+                if outcome.endpoint_id == 1 {
+                    heavy = at
+                } else {
+                    light = at
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (light, heavy) = (light.expect("the light outcome"), heavy.expect("the heavy outcome"));
+        let heavy_took = heavy - started;
+        assert!(
+            heavy_took > Duration::from_millis(300),
+            "the heavy request must take a while to build: {heavy_took:?}"
+        );
+        assert!(
+            light - light_sent < Duration::from_millis(150) && light < heavy,
+            "the light request waited {:?} (the heavy one took {heavy_took:?})",
+            light - light_sent
+        );
+        network.shutdown(Duration::from_millis(100));
     }
 }

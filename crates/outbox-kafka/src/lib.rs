@@ -199,6 +199,13 @@ pub struct Delivered {
     pub offset: i64,
 }
 
+/// Whether CPU-bound work may run under `tokio::task::block_in_place` here:
+/// only on a thread of a multi-thread runtime (elsewhere it panics).
+pub fn may_block_in_place() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,8 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 const MAX_ATTEMPTS: u32 = 6;
 /// Cached topic metadata older than this is refreshed before use.
 const METADATA_MAX_AGE: Duration = Duration::from_secs(300);
+/// A batch whose values exceed this is compressed under block_in_place.
+const HEAVY_BATCH_BYTES: usize = 256 * 1024;
 /// Partitions of one topic, at most (Kafka sets no limit; clusters hold a
 /// few hundred thousand in all).
 const MAX_PARTITIONS: usize = 1_000_000;
@@ -561,14 +563,22 @@ impl Inner {
         let head = j.chunks.front_mut().expect("a pending batch");
         match &head.bytes {
             None => {
-                let b = batch::encode_batch(head.idx.iter().map(|&i| &records[i]), self.compression, stamp, now_ms)
-                    .map_err(|e| {
-                        if self.compression == Compression::Zstd {
-                            ProduceError::fatal(UNSUPPORTED_COMPRESSION_TYPE, e)
-                        } else {
-                            ProduceError::fatal(CORRUPT_MESSAGE, format!("cannot encode the batch: {e}"))
-                        }
-                    })?;
+                let encode =
+                    || batch::encode_batch(head.idx.iter().map(|&i| &records[i]), self.compression, stamp, now_ms);
+                // Compressing a large batch is CPU-bound for a long moment
+                // (gzip: tens of ms per MiB): the runtime's other tasks move
+                // to another thread meanwhile.
+                let bytes: usize = head.idx.iter().map(|&i| records[i].value.len()).sum();
+                let heavy = self.compression != Compression::None && bytes > HEAVY_BATCH_BYTES;
+                let encoded =
+                    if heavy && crate::may_block_in_place() { tokio::task::block_in_place(encode) } else { encode() };
+                let b = encoded.map_err(|e| {
+                    if self.compression == Compression::Zstd {
+                        ProduceError::fatal(UNSUPPORTED_COMPRESSION_TYPE, e)
+                    } else {
+                        ProduceError::fatal(CORRUPT_MESSAGE, format!("cannot encode the batch: {e}"))
+                    }
+                })?;
                 head.bytes = Some(Bytes::from(b));
             }
             Some(b) if head.stamped_generation != id.generation => {
