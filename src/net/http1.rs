@@ -293,16 +293,29 @@ impl Conn {
     /// Read the head of an answer, skipping interim 1xx answers (a few).
     async fn read_head(&mut self) -> Result<Head, Broken> {
         let mut interim = 0;
+        // The head is parsed only once the bytes hold its end (a blank
+        // line), looked for in what came since the last look: a server
+        // dripping its head a byte at a time would otherwise have the
+        // whole of it parsed again after every byte (up to 256 KB, some
+        // 30 GB of parsing in all), the runtime's thread busy with it for
+        // the request's whole timeout.
+        let mut scanned: usize = 0;
         loop {
-            if let Some(head) = parse_head(&mut self.buf).map_err(Broken::Answer)? {
-                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
-                    interim += 1;
-                    if interim > MAX_INTERIM {
-                        return Err(Broken::Answer(format!("more than {MAX_INTERIM} interim answers")));
+            let from = scanned.saturating_sub(2);
+            let ended = self.buf[from..].windows(2).any(|w| w == b"\n\n" || w == b"\n\r");
+            scanned = self.buf.len();
+            if ended {
+                if let Some(head) = parse_head(&mut self.buf).map_err(Broken::Answer)? {
+                    scanned = 0;
+                    if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                        interim += 1;
+                        if interim > MAX_INTERIM {
+                            return Err(Broken::Answer(format!("more than {MAX_INTERIM} interim answers")));
+                        }
+                        continue;
                     }
-                    continue;
+                    return Ok(head);
                 }
-                return Ok(head);
             }
             if self.buf.len() > MAX_HEAD_BYTES {
                 return Err(Broken::Answer(format!("an answer's head over {} KB", MAX_HEAD_BYTES / 1024)));
@@ -367,16 +380,26 @@ impl Conn {
     /// A chunked body into `body` (up to `max`), through its trailers.
     async fn read_chunked(&mut self, body: &mut Vec<u8>, max: usize) -> Result<bool, String> {
         loop {
+            // The size line is parsed once it has ended, as the head is.
+            let mut scanned = 0;
             let (used, size) = loop {
                 // httparse takes an empty size line for the last chunk.
                 if self.buf.first().is_some_and(|b| !b.is_ascii_hexdigit()) {
                     return Err("invalid chunk in the answer's body".into());
                 }
-                match httparse::parse_chunk_size(&self.buf) {
-                    Ok(httparse::Status::Complete(found)) => break found,
-                    Ok(httparse::Status::Partial) if self.buf.len() <= MAX_HEAD_BYTES => self.fill_some().await?,
-                    _ => return Err("invalid chunk in the answer's body".into()),
+                let ended = self.buf[scanned..].contains(&b'\n');
+                scanned = self.buf.len();
+                if ended {
+                    match httparse::parse_chunk_size(&self.buf) {
+                        Ok(httparse::Status::Complete(found)) => break found,
+                        Ok(httparse::Status::Partial) => {}
+                        Err(_) => return Err("invalid chunk in the answer's body".into()),
+                    }
                 }
+                if self.buf.len() > MAX_HEAD_BYTES {
+                    return Err("invalid chunk in the answer's body".into());
+                }
+                self.fill_some().await?;
             };
             self.buf.advance(used);
             if size == 0 {
@@ -398,14 +421,21 @@ impl Conn {
     /// The trailer fields after the last chunk, up to the empty line.
     async fn skip_trailers(&mut self) -> Result<(), String> {
         // Lines end in CRLF or a bare LF, as httparse reads heads.
-        let find = |buf: &[u8], what: &[u8]| buf.windows(what.len()).position(|w| w == what);
+        // Looked for in what came since the last look (and the two bytes
+        // before it): a dripped trailer is not searched again whole.
+        let find = |buf: &[u8], from: usize, what: &[u8]| {
+            buf[from..].windows(what.len()).position(|w| w == what).map(|p| p + from)
+        };
+        let mut scanned: usize = 0;
         loop {
+            let from = scanned.saturating_sub(2);
+            scanned = self.buf.len();
             let end = if self.buf.starts_with(b"\r\n") {
                 Some(2)
             } else if self.buf.starts_with(b"\n") {
                 Some(1)
             } else {
-                [find(&self.buf, b"\n\r\n").map(|p| p + 3), find(&self.buf, b"\n\n").map(|p| p + 2)]
+                [find(&self.buf, from, b"\n\r\n").map(|p| p + 3), find(&self.buf, from, b"\n\n").map(|p| p + 2)]
                     .into_iter()
                     .flatten()
                     .min()
@@ -678,6 +708,46 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(text(&post(&pool, &url, 1024).await.unwrap()), "2");
         assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// CPU time of the calling thread.
+    fn thread_cpu() -> Duration {
+        let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: fills `t`.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    }
+
+    #[tokio::test]
+    async fn a_head_dripped_in_pieces_is_not_parsed_again_for_each() {
+        // 4,000 pieces of 50 bytes, a little apart: each read brings one.
+        // Parsing the whole head again after each was some 400 MB of
+        // parsing, most of a second of this thread's CPU or more.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut socket, _) = listener.accept().unwrap();
+            socket.set_nodelay(true).unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request);
+            let _ = socket.write_all(b"HTTP/1.1 200 OK\r\n");
+            // 100 fields of 2 KB, in pieces of 50 bytes.
+            let head: String = (0..100).map(|i| format!("x-drip-{i:03}: {}\r\n", "d".repeat(2035))).collect();
+            for piece in head.as_bytes().chunks(50) {
+                if socket.write_all(piece).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            let _ = socket.write_all(b"content-length: 2\r\n\r\nok");
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let before = thread_cpu();
+        let answer = pool(&url).post(&url, &HeaderMap::new(), b"{}", Duration::from_secs(60), 1024).await.unwrap();
+        let cpu = thread_cpu() - before;
+        assert_eq!((answer.status.as_u16(), text(&answer)), (200, "ok".to_string()));
+        assert!(cpu < Duration::from_millis(600), "{cpu:?} of CPU to read a 200 KB head");
     }
 
     #[tokio::test]
