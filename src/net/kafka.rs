@@ -54,7 +54,7 @@ pub fn producer(brokers: &[Broker], opts: &config::Options, egress: Arc<Egress>)
 /// Send `events` (one Kafka topic) as one request; the outcome of each.
 pub async fn deliver(producer: &Producer, target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
     let topic = target.endpoint.kafka_topic(&events[0].topic);
-    let records = super::build_request(events, || events.iter().map(|e| record(target, e)).collect());
+    let records = super::build_request(events, || events.iter().map(|e| record(target, e)).collect()).await;
     producer.send(&topic, records).await.into_iter().map(|r| r.map(|_| ()).map_err(failure)).collect()
 }
 

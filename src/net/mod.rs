@@ -165,9 +165,15 @@ const HEAVY_BYTES: usize = 256 * 1024;
 /// building runs under tokio's `block_in_place`: the runtime hands its other
 /// tasks (every endpoint's requests, their timeouts) to another thread
 /// meanwhile, so one endpoint's 60 MB batch does not hold up the rest.
-pub(crate) fn build_request<R>(events: &[Arc<Event>], build: impl FnOnce() -> R) -> R {
+/// At most this many are built at once (each holds its own copy of up to
+/// a window's worth of events, on a thread of its own).
+static HEAVY_BUILDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+pub(crate) async fn build_request<R>(events: &[Arc<Event>], build: impl FnOnce() -> R) -> R {
     let bytes: usize = events.iter().map(|e| e.size()).sum();
     if bytes > HEAVY_BYTES && outbox_kafka::may_block_in_place() {
+        // Never closed, so the permit always comes.
+        let _permit = HEAVY_BUILDS.acquire().await;
         tokio::task::block_in_place(build)
     } else {
         build()

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 /// Send `events` (one, or a CloudEvents batch) in one request.
 pub async fn deliver(http: &Http, target: &Target, events: &[Arc<Event>], now_unix: u64) -> Vec<Result<(), Failure>> {
-    let request = super::build_request(events, || request(&http.url, target, events, now_unix));
+    let request = super::build_request(events, || request(&http.url, target, events, now_unix)).await;
     let outcome = match http.client.send(request).await {
         Ok(answer) if answer.status.is_success() => Ok(()),
         Ok(answer) => Err(answer.failure()),

@@ -105,10 +105,14 @@ impl ScramClient {
             return Err("SCRAM: server nonce does not extend the client nonce".into());
         }
         let salt = salt.ok_or("SCRAM: server-first message without salt")?;
-        let iterations = iterations
-            .filter(|i| (1..=MAX_ITERATIONS).contains(i))
-            .and_then(NonZeroU32::new)
-            .ok_or("SCRAM: missing or unacceptable iteration count")?;
+        let iterations = match iterations {
+            Some(i) if i > MAX_ITERATIONS => {
+                return Err(format!(
+                    "SCRAM: the server asks for {i} iterations, more than {MAX_ITERATIONS} (Kafka's own limit)"
+                ))
+            }
+            i => i.and_then(NonZeroU32::new).ok_or("SCRAM: missing or unacceptable iteration count")?,
+        };
 
         let mut salted = vec![0u8; self.hash.len()];
         pbkdf2::derive(self.hash.pbkdf2(), iterations, &salt, &self.password, &mut salted);
@@ -174,7 +178,7 @@ mod tests {
         let server_first = |i: u32| format!("r=cnonceSERVER,s={},i={i}", B64.encode(b"0123456789abcdef"));
         let mut c = ScramClient::new(ScramHash::Sha256, "u", "p", "cnonce".into());
         c.client_first();
-        assert!(c.client_final(&server_first(16_385)).unwrap_err().contains("iteration count"));
+        assert!(c.client_final(&server_first(16_385)).unwrap_err().contains("16385 iterations, more than 16384"));
         let mut c = ScramClient::new(ScramHash::Sha256, "u", "p", "cnonce".into());
         c.client_first();
         assert!(c.client_final(&server_first(16_384)).is_ok());
