@@ -138,5 +138,8 @@ fn a_dead_endpoint_does_not_delay_another() {
     println!("the live endpoint got 22 events in {:?} while the other hung", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(got.iter().filter(|r| r.path == "/audit").count(), 1, "routes by topic");
-    assert!(!dead.requests().is_empty(), "the dead endpoint was tried");
+    // Tried too, and hanging: its requests went out with the live ones,
+    // though the receiver may note them a moment after the live endpoint
+    // is done (a thread per connection, started on connect).
+    dead.wait_for(1, Duration::from_secs(2));
 }
