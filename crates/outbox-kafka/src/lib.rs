@@ -199,11 +199,18 @@ pub struct Delivered {
     pub offset: i64,
 }
 
-/// Whether CPU-bound work may run under `tokio::task::block_in_place` here:
-/// only on a thread of a multi-thread runtime (elsewhere it panics).
-pub fn may_block_in_place() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+/// Run `work`; when it is `heavy` (CPU-bound for a long moment), under
+/// `tokio::task::block_in_place`, so the runtime's other tasks move to
+/// another thread meanwhile. That only works on a thread of a multi-thread
+/// runtime (elsewhere it panics): anywhere else `work` just runs.
+pub fn cpu_bound<R>(heavy: bool, work: impl FnOnce() -> R) -> R {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if heavy && multi_thread {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
+    }
 }
 
 #[cfg(test)]

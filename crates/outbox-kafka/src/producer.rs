@@ -570,9 +570,7 @@ impl Inner {
                 // to another thread meanwhile.
                 let bytes: usize = head.idx.iter().map(|&i| records[i].value.len()).sum();
                 let heavy = self.compression != Compression::None && bytes > HEAVY_BATCH_BYTES;
-                let encoded =
-                    if heavy && crate::may_block_in_place() { tokio::task::block_in_place(encode) } else { encode() };
-                let b = encoded.map_err(|e| {
+                let b = crate::cpu_bound(heavy, encode).map_err(|e| {
                     if self.compression == Compression::Zstd {
                         ProduceError::fatal(UNSUPPORTED_COMPRESSION_TYPE, e)
                     } else {
