@@ -6,15 +6,17 @@
 //! the connection (closing it), and the next request reconnects.
 
 use crate::error::{self, SASL_AUTHENTICATION_FAILED};
+use crate::response::{
+    self, ApiVersions, InitProducerId, Metadata, Produce, Response, SaslAuthenticate, SaslHandshake,
+};
 use crate::scram::{new_nonce, ScramClient, ScramHash};
 use crate::{Mechanism, Resolve, Sasl};
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiVersionsRequest, ApiVersionsResponse, InitProducerIdRequest, InitProducerIdResponse, MetadataRequest,
-    MetadataResponse, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, SaslAuthenticateRequest,
-    SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
+    ApiVersionsRequest, InitProducerIdRequest, MetadataRequest, ProduceRequest, RequestHeader, SaslAuthenticateRequest,
+    SaslHandshakeRequest,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+use kafka_protocol::protocol::{Encodable, HeaderVersion, StrBytes};
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -23,11 +25,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
-/// A request this client sends (kafka-protocol implements its own `Request`
-/// trait only with its `broker` feature too).
+/// A request this client sends (kafka-protocol encodes it) and the response
+/// it reads (decoded by `response`, which bounds what a broker can make it
+/// allocate).
 pub(crate) trait Request: Encodable + HeaderVersion {
     const KEY: i16;
-    type Response: Decodable + HeaderVersion;
+    type Response: Response;
 }
 
 macro_rules! request {
@@ -38,12 +41,12 @@ macro_rules! request {
         }
     };
 }
-request!(ProduceRequest, ProduceResponse, 0);
-request!(MetadataRequest, MetadataResponse, 3);
-request!(SaslHandshakeRequest, SaslHandshakeResponse, 17);
-request!(ApiVersionsRequest, ApiVersionsResponse, 18);
-request!(InitProducerIdRequest, InitProducerIdResponse, 22);
-request!(SaslAuthenticateRequest, SaslAuthenticateResponse, 36);
+request!(ProduceRequest, Produce, 0);
+request!(MetadataRequest, Metadata, 3);
+request!(SaslHandshakeRequest, SaslHandshake, 17);
+request!(ApiVersionsRequest, ApiVersions, 18);
+request!(InitProducerIdRequest, InitProducerId, 22);
+request!(SaslAuthenticateRequest, SaslAuthenticate, 36);
 
 /// Largest response accepted, checked on the length prefix before allocating
 /// (each exchange in flight holds one). What the producer asks for answers
@@ -270,13 +273,13 @@ impl Established {
         let mut resp = BytesMut::zeroed(len as usize);
         self.io.read_exact(&mut resp).await.map_err(|e| lost(&self.addr, "read from", e))?;
         let mut resp = resp.freeze();
-        let header = ResponseHeader::decode(&mut resp, response_header_version)
+        let got = response::read_header(&mut resp, response_header_version)
             .map_err(|e| lost(&self.addr, "bad response header from", e))?;
-        if header.correlation_id != correlation {
+        if got != correlation {
             return Err(lost(
                 &self.addr,
                 "response out of order from",
-                format!("correlation id {} != {correlation}", header.correlation_id),
+                format!("correlation id {got} != {correlation}"),
             ));
         }
         Ok(resp)
@@ -288,17 +291,17 @@ impl Established {
         req: &Q,
         version: i16,
     ) -> Result<Q::Response, ConnError> {
-        let mut body = self
+        let body = self
             .exchange(
                 settings,
                 Q::KEY,
                 version,
                 Q::header_version(version),
-                <Q::Response as HeaderVersion>::header_version(version),
+                <Q::Response as Response>::header_version(version),
                 |buf| req.encode(buf, version),
             )
             .await?;
-        let resp = <Q::Response as Decodable>::decode(&mut body, version).map_err(|e| ConnError::Lost {
+        let resp = Q::Response::decode(body, version).map_err(|e| ConnError::Lost {
             message: format!("bad response: {e}"),
             sent: true,
             timed_out: false,
@@ -314,24 +317,23 @@ impl Established {
         let req = ApiVersionsRequest::default()
             .with_client_software_name(StrBytes::from_static_str("outbox-kafka"))
             .with_client_software_version(StrBytes::from_static_str(env!("CARGO_PKG_VERSION")));
-        let mut body = self
+        let body = self
             .exchange(settings, ApiVersionsRequest::KEY, 3, ApiVersionsRequest::header_version(3), 0, |buf| {
                 req.encode(buf, 3)
             })
             .await
             .map_err(unreachable)?;
-        let resp = match ApiVersionsResponse::decode(&mut body.clone(), 3) {
+        let resp = match ApiVersions::decode(body, 3) {
             Ok(r) if r.error_code == 0 => r,
             _ => {
                 // A broker without v3 answers in v0 with UNSUPPORTED_VERSION: ask again in v0.
-                let _ = ApiVersionsResponse::decode(&mut body, 0);
-                let mut body = self
+                let body = self
                     .exchange(settings, ApiVersionsRequest::KEY, 0, ApiVersionsRequest::header_version(0), 0, |buf| {
                         ApiVersionsRequest::default().encode(buf, 0)
                     })
                     .await
                     .map_err(unreachable)?;
-                let r = ApiVersionsResponse::decode(&mut body, 0)
+                let r = ApiVersions::decode(body, 0)
                     .map_err(|e| ConnError::Unreachable(format!("bad ApiVersions response from {addr}: {e}")))?;
                 if r.error_code != 0 {
                     return Err(ConnError::Unreachable(format!(
@@ -342,7 +344,7 @@ impl Established {
                 r
             }
         };
-        self.versions = resp.api_keys.iter().map(|k| (k.api_key, (k.min_version, k.max_version))).collect();
+        self.versions = resp.api_keys.iter().map(|&(key, min, max)| (key, (min, max))).collect();
         Ok(())
     }
 
@@ -353,7 +355,7 @@ impl Established {
             other => other,
         })?;
         if resp.error_code != 0 {
-            let detail = resp.error_message.as_ref().map(|m| settings.scrub(m.as_str())).unwrap_or_default();
+            let detail = resp.error_message.as_deref().map(|m| settings.scrub(m)).unwrap_or_default();
             return Err(ConnError::Auth {
                 code: resp.error_code,
                 message: format!("SASL authentication refused: {detail}"),
@@ -374,10 +376,12 @@ impl Established {
             other => other,
         })?;
         if resp.error_code != 0 {
-            let enabled: Vec<&str> = resp.mechanisms.iter().map(|m| m.as_str()).collect();
             return Err(ConnError::Auth {
                 code: resp.error_code,
-                message: format!("broker {addr} refused SASL mechanism {mechanism} (enabled: {})", enabled.join(", ")),
+                message: format!(
+                    "broker {addr} refused SASL mechanism {mechanism} (enabled: {})",
+                    resp.mechanisms.join(", ")
+                ),
             });
         }
         let Some(version) = self.pick(SaslAuthenticateRequest::KEY, &(0..=2)) else {

@@ -25,6 +25,7 @@ mod conn;
 mod error;
 mod murmur2;
 mod producer;
+mod response;
 mod scram;
 
 pub use compression::Compression;

@@ -3,13 +3,12 @@
 use crate::batch::{self, Stamp, BATCH_OVERHEAD};
 use crate::conn::{self, Broker, ConnError, Settings};
 use crate::error::*;
+use crate::response::{Metadata, Produce};
 use crate::{partition_for_key, Compression, Config, Delivered, ProduceError, Record};
 use bytes::Bytes;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{
-    InitProducerIdRequest, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, ProducerId, TopicName,
-};
+use kafka_protocol::messages::{InitProducerIdRequest, MetadataRequest, ProduceRequest, ProducerId, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -591,18 +590,18 @@ impl Inner {
         Ok(())
     }
 
-    async fn produce(&self, addr: &str, req: ProduceRequest, deadline: Instant) -> Result<ProduceResponse, ConnError> {
+    async fn produce(&self, addr: &str, req: ProduceRequest, deadline: Instant) -> Result<Produce, ConnError> {
         let versions = if self.compression == Compression::Zstd { PRODUCE_VERSIONS_ZSTD } else { PRODUCE_VERSIONS };
         self.broker(addr).call(&self.settings, &req, versions, deadline).await.map(|(r, _)| r)
     }
 
     /// Apply a produce response to the head batch of `j`.
-    fn absorb(&self, topic: &str, j: &mut Job, resp: &ProduceResponse, id: Identity, out: &mut Results) -> Outcome {
+    fn absorb(&self, topic: &str, j: &mut Job, resp: &Produce, id: Identity, out: &mut Results) -> Outcome {
         let mut o = Outcome::default();
         let part = resp
             .responses
             .iter()
-            .filter(|t| t.name.0.as_str() == topic)
+            .filter(|t| t.name == topic)
             .flat_map(|t| t.partition_responses.iter())
             .find(|p| p.index == j.partition);
         let head = j.chunks.front_mut().expect("a pending batch");
@@ -617,10 +616,10 @@ impl Inner {
             return o;
         };
         let code = part.error_code;
-        let mut message = part.error_message.as_ref().map(|m| m.to_string()).unwrap_or_default();
-        for e in &part.record_errors {
-            if let Some(m) = &e.batch_index_error_message {
-                message.push_str(&format!("; record {}: {m}", e.batch_index));
+        let mut message = part.error_message.clone().unwrap_or_default();
+        for (batch_index, m) in &part.record_errors {
+            if let Some(m) = m {
+                message.push_str(&format!("; record {batch_index}: {m}"));
             }
         }
         let describe = |what: &str| {
@@ -757,7 +756,7 @@ impl Inner {
         Err(ProduceError::unreachable(format!("no broker answered a metadata request: {last}")))
     }
 
-    fn absorb_metadata(&self, topic: &str, resp: MetadataResponse) -> Result<TopicMeta, ProduceError> {
+    fn absorb_metadata(&self, topic: &str, resp: Metadata) -> Result<TopicMeta, ProduceError> {
         let mut meta = self.meta.lock().unwrap();
         if !resp.brokers.is_empty() {
             meta.nodes = resp
@@ -767,12 +766,12 @@ impl Inner {
                     let host = b.host.as_str();
                     let addr =
                         if host.contains(':') { format!("[{host}]:{}", b.port) } else { format!("{host}:{}", b.port) };
-                    (b.node_id.0, addr)
+                    (b.node_id, addr)
                 })
                 .collect();
         }
         let t =
-            resp.topics.iter().find(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == topic)).ok_or_else(|| {
+            resp.topics.iter().find(|t| t.name.as_deref() == Some(topic)).ok_or_else(|| {
                 ProduceError::retriable(LEADER_NOT_AVAILABLE, format!("no metadata for topic {topic}"))
             })?;
         match t.error_code {
@@ -803,7 +802,7 @@ impl Inner {
         for p in &t.partitions {
             if p.partition_index >= 0 {
                 leaders[p.partition_index as usize] =
-                    if p.error_code == NONE || p.error_code == 9 { p.leader_id.0 } else { -1 };
+                    if p.error_code == NONE || p.error_code == 9 { p.leader_id } else { -1 };
             }
         }
         let tm = TopicMeta { leaders, fetched: Instant::now(), stale: false };
@@ -844,7 +843,7 @@ impl Inner {
             }
             let until = deadline.min(now + self.settings.connect_timeout * 2);
             match self.broker(&addr).call(&self.settings, &req, INIT_PRODUCER_ID_VERSIONS, until).await {
-                Ok((resp, _)) if resp.error_code == NONE => return Ok((resp.producer_id.0, resp.producer_epoch)),
+                Ok((resp, _)) if resp.error_code == NONE => return Ok((resp.producer_id, resp.producer_epoch)),
                 Ok((resp, _)) => {
                     last = ProduceError::from_code(resp.error_code, format!("InitProducerId refused by {addr}"));
                     if last.is_fatal() {

@@ -70,6 +70,9 @@ struct Options {
     script: Script,
     /// A server for one SASL mechanism.
     sasl: Option<(&'static str, Arc<dyn SaslServer>)>,
+    /// The API (key) whose every response says its first array holds
+    /// 2^31 - 1 (or 2^32 - 2, compact) elements, and ends there.
+    hostile: Option<i16>,
 }
 
 /// A server side of SASL, one exchange per connection.
@@ -88,6 +91,7 @@ impl Mock {
             partitions: opts.partitions,
             script: Mutex::new(opts.script),
             sasl: opts.sasl,
+            hostile: opts.hostile,
             log: log.clone(),
         });
         let task = tokio::spawn(async move {
@@ -109,6 +113,7 @@ struct Shared {
     partitions: i32,
     script: Mutex<Script>,
     sasl: Option<(&'static str, Arc<dyn SaslServer>)>,
+    hostile: Option<i16>,
     log: Arc<Mutex<Log>>,
 }
 
@@ -118,6 +123,32 @@ async fn respond<R: Encodable + HeaderVersion>(s: &mut TcpStream, correlation: i
     resp.encode(&mut buf, version).unwrap();
     let _ = s.write_all(&(buf.len() as i32).to_be_bytes()).await;
     let _ = s.write_all(&buf).await;
+}
+
+/// A well-formed start of the response to `key` at `version`, then the
+/// length of its first array at the largest the field holds, then nothing.
+async fn hostile_answer(s: &mut TcpStream, key: i16, version: i16, correlation: i32) {
+    // (first flexible version, the fields before the first array)
+    let (flexible_from, before): (i16, &[u8]) = match key {
+        18 => (3, &[0, 0]),        // ApiVersions: error code
+        3 => (9, &[0, 0, 0, 0]),   // Metadata: throttle time
+        0 => (9, &[]),             // Produce: the topics come first
+        17 => (i16::MAX, &[0, 0]), // SaslHandshake: error code
+        other => panic!("no array leads the response to API {other}"),
+    };
+    let flexible = version >= flexible_from;
+    let mut frame = correlation.to_be_bytes().to_vec();
+    if flexible && key != 18 {
+        frame.push(0); // the response header's tagged fields (ApiVersions' header has none)
+    }
+    frame.extend_from_slice(before);
+    if flexible {
+        frame.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]); // varint 2^32 - 1: 2^32 - 2 elements
+    } else {
+        frame.extend_from_slice(&i32::MAX.to_be_bytes());
+    }
+    let _ = s.write_all(&(frame.len() as i32).to_be_bytes()).await;
+    let _ = s.write_all(&frame).await;
 }
 
 async fn serve(mut s: TcpStream, sh: Arc<Shared>) {
@@ -132,6 +163,10 @@ async fn serve(mut s: TcpStream, sh: Arc<Shared>) {
         let mut buf = Bytes::from(frame);
         let header = decode_request_header_from_buffer(&mut buf).unwrap();
         let (key, version, corr) = (header.request_api_key, header.request_api_version, header.correlation_id);
+        if sh.hostile == Some(key) {
+            hostile_answer(&mut s, key, version, corr).await;
+            continue;
+        }
         match key {
             18 => {
                 let keys = [(0, 3, 11), (3, 0, 12), (17, 0, 1), (18, 0, 3), (22, 0, 4), (36, 0, 2)]
@@ -255,7 +290,7 @@ async fn serve(mut s: TcpStream, sh: Arc<Shared>) {
 }
 
 fn opts(script: impl FnMut(&Produced, usize) -> Reply + Send + 'static) -> Options {
-    Options { partitions: 1, script: Box::new(script), sasl: None }
+    Options { partitions: 1, script: Box::new(script), sasl: None, hostile: None }
 }
 
 fn config(addr: &str) -> Config {
@@ -471,6 +506,37 @@ async fn oversized_response_is_refused_without_allocating() {
     }
 }
 
+/// A broker's array lengths are checked against the bytes that follow
+/// before anything is reserved. Before, kafka-protocol reserved what the
+/// length said (up to 137 GB here): the allocation failed and the process
+/// aborted, which in the worker restarts the whole PostgreSQL cluster.
+#[tokio::test]
+async fn array_lengths_a_broker_cannot_back_fail_its_request_only() {
+    for key in [18, 3, 0, 17] {
+        let (mechanism, sasl): (_, Option<(&'static str, Arc<dyn SaslServer>)>) = if key == 17 {
+            let server: Arc<dyn SaslServer> =
+                Arc::new(RsaslServer { inner: Rsasl::new("svc", "pw"), mechanism: "PLAIN" });
+            (Some(Mechanism::Plain), Some(("PLAIN", server)))
+        } else {
+            (None, None)
+        };
+        let mock =
+            Mock::start(Options { partitions: 1, script: Box::new(|_, _| Reply::Ok), sasl, hostile: Some(key) }).await;
+        let mut cfg = config(&mock.addr);
+        cfg.request_timeout = Duration::from_secs(2);
+        cfg.sasl = mechanism.map(|mechanism| Sasl { mechanism, username: "svc".into(), password: "pw".into() });
+        let started = Instant::now();
+        let results = Producer::new(cfg).send(TOPIC, records(1, 10)).await;
+        match &results[0] {
+            Err(e @ (ProduceError::Unreachable { .. } | ProduceError::Retriable { .. })) => {
+                assert!(e.to_string().contains("array"), "API {key}: {e}")
+            }
+            other => panic!("API {key}: {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "API {key}: {:?}", started.elapsed());
+    }
+}
+
 #[tokio::test]
 async fn a_failed_batch_stops_the_partition_behind_it() {
     // The first batch of the partition keeps failing: the later ones (same
@@ -479,6 +545,7 @@ async fn a_failed_batch_stops_the_partition_behind_it() {
         partitions: 1,
         script: Box::new(|p, _| if p.base_sequence == 0 { Reply::Code(7) } else { Reply::Ok }),
         sasl: None,
+        hostile: None,
     })
     .await;
     let mut cfg = config(&mock.addr);
@@ -490,7 +557,8 @@ async fn a_failed_batch_stops_the_partition_behind_it() {
 
 #[tokio::test]
 async fn keyed_and_unkeyed_partitioning() {
-    let mock = Mock::start(Options { partitions: 6, script: Box::new(|_, _| Reply::Ok), sasl: None }).await;
+    let mock =
+        Mock::start(Options { partitions: 6, script: Box::new(|_, _| Reply::Ok), sasl: None, hostile: None }).await;
     let producer = Producer::new(config(&mock.addr));
     let d =
         ok(&producer.send(TOPIC, vec![Record::new(Some(b"a".to_vec()), vec![1]), Record::new(None, vec![2])]).await);
@@ -623,9 +691,13 @@ async fn sasl_scram_and_plain_against_rsasl() {
         for (password, should_work) in [("right-pw", true), ("wrong-pw-QQQ", false)] {
             let server: Arc<dyn SaslServer> =
                 Arc::new(RsaslServer { inner: Rsasl::new("svc", "right-pw"), mechanism: name });
-            let mock =
-                Mock::start(Options { partitions: 1, script: Box::new(|_, _| Reply::Ok), sasl: Some((name, server)) })
-                    .await;
+            let mock = Mock::start(Options {
+                partitions: 1,
+                script: Box::new(|_, _| Reply::Ok),
+                sasl: Some((name, server)),
+                hostile: None,
+            })
+            .await;
             let mut cfg = config(&mock.addr);
             cfg.sasl = Some(Sasl { mechanism, username: "svc".into(), password: password.into() });
             let results = Producer::new(cfg).send(TOPIC, records(2, 10)).await;
@@ -652,6 +724,7 @@ async fn sasl_mechanism_not_enabled_is_fatal() {
         partitions: 1,
         script: Box::new(|_, _| Reply::Ok),
         sasl: Some(("SCRAM-SHA-512", server)),
+        hostile: None,
     })
     .await;
     let mut cfg = config(&mock.addr);
