@@ -281,8 +281,16 @@ impl Conn {
                     }
                 },
                 // Something to read (an answer, or the connection's end)
-                // before the request is out: read it.
-                Ok(()) = self.stream.readable() => break,
+                // before the request is out: read it. tokio's flag can be
+                // stale (it stays set after a read that filled the buffer
+                // exactly), so the socket is asked; a failed try clears it.
+                Ok(()) = self.stream.readable() => {
+                    self.buf.reserve(READ_SIZE);
+                    match self.stream.try_read_buf(&mut self.buf) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        _ => break,
+                    }
+                }
             }
         }
         let mut head = match self.read_head().await {
@@ -482,8 +490,6 @@ impl Conn {
     }
 }
 
-/// The head at the start of `buf`, consumed from it; None while
-/// incomplete.
 /// Bytes of the blank lines (CRLF or a bare LF) `buf` starts with.
 fn leading_blank_lines(buf: &[u8]) -> usize {
     let mut at = 0;
@@ -496,6 +502,8 @@ fn leading_blank_lines(buf: &[u8]) -> usize {
     }
 }
 
+/// The head at the start of `buf`, consumed from it; None while
+/// incomplete.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut answer = httparse::Response::new(&mut fields);
@@ -616,6 +624,14 @@ mod tests {
     /// with the next of `answers` (raw bytes), closing after those marked
     /// so; counts connections.
     async fn server(answers: Vec<(&'static [u8], bool)>) -> (Url, Arc<std::sync::atomic::AtomicUsize>) {
+        server_in_pieces(answers, 7).await
+    }
+
+    /// As `server`, each answer written in pieces of `piece` bytes.
+    async fn server_in_pieces(
+        answers: Vec<(&'static [u8], bool)>,
+        piece: usize,
+    ) -> (Url, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let connections = Arc::new(AtomicUsize::new(0));
         let counted = connections.clone();
@@ -637,7 +653,7 @@ mod tests {
                     seen.drain(..whole);
                     let Some((answer, close)) = answers.lock().unwrap().next() else { return };
                     // In pieces, as a network may deliver it.
-                    for piece in answer.chunks(7) {
+                    for piece in answer.chunks(piece) {
                         socket.write_all(piece).await.unwrap();
                         socket.flush().await.unwrap();
                     }
@@ -831,6 +847,30 @@ mod tests {
         assert_eq!(post(&pool, &url, 1024).await.unwrap().status.as_u16(), 408);
         assert_eq!(text(&post(&pool, &url, 1024).await.unwrap()), "ok");
         assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// tokio keeps a socket "readable" after a read that did not drain it
+    /// to `WouldBlock`, as reading a whole answer does. A request larger
+    /// than the socket's buffers, sent next on that connection, must not
+    /// take that stale flag for an early answer and stop writing.
+    #[tokio::test]
+    async fn a_large_request_on_a_kept_connection_is_written_whole() {
+        // An answer of exactly one read's size, written at once: the read
+        // fills the buffer and leaves the flag set.
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", READ_SIZE - 42);
+        assert_eq!(head.len(), 42);
+        let exact: &'static [u8] = format!("{head}{}", "o".repeat(READ_SIZE - 42)).into_bytes().leak();
+        let (url, connections) = server_in_pieces(
+            vec![(exact, false), (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbig", false)],
+            usize::MAX,
+        )
+        .await;
+        let pool = pool(&url);
+        assert_eq!(post(&pool, &url, READ_SIZE).await.unwrap().body.unwrap().len(), READ_SIZE - 42);
+        let large = vec![b'x'; 16 << 20];
+        let answer = pool.post(&url, &HeaderMap::new(), &large, Duration::from_secs(5), 1024).await;
+        assert_eq!(text(&answer.unwrap()), "big");
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
