@@ -161,10 +161,6 @@ impl Drop for Network {
 /// checking and signing bodies) heavy enough to leave the runtime's thread.
 const HEAVY_BYTES: usize = 256 * 1024;
 
-/// Heavy requests built at once, at most (each holds its own copy of up to
-/// a window's worth of events, on a thread of its own).
-static HEAVY_BUILDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-
 /// Build the request for `events` with `build`. When they are large, the
 /// building runs off the runtime's thread (outbox_kafka::cpu_bound): the
 /// runtime hands its other tasks (every endpoint's requests, their
@@ -172,9 +168,7 @@ static HEAVY_BUILDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(
 /// does not hold up the rest.
 pub(crate) async fn build_request<R>(events: &[Arc<Event>], build: impl FnOnce() -> R) -> R {
     let heavy = events.iter().map(|e| e.size()).sum::<usize>() > HEAVY_BYTES;
-    // Never closed, so the permit always comes.
-    let _permit = if heavy { Some(HEAVY_BUILDS.acquire().await) } else { None };
-    outbox_kafka::cpu_bound(heavy, build)
+    outbox_kafka::cpu_bound(heavy, build).await
 }
 
 /// Send `events` (one request) by the endpoint's protocol; the outcome of

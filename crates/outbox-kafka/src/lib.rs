@@ -200,14 +200,24 @@ pub struct Delivered {
     pub offset: i64,
 }
 
+/// CPU-heavy moments at once, at most: each holds a thread of its own
+/// (and the memory of what it builds) while it runs.
+static HEAVY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Run `work`; when it is `heavy` (CPU-bound for a long moment), under
 /// `tokio::task::block_in_place`, so the runtime's other tasks move to
-/// another thread meanwhile. That only works on a thread of a multi-thread
-/// runtime (elsewhere it panics): anywhere else `work` just runs.
-pub fn cpu_bound<R>(heavy: bool, work: impl FnOnce() -> R) -> R {
+/// another thread meanwhile, and no more than two at once in the process
+/// (request building and batch compression alike: a burst of large
+/// events must not become a thread per endpoint, each burning a core of
+/// the database server). `block_in_place` only works on a thread of a
+/// multi-thread runtime (elsewhere it panics): anywhere else `work` just
+/// runs.
+pub async fn cpu_bound<R>(heavy: bool, work: impl FnOnce() -> R) -> R {
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if heavy && multi_thread {
+        // Never closed, so the permit always comes.
+        let _permit = HEAVY.acquire().await;
         tokio::task::block_in_place(work)
     } else {
         work()
@@ -225,6 +235,26 @@ mod tests {
         let s = format!("{c:?}");
         assert!(!s.contains("s3cr3t-pw"), "{s}");
         assert!(s.contains("<redacted>"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn two_heavy_moments_at_most_run_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        static NOW: AtomicUsize = AtomicUsize::new(0);
+        static MOST: AtomicUsize = AtomicUsize::new(0);
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                tokio::spawn(cpu_bound(true, || {
+                    MOST.fetch_max(NOW.fetch_add(1, SeqCst) + 1, SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    NOW.fetch_sub(1, SeqCst);
+                }))
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(MOST.load(SeqCst), 2);
     }
 
     #[test]

@@ -447,7 +447,7 @@ impl Inner {
                     failed_round = true;
                     continue;
                 };
-                if let Err(e) = self.prepare(j, id, records, now_ms) {
+                if let Err(e) = self.prepare(j, id, records, now_ms).await {
                     let head = j.chunks.pop_front().expect("a pending batch");
                     fail(out, &head.idx, &e);
                     continue;
@@ -548,7 +548,7 @@ impl Inner {
     }
 
     /// Make sure the head batch of `j` is encoded and stamped for `id`.
-    fn prepare(&self, j: &mut Job, id: Identity, records: &[Record], now_ms: i64) -> Result<(), ProduceError> {
+    async fn prepare(&self, j: &mut Job, id: Identity, records: &[Record], now_ms: i64) -> Result<(), ProduceError> {
         let st = &mut *j.guard;
         if st.owner != Some(id.generation) {
             // A new identity: a new sequence space for every partition.
@@ -569,7 +569,7 @@ impl Inner {
                 // to another thread meanwhile.
                 let bytes: usize = head.idx.iter().map(|&i| records[i].value.len()).sum();
                 let heavy = self.compression != Compression::None && bytes > HEAVY_BATCH_BYTES;
-                let b = crate::cpu_bound(heavy, encode).map_err(|e| {
+                let b = crate::cpu_bound(heavy, encode).await.map_err(|e| {
                     if self.compression == Compression::Zstd {
                         ProduceError::fatal(UNSUPPORTED_COMPRESSION_TYPE, e)
                     } else {
