@@ -11,7 +11,7 @@
 //! unless such a network is listed too.
 
 use crate::config::ConfigError;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Entry {
@@ -141,7 +141,9 @@ pub struct Egress {
 
 /// Whether `ip` is an address of the public internet: not loopback,
 /// private, link-local (cloud metadata lives at 169.254.169.254), shared,
-/// unique-local, multicast, documentation or unspecified.
+/// unique-local, multicast, documentation or unspecified; nor an IPv6
+/// address that embeds one of those (mapped, compatible, 6to4) or may
+/// embed any IPv4 address (NAT64, Teredo).
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -164,13 +166,25 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
+            // IPv4-compatible (::a.b.c.d, deprecated) and 6to4 (2002:AABB:CCDD::/48)
+            // addresses carry an IPv4 address a tunnel may deliver to: they
+            // are as public as that address.
+            if s[..6] == [0; 6] {
+                return is_public(IpAddr::V4(embedded(s[6], s[7])));
+            }
+            if s[0] == 0x2002 {
+                return is_public(IpAddr::V4(embedded(s[1], s[2])));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0] == 0x64 && s[1] == 0xff9b)) // NAT64 (embeds any IPv4 address)
+                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 (embeds any IPv4 address)
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo (embeds an IPv4 address, obfuscated)
+                || s[..4] == [0x100, 0, 0, 0]) // discard-only
         }
     }
 }
@@ -262,9 +276,18 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "64:ff9b::7f00:1",
+            // IPv4 addresses inside IPv6 ones: compatible, 6to4, Teredo.
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "100::1",
         ] {
             assert!(!list.allows_address(ip(refused)), "{refused}");
         }
+        assert!(list.allows_address(ip("2002:5db8:d822::1")), "6to4 of a public address");
+        assert!(list.allows_address(ip("2606:2800:220:1::248")));
         assert!(AllowList::default().allows_address(ip("127.0.0.1")), "an empty list allows any address");
     }
 
