@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
 /// A request this client sends (kafka-protocol encodes it) and the response
@@ -54,6 +55,44 @@ request!(SaslAuthenticateRequest, SaslAuthenticate, 36);
 /// versions, authentication.
 pub(crate) const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
+/// What one producer's responses may take at once, read and decoded: each
+/// counts five times its size and 64 KiB (its bytes, and what decoding
+/// may make of them: see `response`). Responses are read as they come, so
+/// one producer holds one to many at a time; without a bound, a broker that
+/// advertises many addresses, each answering 8 MB, would multiply it.
+const RESPONSE_BUDGET: usize = 64 * 1024 * 1024;
+
+/// A producer's share of memory for responses.
+#[derive(Clone)]
+pub(crate) struct ResponseBudget(Arc<Semaphore>);
+
+impl ResponseBudget {
+    pub(crate) fn new() -> ResponseBudget {
+        ResponseBudget(Arc::new(Semaphore::new(RESPONSE_BUDGET)))
+    }
+
+    /// Room for a response of `len` bytes, waited for.
+    async fn reserve(&self, len: usize) -> OwnedSemaphorePermit {
+        let cost = len.saturating_mul(5).saturating_add(64 * 1024).min(RESPONSE_BUDGET) as u32;
+        // Never closed, so the permit always comes.
+        self.0.clone().acquire_many_owned(cost).await.expect("the semaphore is never closed")
+    }
+}
+
+/// A decoded response, holding its room in the producer's budget until
+/// it is dropped.
+pub(crate) struct Held<T> {
+    value: T,
+    _room: OwnedSemaphorePermit,
+}
+
+impl<T> std::ops::Deref for Held<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -64,6 +103,7 @@ pub(crate) struct Settings {
     pub sasl: Option<Sasl>,
     pub resolver: Arc<dyn Resolve>,
     pub connect_timeout: Duration,
+    pub responses: ResponseBudget,
 }
 
 impl Settings {
@@ -132,7 +172,7 @@ impl Broker {
         req: &Q,
         versions: RangeInclusive<i16>,
         deadline: Instant,
-    ) -> Result<(Q::Response, i16), ConnError> {
+    ) -> Result<(Held<Q::Response>, i16), ConnError> {
         let Ok(mut slot) = timeout_at(deadline, self.slot.lock()).await else {
             return Err(ConnError::Lost {
                 message: format!("timed out waiting for the connection to {}", self.addr),
@@ -237,7 +277,7 @@ impl Established {
         header_version: i16,
         response_header_version: i16,
         body: impl FnOnce(&mut BytesMut) -> anyhow::Result<()>,
-    ) -> Result<Bytes, ConnError> {
+    ) -> Result<(Bytes, OwnedSemaphorePermit), ConnError> {
         let correlation = self.next_correlation;
         self.next_correlation = self.next_correlation.wrapping_add(1);
         let header = RequestHeader::default()
@@ -270,6 +310,7 @@ impl Established {
                 timed_out: false,
             });
         }
+        let room = settings.responses.reserve(len as usize).await;
         let mut resp = BytesMut::zeroed(len as usize);
         self.io.read_exact(&mut resp).await.map_err(|e| lost(&self.addr, "read from", e))?;
         let mut resp = resp.freeze();
@@ -282,7 +323,7 @@ impl Established {
                 format!("correlation id {got} != {correlation}"),
             ));
         }
-        Ok(resp)
+        Ok((resp, room))
     }
 
     async fn round_trip<Q: Request>(
@@ -290,8 +331,8 @@ impl Established {
         settings: &Settings,
         req: &Q,
         version: i16,
-    ) -> Result<Q::Response, ConnError> {
-        let body = self
+    ) -> Result<Held<Q::Response>, ConnError> {
+        let (body, room) = self
             .exchange(
                 settings,
                 Q::KEY,
@@ -306,7 +347,7 @@ impl Established {
             sent: true,
             timed_out: false,
         })?;
-        Ok(resp)
+        Ok(Held { value: resp, _room: room })
     }
 
     async fn api_versions(&mut self, settings: &Settings, addr: &str) -> Result<(), ConnError> {
@@ -323,7 +364,7 @@ impl Established {
             })
             .await
             .map_err(unreachable)?;
-        let resp = match ApiVersions::decode(body, 3) {
+        let resp = match ApiVersions::decode(body.0, 3) {
             Ok(r) if r.error_code == 0 => r,
             _ => {
                 // A broker without v3 answers in v0 with UNSUPPORTED_VERSION: ask again in v0.
@@ -333,7 +374,7 @@ impl Established {
                     })
                     .await
                     .map_err(unreachable)?;
-                let r = ApiVersions::decode(body, 0)
+                let r = ApiVersions::decode(body.0, 0)
                     .map_err(|e| ConnError::Unreachable(format!("bad ApiVersions response from {addr}: {e}")))?;
                 if r.error_code != 0 {
                     return Err(ConnError::Unreachable(format!(
@@ -361,7 +402,7 @@ impl Established {
                 message: format!("SASL authentication refused: {detail}"),
             });
         }
-        Ok(resp.auth_bytes)
+        Ok(resp.auth_bytes.clone())
     }
 
     async fn authenticate(&mut self, settings: &Settings, sasl: &Sasl, addr: &str) -> Result<(), ConnError> {
@@ -457,6 +498,24 @@ mod tests {
         assert!(tls_connector(&crate::Tls { ca_pem: None }).is_ok());
     }
 
+    /// Two responses of the largest size are not held at once by one
+    /// producer (each counts 40 MB of its 64), while small ones still fit
+    /// beside one.
+    #[tokio::test]
+    async fn responses_held_at_once_are_bounded() {
+        let budget = ResponseBudget::new();
+        let wait = Duration::from_millis(50);
+        let largest = budget.reserve(MAX_RESPONSE_BYTES).await;
+        assert!(tokio::time::timeout(wait, budget.reserve(MAX_RESPONSE_BYTES)).await.is_err());
+        let mut small = Vec::new();
+        for _ in 0..100 {
+            small.push(tokio::time::timeout(wait, budget.reserve(1000)).await.expect("room for a small one"));
+        }
+        drop(largest);
+        drop(small);
+        let _room = tokio::time::timeout(wait, budget.reserve(MAX_RESPONSE_BYTES)).await.expect("room again");
+    }
+
     #[test]
     fn scrub_removes_password() {
         let s = Settings {
@@ -465,6 +524,7 @@ mod tests {
             sasl: Some(Sasl { mechanism: Mechanism::Plain, username: "u".into(), password: "pw123".into() }),
             resolver: Arc::new(crate::SystemResolver),
             connect_timeout: Duration::from_secs(1),
+            responses: ResponseBudget::new(),
         };
         assert_eq!(s.scrub("bad password pw123 for u"), "bad password <redacted> for u");
     }

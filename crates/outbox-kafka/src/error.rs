@@ -52,15 +52,15 @@ impl ProduceError {
     }
 
     pub(crate) fn retriable(code: i16, message: impl Into<String>) -> ProduceError {
-        ProduceError::Retriable { code, name: error_name(code), message: message.into() }
+        ProduceError::Retriable { code, name: error_name(code), message: bounded(message.into()) }
     }
 
     pub(crate) fn fatal(code: i16, message: impl Into<String>) -> ProduceError {
-        ProduceError::Fatal { code, name: error_name(code), message: message.into() }
+        ProduceError::Fatal { code, name: error_name(code), message: bounded(message.into()) }
     }
 
     pub(crate) fn unreachable(message: impl Into<String>) -> ProduceError {
-        ProduceError::Unreachable { message: message.into() }
+        ProduceError::Unreachable { message: bounded(message.into()) }
     }
 
     /// A broker's error code, classified.
@@ -71,6 +71,26 @@ impl ProduceError {
             ProduceError::fatal(code, message)
         }
     }
+}
+
+/// The longest message an error keeps, in bytes. A broker's text goes
+/// into it (a produce error's message and record errors, a SASL refusal,
+/// the mechanisms it offers), and a batch's error is copied to each of its
+/// records: 4 MB said to a batch of 500 would be 2 GB.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message`, cut to `MAX_MESSAGE_BYTES` (at a character's start) with
+/// "..." to say so.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    message
 }
 
 impl fmt::Display for ProduceError {

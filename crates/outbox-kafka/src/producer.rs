@@ -1,9 +1,9 @@
 //! The producer: metadata, partitioning, idempotent batches, retries.
 
 use crate::batch::{self, Stamp, BATCH_OVERHEAD};
-use crate::conn::{self, Broker, ConnError, Settings};
+use crate::conn::{self, Broker, ConnError, Held, ResponseBudget, Settings};
 use crate::error::*;
-use crate::response::{Metadata, Produce};
+use crate::response::{Metadata, Produce, ProducePartition};
 use crate::{partition_for_key, Compression, Config, Delivered, ProduceError, Record};
 use bytes::Bytes;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
@@ -143,6 +143,7 @@ impl Producer {
             sasl: config.sasl,
             resolver: config.resolver,
             connect_timeout: config.connect_timeout,
+            responses: ResponseBudget::new(),
         };
         Producer {
             inner: Arc::new(Inner {
@@ -522,8 +523,20 @@ impl Inner {
                         }
                     }
                     Ok(resp) => {
+                        // Each partition's entry (the first), found in one
+                        // pass: a scan of the response per partition would
+                        // cost partitions × entries, on the runtime's thread.
+                        let mut entries: HashMap<i32, Option<&ProducePartition>> =
+                            jis.iter().map(|&ji| (jobs[ji].partition, None)).collect();
+                        let ours = resp.responses.iter().filter(|t| t.name == topic);
+                        for p in ours.flat_map(|t| &t.partition_responses) {
+                            if let Some(slot @ None) = entries.get_mut(&p.index) {
+                                *slot = Some(p);
+                            }
+                        }
                         for &ji in jis {
-                            let outcome = self.absorb(topic, &mut jobs[ji], &resp, id, out);
+                            let part = entries.get(&jobs[ji].partition).copied().flatten();
+                            let outcome = self.absorb(topic, &mut jobs[ji], part, id, out);
                             refresh |= outcome.refresh;
                             reinit |= outcome.reinit;
                             failed_round |= outcome.failed;
@@ -590,20 +603,22 @@ impl Inner {
         Ok(())
     }
 
-    async fn produce(&self, addr: &str, req: ProduceRequest, deadline: Instant) -> Result<Produce, ConnError> {
+    async fn produce(&self, addr: &str, req: ProduceRequest, deadline: Instant) -> Result<Held<Produce>, ConnError> {
         let versions = if self.compression == Compression::Zstd { PRODUCE_VERSIONS_ZSTD } else { PRODUCE_VERSIONS };
         self.broker(addr).call(&self.settings, &req, versions, deadline).await.map(|(r, _)| r)
     }
 
-    /// Apply a produce response to the head batch of `j`.
-    fn absorb(&self, topic: &str, j: &mut Job, resp: &Produce, id: Identity, out: &mut Results) -> Outcome {
+    /// Apply the produce response's entry for `j`'s partition (None: the
+    /// response lacks it) to the head batch of `j`.
+    fn absorb(
+        &self,
+        topic: &str,
+        j: &mut Job,
+        part: Option<&ProducePartition>,
+        id: Identity,
+        out: &mut Results,
+    ) -> Outcome {
         let mut o = Outcome::default();
-        let part = resp
-            .responses
-            .iter()
-            .filter(|t| t.name == topic)
-            .flat_map(|t| t.partition_responses.iter())
-            .find(|p| p.index == j.partition);
         let head = j.chunks.front_mut().expect("a pending batch");
         let Some(part) = part else {
             head.attempts += 1;
@@ -618,6 +633,9 @@ impl Inner {
         let code = part.error_code;
         let mut message = part.error_message.clone().unwrap_or_default();
         for (batch_index, m) in &part.record_errors {
+            if message.len() > MAX_MESSAGE_BYTES {
+                break; // the error keeps no more
+            }
             if let Some(m) = m {
                 message.push_str(&format!("; record {batch_index}: {m}"));
             }
@@ -631,7 +649,8 @@ impl Inner {
                 let head = j.chunks.pop_front().expect("a pending batch");
                 let base = if part.base_offset >= 0 { Some(part.base_offset) } else { None };
                 for (k, &i) in head.idx.iter().enumerate() {
-                    let offset = base.map_or(-1, |b| b + k as i64);
+                    // The broker's number: past the end of the range, no offset.
+                    let offset = base.and_then(|b| b.checked_add(k as i64)).unwrap_or(-1);
                     out[i] = Some(Ok(Delivered { partition: j.partition, offset }));
                 }
                 if id.producer_id >= 0 {
@@ -747,7 +766,7 @@ impl Inner {
             }
             let until = deadline.min(now + self.settings.connect_timeout * 2);
             match self.broker(&addr).call(&self.settings, &req, METADATA_VERSIONS, until).await {
-                Ok((resp, _)) => return self.absorb_metadata(topic, resp),
+                Ok((resp, _)) => return self.absorb_metadata(topic, &resp),
                 Err(ConnError::Auth { code, message }) => return Err(ProduceError::fatal(code, message)),
                 Err(ConnError::Unsupported(m)) => return Err(ProduceError::fatal(UNSUPPORTED_VERSION, m)),
                 Err(ConnError::Unreachable(m)) | Err(ConnError::Lost { message: m, .. }) => last = m,
@@ -756,7 +775,7 @@ impl Inner {
         Err(ProduceError::unreachable(format!("no broker answered a metadata request: {last}")))
     }
 
-    fn absorb_metadata(&self, topic: &str, resp: Metadata) -> Result<TopicMeta, ProduceError> {
+    fn absorb_metadata(&self, topic: &str, resp: &Metadata) -> Result<TopicMeta, ProduceError> {
         let mut meta = self.meta.lock().unwrap();
         if !resp.brokers.is_empty() {
             meta.nodes = resp

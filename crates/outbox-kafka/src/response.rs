@@ -7,8 +7,12 @@
 //! the worker that is the PostgreSQL cluster restarting, so one hostile or
 //! broken broker could take down every database on the server. Here every
 //! length is checked against the bytes that are left before anything is
-//! reserved, so a response can cost at most a small multiple of its own
-//! size (itself capped at `conn::MAX_RESPONSE_BYTES`).
+//! reserved, and what the decoded response takes (its vectors, its
+//! strings) is counted against a budget of four times the response's size
+//! and 64 KiB, so a response costs at most that (and is itself capped at
+//! `conn::MAX_RESPONSE_BYTES`). Elements take more memory than bytes on
+//! the wire (an empty topic is 3 bytes and 48 in memory), so the length
+//! check alone would let one response decode to 16 times its size.
 //!
 //! Every field is read, but only those the producer uses are kept; tagged
 //! fields (the flexible versions' extensions) are skipped by their sizes.
@@ -38,11 +42,26 @@ fn short(what: &str, need: usize, left: usize) -> DecodeError {
 pub(crate) struct Reader {
     buf: Bytes,
     flexible: bool,
+    /// Bytes the decoded value may still take.
+    budget: usize,
 }
+
+/// A string's smallest heap block (glibc's malloc), counted for each.
+const MIN_ALLOCATION: usize = 32;
 
 impl Reader {
     pub(crate) fn new(buf: Bytes, flexible: bool) -> Reader {
-        Reader { buf, flexible }
+        let budget = buf.len().saturating_mul(4).saturating_add(64 * 1024);
+        Reader { buf, flexible, budget }
+    }
+
+    /// Count `bytes` of the decoded value against the budget.
+    fn spend(&mut self, bytes: usize) -> Result<()> {
+        self.budget = self
+            .budget
+            .checked_sub(bytes)
+            .ok_or_else(|| DecodeError("the response would take more than four times its size in memory".into()))?;
+        Ok(())
     }
 
     fn take(&mut self, what: &str, n: usize) -> Result<Bytes> {
@@ -106,6 +125,9 @@ impl Reader {
     pub(crate) fn nullable_string(&mut self) -> Result<Option<String>> {
         let Some(n) = self.length(false)? else { return Ok(None) };
         let b = self.take("a string", n)?;
+        if n > 0 {
+            self.spend(n.max(MIN_ALLOCATION))?;
+        }
         String::from_utf8(b.to_vec()).map(Some).map_err(|_| DecodeError("string is not UTF-8".into()))
     }
 
@@ -131,6 +153,7 @@ impl Reader {
         if n.saturating_mul(min_bytes.max(1)) > left {
             return Err(DecodeError(format!("array of {n} elements in the {left} bytes left")));
         }
+        self.spend(n.saturating_mul(std::mem::size_of::<T>()))?;
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             out.push(element(self)?);
@@ -576,6 +599,20 @@ mod tests {
         }
     }
 
+    /// The budget leaves room for what real clusters answer: a thousand
+    /// brokers with short names.
+    #[test]
+    fn a_large_cluster_fits_the_budget() {
+        use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
+        let brokers: Vec<_> = (0..1000)
+            .map(|i| MetadataResponseBroker::default().with_node_id(kp::BrokerId(i)).with_host(s("k1")).with_port(9092))
+            .collect();
+        for v in [4, 12] {
+            let resp = kp::MetadataResponse::default().with_brokers(brokers.clone());
+            assert_eq!(Metadata::decode(encode(&resp, v), v).unwrap().brokers.len(), 1000, "v{v}");
+        }
+    }
+
     #[test]
     fn headers_with_and_without_tagged_fields() {
         let mut b = Bytes::from_static(&[0, 0, 0, 9, 1, 5, 2, 0xaa, 0xbb, 0x77]);
@@ -609,6 +646,22 @@ mod tests {
         assert!(Reader::new(Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0x0f]), true).bytes().is_err());
         assert!(Reader::new(Bytes::from_static(&[1, 0, 0xff, 0xff, 0x03]), true).tagged_fields().is_err());
         assert!(Reader::new(Bytes::from_static(&[0, 2, 0xff, 0xfe]), false).string().is_err());
+        // Elements that are small on the wire and large in memory: 8 MB of
+        // empty topics (3 bytes each, 48 in memory) would decode to 134 MB.
+        let n: u32 = (8 << 20) / 3;
+        let mut body = vec![];
+        let mut v = n + 1;
+        while v >= 0x80 {
+            body.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        body.push(v as u8);
+        for _ in 0..n {
+            body.extend_from_slice(&[1, 1, 0]); // name "", no partitions, no tagged fields
+        }
+        body.extend_from_slice(&[0, 0, 0, 0, 0]); // throttle time, no tagged fields
+        let e = Produce::decode(Bytes::from(body), 9).unwrap_err();
+        assert!(e.0.contains("four times its size"), "{e}");
         // Every response, cut anywhere, is an error rather than a panic.
         let full = encode(
             &kp::MetadataResponse::default().with_brokers(vec![

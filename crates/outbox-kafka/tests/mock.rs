@@ -40,6 +40,13 @@ enum Reply {
     Close,
     /// Answer with a length prefix of 2 GiB - 1.
     HugeFrame,
+    /// Refuse with this code and message.
+    Said(i16, String),
+    /// Accept, at this base offset.
+    At(i64),
+    /// Accept, the response listing this many other topics (named
+    /// "other-topic-" and 28 digits) first.
+    Among(usize),
 }
 
 type Script = Box<dyn FnMut(&Produced, usize) -> Reply + Send>;
@@ -228,6 +235,7 @@ async fn serve(mut s: TcpStream, sh: Arc<Shared>) {
                 let req = ProduceRequest::decode(&mut buf, version).unwrap();
                 assert_eq!(req.acks, -1, "acks=all");
                 let mut responses = Vec::new();
+                let mut others = 0;
                 for t in &req.topic_data {
                     let mut parts = Vec::new();
                     for p in &t.partition_data {
@@ -249,15 +257,24 @@ async fn serve(mut s: TcpStream, sh: Arc<Shared>) {
                             log.produced.len() - 1
                         };
                         let reply = (sh.script.lock().unwrap())(&produced, nth);
+                        let mut message = None;
                         let (code, base) = match reply {
-                            Reply::Ok => {
+                            Reply::Ok | Reply::Among(_) => {
+                                if let Reply::Among(n) = reply {
+                                    others = n;
+                                }
                                 let mut log = sh.log.lock().unwrap();
                                 let next = log.next_offset.entry(p.index).or_insert(0);
                                 let base = *next;
                                 *next += produced.count as i64;
                                 (0, base)
                             }
+                            Reply::At(base) => (0, base),
                             Reply::Code(c) => (c, -1),
+                            Reply::Said(c, m) => {
+                                message = Some(StrBytes::from_string(m));
+                                (c, -1)
+                            }
                             Reply::Hang => {
                                 tokio::time::sleep(Duration::from_secs(3600)).await;
                                 return;
@@ -275,13 +292,23 @@ async fn serve(mut s: TcpStream, sh: Arc<Shared>) {
                                 .with_index(p.index)
                                 .with_error_code(code)
                                 .with_base_offset(base)
-                                .with_error_message((code != 0).then(|| StrBytes::from_static_str("scripted"))),
+                                .with_error_message(
+                                    message.or((code != 0).then(|| StrBytes::from_static_str("scripted"))),
+                                ),
                         );
                     }
                     responses.push(
                         TopicProduceResponse::default().with_name(t.name.clone()).with_partition_responses(parts),
                     );
                 }
+                let mut listed: Vec<_> = (0..others)
+                    .map(|i| {
+                        TopicProduceResponse::default()
+                            .with_name(TopicName(StrBytes::from_string(format!("other-topic-{i:028}"))))
+                    })
+                    .collect();
+                listed.append(&mut responses);
+                let responses = listed;
                 respond(&mut s, corr, version, ProduceResponse::default().with_responses(responses)).await;
             }
             other => panic!("unexpected API {other}"),
@@ -535,6 +562,59 @@ async fn array_lengths_a_broker_cannot_back_fail_its_request_only() {
         }
         assert!(started.elapsed() < Duration::from_secs(10), "API {key}: {:?}", started.elapsed());
     }
+}
+
+/// A broker's text goes into the error of every record of the batch: it
+/// is cut to a bounded size first (4 MB said to 50 records was 200 MB).
+#[tokio::test]
+async fn a_brokers_long_message_is_cut_before_every_record_gets_it() {
+    let long = "x".repeat(4 << 20);
+    let mock = Mock::start(opts(move |_, _| Reply::Said(87, long.clone()))).await;
+    let results = Producer::new(config(&mock.addr)).send(TOPIC, records(50, 10)).await;
+    for r in &results {
+        match r {
+            Err(e @ ProduceError::Fatal { code: 87, message, .. }) => {
+                assert!(message.len() <= 1100, "{} bytes", message.len());
+                assert!(e.to_string().contains("xxxx"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Offsets near the end of the range: no overflow (a panic in a debug
+/// build, with the batch's sequence never advanced), the records past it
+/// have no offset.
+#[tokio::test]
+async fn a_base_offset_at_the_end_of_the_range_does_not_overflow() {
+    let mock = Mock::start(opts(|_, nth| if nth == 0 { Reply::At(i64::MAX - 1) } else { Reply::Ok })).await;
+    let producer = Producer::new(config(&mock.addr));
+    let offsets: Vec<i64> = ok(&producer.send(TOPIC, records(4, 10)).await).iter().map(|d| d.offset).collect();
+    assert_eq!(offsets, [i64::MAX - 1, i64::MAX, -1, -1]);
+    ok(&producer.send(TOPIC, records(2, 10)).await);
+    let produced = mock.produced();
+    assert_eq!((produced[1].base_sequence, produced[1].count), (4, 2), "the sequence went on");
+}
+
+/// The response's entries are looked up once, not scanned again for every
+/// partition of the request (190,000 topics, 2,000 partitions: 3.8e8
+/// comparisons on the runtime's thread, which no timeout interrupts).
+#[tokio::test]
+async fn a_long_produce_response_is_read_once_for_all_partitions() {
+    let mut options = opts(|_, _| Reply::Among(190_000));
+    options.partitions = 2_000;
+    let mock = Mock::start(options).await;
+    let mut cfg = config(&mock.addr);
+    cfg.request_timeout = Duration::from_secs(30);
+    let producer = Producer::new(cfg);
+    let records: Vec<Record> =
+        (0..4_000).map(|i| Record::new(Some(format!("key-{i}").into_bytes()), b"v".to_vec())).collect();
+    let started = Instant::now();
+    let delivered = ok(&producer.send(TOPIC, records).await);
+    let took = started.elapsed();
+    let partitions: std::collections::HashSet<i32> = delivered.iter().map(|d| d.partition).collect();
+    assert!(partitions.len() > 1_500, "{} partitions", partitions.len());
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
 #[tokio::test]
