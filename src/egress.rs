@@ -142,8 +142,8 @@ pub struct Egress {
 /// Whether `ip` is an address of the public internet: not loopback,
 /// private, link-local (cloud metadata lives at 169.254.169.254), shared,
 /// unique-local, multicast, documentation or unspecified; nor an IPv6
-/// address that embeds one of those (mapped, compatible, 6to4) or may
-/// embed any IPv4 address (NAT64, Teredo).
+/// address that embeds one of those (mapped, translated, compatible, 6to4)
+/// or may embed any IPv4 address (NAT64, Teredo).
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -170,7 +170,8 @@ pub fn is_public(ip: IpAddr) -> bool {
             // IPv4-compatible (::a.b.c.d, deprecated) and 6to4 (2002:AABB:CCDD::/48)
             // addresses carry an IPv4 address a tunnel may deliver to: they
             // are as public as that address.
-            if s[..6] == [0; 6] {
+            // IPv4-translated (::ffff:0:a.b.c.d, SIIT) likewise.
+            if s[..6] == [0; 6] || s[..6] == [0, 0, 0, 0, 0xffff, 0] {
                 return is_public(IpAddr::V4(embedded(s[6], s[7])));
             }
             if s[0] == 0x2002 {
@@ -181,6 +182,10 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed in places)
+                || (s[0] & 0xfff0) == 0x3ff0 // documentation (RFC 9637)
+                || (s[0] == 0x2001 && s[1] == 0x0002 && s[2] == 0) // benchmarking
+                || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x0010) // ORCHID
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
                 || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 (embeds any IPv4 address)
                 || (s[0] == 0x2001 && s[1] == 0) // Teredo (embeds an IPv4 address, obfuscated)
@@ -283,6 +288,13 @@ mod tests {
             "2002:7f00:1::",
             "2001:0:4136:e378:8000:63bf:3fff:fdd2",
             "100::1",
+            // IPv4-translated (SIIT), site-local, and the other special ranges.
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:a9fe:a9fe",
+            "fec0::1",
+            "3fff::1",
+            "2001:2::1",
+            "2001:10::1",
         ] {
             assert!(!list.allows_address(ip(refused)), "{refused}");
         }
