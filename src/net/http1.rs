@@ -262,13 +262,15 @@ impl Conn {
 
     /// Write `request`, read the head of its answer. The server may answer
     /// before it has read the whole request (a 413, say) and stop reading
-    /// it: the answer is read while the request is written, and once one
-    /// comes writing stops. A request not written whole leaves the
-    /// connection unfit for another.
+    /// it: the answer is read while the request is written, and once a
+    /// final one comes writing stops (interim ones are passed over). A
+    /// request not written whole leaves the connection unfit for another.
     async fn exchange(&mut self, request: &[u8]) -> Result<Head, Broken> {
         self.buf.clear();
+        let mut scan = HeadScan::default();
         let mut sent = 0;
-        let mut write_error = None;
+        let (mut write_error, mut read_error) = (None, None);
+        let mut early = None;
         while sent < request.len() {
             tokio::select! {
                 biased;
@@ -280,67 +282,58 @@ impl Conn {
                         break;
                     }
                 },
-                // Something to read (an answer, or the connection's end)
-                // before the request is out: read it. tokio's flag can be
-                // stale (it stays set after a read that filled the buffer
-                // exactly), so the socket is asked; a failed try clears it.
+                // Something to read before the request is out. tokio's flag
+                // can be stale (it stays set after a read that filled the
+                // buffer exactly), so the socket is asked; a failed try
+                // clears it. Interim answers (an unasked 100 Continue, a
+                // proxy's 103) and a head that has not ended yet do not
+                // stop the writing: the server may want the whole body
+                // before it answers. A final answer (a 413, say), the
+                // connection's end or an error do.
                 Ok(()) = self.stream.readable() => {
                     self.buf.reserve(READ_SIZE);
                     match self.stream.try_read_buf(&mut self.buf) {
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        _ => break,
+                        Ok(n) if n > 0 => {
+                            if let Some(head) = scan.next(&mut self.buf)? {
+                                early = Some(head);
+                                break;
+                            }
+                        }
+                        Ok(_) => break,
+                        Err(e) => {
+                            read_error = Some(e.to_string());
+                            break;
+                        }
                     }
                 }
             }
         }
-        let mut head = match self.read_head().await {
+        let head = match early {
+            Some(head) => Ok(head),
+            None => self.read_head(&mut scan).await,
+        };
+        let mut head = match head {
             // No answer to read after a failed write: the request did not
             // arrive whole (on a kept-alive connection: the server had
             // closed it).
-            Err(Broken::BeforeAnswer(why)) => return Err(Broken::BeforeAnswer(write_error.unwrap_or(why))),
+            Err(Broken::BeforeAnswer(why)) => {
+                return Err(Broken::BeforeAnswer(write_error.or(read_error).unwrap_or(why)))
+            }
             other => other?,
         };
         head.keep_alive &= sent == request.len();
         Ok(head)
     }
 
-    /// Read the head of an answer, skipping interim 1xx answers (a few).
-    async fn read_head(&mut self) -> Result<Head, Broken> {
-        let mut interim = 0;
-        // The head is parsed only once the bytes hold its end (a blank
-        // line), looked for in what came since the last look: a server
-        // dripping its head a byte at a time would otherwise have the
-        // whole of it parsed again after every byte (up to 256 KB, some
-        // 30 GB of parsing in all), the runtime's thread busy with it for
-        // the request's whole timeout.
-        let mut scanned: usize = 0;
+    /// Read the head of an answer, past interim 1xx answers (a few), on
+    /// from what `scan` has seen.
+    async fn read_head(&mut self, scan: &mut HeadScan) -> Result<Head, Broken> {
         loop {
-            // Blank lines before the status line, which httparse skips, go
-            // first: after them a blank line can only be the head's end (and
-            // a server dripping them cannot have the rest parsed again).
-            let blank = leading_blank_lines(&self.buf);
-            self.buf.advance(blank);
-            scanned = scanned.saturating_sub(blank);
-            let from = scanned.saturating_sub(2);
-            let ended = self.buf[from..].windows(2).any(|w| w == b"\n\n" || w == b"\n\r");
-            scanned = self.buf.len();
-            if ended {
-                if let Some(head) = parse_head(&mut self.buf).map_err(Broken::Answer)? {
-                    scanned = 0;
-                    if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
-                        interim += 1;
-                        if interim > MAX_INTERIM {
-                            return Err(Broken::Answer(format!("more than {MAX_INTERIM} interim answers")));
-                        }
-                        continue;
-                    }
-                    return Ok(head);
-                }
+            if let Some(head) = scan.next(&mut self.buf)? {
+                return Ok(head);
             }
-            if self.buf.len() > MAX_HEAD_BYTES {
-                return Err(Broken::Answer(format!("an answer's head over {} KB", MAX_HEAD_BYTES / 1024)));
-            }
-            let before = self.buf.is_empty() && interim == 0;
+            let before = self.buf.is_empty() && scan.interim == 0;
             match self.fill().await {
                 Ok(0) if before => return Err(Broken::BeforeAnswer("connection closed before an answer".into())),
                 Ok(0) => return Err(Broken::Answer("connection closed in an answer's head".into())),
@@ -486,6 +479,56 @@ impl Conn {
             Ok(0) => Err("connection closed before the answer's body ended".into()),
             Ok(_) => Ok(()),
             Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Where an answer's head is in the bytes read so far.
+///
+/// The head is parsed only once the bytes hold its end (a blank line),
+/// looked for in what came since the last look: a server dripping its head
+/// a byte at a time would otherwise have the whole of it parsed again
+/// after every byte (up to 256 KB, some 30 GB of parsing in all), the
+/// runtime's thread busy with it for the request's whole timeout.
+#[derive(Default)]
+struct HeadScan {
+    /// Bytes at the front of the buffer already looked through.
+    scanned: usize,
+    /// Interim answers passed over.
+    interim: usize,
+}
+
+impl HeadScan {
+    /// The final head at the front of `buf`, taken from it, past interim
+    /// answers; None while it has not ended.
+    fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Head>, Broken> {
+        loop {
+            // Blank lines before the status line, which httparse skips, go
+            // first: after them a blank line can only be the head's end (and
+            // a server dripping them cannot have the rest parsed again).
+            let blank = leading_blank_lines(buf);
+            buf.advance(blank);
+            self.scanned = self.scanned.saturating_sub(blank);
+            let from = self.scanned.saturating_sub(2);
+            let ended = buf[from..].windows(2).any(|w| w == b"\n\n" || w == b"\n\r");
+            self.scanned = buf.len();
+            if ended {
+                if let Some(head) = parse_head(buf).map_err(Broken::Answer)? {
+                    self.scanned = 0;
+                    if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                        self.interim += 1;
+                        if self.interim > MAX_INTERIM {
+                            return Err(Broken::Answer(format!("more than {MAX_INTERIM} interim answers")));
+                        }
+                        continue;
+                    }
+                    return Ok(Some(head));
+                }
+            }
+            if buf.len() > MAX_HEAD_BYTES {
+                return Err(Broken::Answer(format!("an answer's head over {} KB", MAX_HEAD_BYTES / 1024)));
+            }
+            return Ok(None);
         }
     }
 }
@@ -927,6 +970,32 @@ mod tests {
         let answer = pool.post(&url, &HeaderMap::new(), &big, Duration::from_secs(3), 1024).await.unwrap();
         assert_eq!(answer.status.as_u16(), 413);
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    /// An interim answer (here an unasked 100 Continue; a proxy's 103
+    /// Early Hints alike) while the request is still being written is
+    /// passed over and the rest written: the server answers only once it
+    /// has the whole body.
+    #[tokio::test]
+    async fn an_interim_answer_during_a_large_request_does_not_stop_it() {
+        let url = scripted(|mut socket| async move {
+            let mut seen = Vec::new();
+            let end = read_until(&mut socket, &mut seen, head_end).await.unwrap();
+            let _ = socket.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+            let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
+            let length: usize =
+                head.lines().find_map(|l| l.strip_prefix("content-length: ")).unwrap().trim().parse().unwrap();
+            let whole = |seen: &[u8]| (seen.len() >= end + length).then_some(end + length);
+            if read_until(&mut socket, &mut seen, whole).await.is_some() {
+                let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+        let pool = pool(&url);
+        let large = vec![b'x'; 8 << 20];
+        let answer = pool.post(&url, &HeaderMap::new(), &large, Duration::from_secs(3), 1024).await;
+        assert_eq!(text(&answer.unwrap()), "ok");
     }
 
     #[tokio::test]
