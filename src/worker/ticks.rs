@@ -100,7 +100,10 @@ impl CommitOrder {
     }
 
     fn learn(&mut self, txid: i64, seq: u64) {
-        self.seq_of.insert(txid, seq);
+        // A transaction noted twice (a COMMIT PREPARED that failed and was
+        // run again) committed at its last note, whichever is read first.
+        let known = self.seq_of.entry(txid).or_insert(seq);
+        *known = (*known).max(seq);
         self.learned.push_back((seq, txid));
     }
 
@@ -310,6 +313,17 @@ mod tests {
         let mut t = txns(&[(30, None), (10, None), (5, None), (20, None)]);
         order.sort(&mut t);
         assert_eq!(ids(&t), [5, 30, 20, 10]);
+    }
+
+    #[test]
+    fn a_transaction_noted_twice_takes_its_last_place() {
+        let mut order = CommitOrder::default();
+        order.learn(10, 5);
+        order.learn(20, 4);
+        order.learn(10, 3); // the earlier note, read late
+        let mut t = txns(&[(10, None), (20, None)]);
+        assert_eq!(order.sort(&mut t), 0);
+        assert_eq!(ids(&t), [20, 10]);
     }
 
     #[test]
