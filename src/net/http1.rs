@@ -509,6 +509,14 @@ impl HeadScan {
             let blank = leading_blank_lines(buf);
             buf.advance(blank);
             self.scanned = self.scanned.saturating_sub(blank);
+            // Something other than HTTP (an SSH or SMTP banner, a TLS
+            // alert) fails at once, not when its head would have ended:
+            // it may never send a blank line, and the request would wait
+            // out its timeout.
+            let start = buf.len().min(5);
+            if buf[..start] != b"HTTP/"[..start] {
+                return Err(Broken::Answer("invalid answer: not HTTP/1.x".into()));
+            }
             let from = self.scanned.saturating_sub(2);
             let ended = buf[from..].windows(2).any(|w| w == b"\n\n" || w == b"\n\r");
             self.scanned = buf.len();
@@ -996,6 +1004,22 @@ mod tests {
         let large = vec![b'x'; 8 << 20];
         let answer = pool.post(&url, &HeaderMap::new(), &large, Duration::from_secs(3), 1024).await;
         assert_eq!(text(&answer.unwrap()), "ok");
+    }
+
+    /// A server that speaks another protocol, without ever sending a
+    /// blank line, fails the request at once.
+    #[tokio::test]
+    async fn an_answer_that_is_not_http_fails_at_once() {
+        let url = scripted(|mut socket| async move {
+            read_head_of(&mut socket).await;
+            let _ = socket.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n").await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+        let started = Instant::now();
+        let failure = post(&pool(&url), &url, 1024).await.err().unwrap();
+        assert!(failure.message.contains("not HTTP"), "{}", failure.message);
+        assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
     }
 
     #[tokio::test]
