@@ -56,8 +56,8 @@ request!(SaslAuthenticateRequest, SaslAuthenticate, 36);
 pub(crate) const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 /// What one producer's responses may take at once, read and decoded: each
-/// counts five times its size and 64 KiB (its bytes, and what decoding
-/// may make of them: see `response`). Responses are read as they come, so
+/// counts its bytes and what decoding may make of them
+/// (`response::decoded_budget`: four times its size and 64 KiB). Responses are read as they come, so
 /// one producer holds one to many at a time; without a bound, a broker that
 /// advertises many addresses, each answering 8 MB, would multiply it.
 const RESPONSE_BUDGET: usize = 64 * 1024 * 1024;
@@ -73,7 +73,7 @@ impl ResponseBudget {
 
     /// Room for a response of `len` bytes, waited for.
     async fn reserve(&self, len: usize) -> OwnedSemaphorePermit {
-        let cost = len.saturating_mul(5).saturating_add(64 * 1024).min(RESPONSE_BUDGET) as u32;
+        let cost = len.saturating_add(response::decoded_budget(len)).min(RESPONSE_BUDGET) as u32;
         // Never closed, so the permit always comes.
         self.0.clone().acquire_many_owned(cost).await.expect("the semaphore is never closed")
     }

@@ -49,9 +49,14 @@ pub(crate) struct Reader {
 /// A string's smallest heap block (glibc's malloc), counted for each.
 const MIN_ALLOCATION: usize = 32;
 
+/// Bytes the decoded form of a response of `len` bytes may take, at most.
+pub(crate) fn decoded_budget(len: usize) -> usize {
+    len.saturating_mul(4).saturating_add(64 * 1024)
+}
+
 impl Reader {
     pub(crate) fn new(buf: Bytes, flexible: bool) -> Reader {
-        let budget = buf.len().saturating_mul(4).saturating_add(64 * 1024);
+        let budget = decoded_budget(buf.len());
         Reader { buf, flexible, budget }
     }
 
