@@ -694,13 +694,8 @@ mod tests {
                 let mut seen = Vec::new();
                 // One request: its head, then content-length bytes.
                 while let Some(end) = read_until(&mut socket, &mut seen, head_end).await {
-                    let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    let whole = |seen: &[u8]| (seen.len() >= end + length).then_some(end + length);
-                    let Some(whole) = read_until(&mut socket, &mut seen, whole).await else { return };
+                    let length = content_length(&seen[..end]);
+                    let Some(whole) = read_body_of(&mut socket, &mut seen, end, length).await else { return };
                     seen.drain(..whole);
                     let Some((answer, close)) = answers.lock().unwrap().next() else { return };
                     // In pieces, as a network may deliver it.
@@ -716,6 +711,24 @@ mod tests {
         })
         .await;
         (url.join("/hook?x=1").unwrap(), connections)
+    }
+
+    /// The content-length of a request head (0 without one).
+    fn content_length(head: &[u8]) -> usize {
+        let head = String::from_utf8_lossy(head).to_lowercase();
+        head.lines().find_map(|l| l.strip_prefix("content-length: ")).map_or(0, |v| v.trim().parse().unwrap())
+    }
+
+    /// Read into `seen` the `length` bytes of body after the head that
+    /// ends at `end`; where the request ends, or None if the connection
+    /// ends first.
+    async fn read_body_of(
+        socket: &mut tokio::net::TcpStream,
+        seen: &mut Vec<u8>,
+        end: usize,
+        length: usize,
+    ) -> Option<usize> {
+        read_until(socket, seen, |seen: &[u8]| (seen.len() >= end + length).then_some(end + length)).await
     }
 
     /// Where the request head at the start of `seen` ends (past its empty
@@ -990,11 +1003,9 @@ mod tests {
             let mut seen = Vec::new();
             let end = read_until(&mut socket, &mut seen, head_end).await.unwrap();
             let _ = socket.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
-            let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
-            let length: usize =
-                head.lines().find_map(|l| l.strip_prefix("content-length: ")).unwrap().trim().parse().unwrap();
-            let whole = |seen: &[u8]| (seen.len() >= end + length).then_some(end + length);
-            if read_until(&mut socket, &mut seen, whole).await.is_some() {
+            let length = content_length(&seen[..end]);
+            assert_eq!(length, 8 << 20, "the request's body");
+            if read_body_of(&mut socket, &mut seen, end, length).await.is_some() {
                 let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
             }
             tokio::time::sleep(Duration::from_secs(5)).await;
