@@ -162,24 +162,22 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || o[0] >= 240)
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
-            }
             let s = v6.segments();
-            let embedded = |hi: u16, lo: u16| Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
-            // IPv4-compatible (::a.b.c.d, deprecated) and 6to4 (2002:AABB:CCDD::/48)
-            // addresses carry an IPv4 address a tunnel may deliver to: they
-            // are as public as that address.
-            // IPv4-translated (::ffff:0:a.b.c.d, SIIT) likewise.
-            if s[..6] == [0; 6] || s[..6] == [0, 0, 0, 0, 0xffff, 0] {
-                return is_public(IpAddr::V4(embedded(s[6], s[7])));
+            let embedded = |hi: u16, lo: u16| IpAddr::V4(Ipv4Addr::from(((hi as u32) << 16) | lo as u32));
+            match s {
+                // An IPv4 address in the last 32 bits: IPv4-compatible
+                // (::a.b.c.d, deprecated; `::` and `::1` are 0.0.0.0 and
+                // 0.0.0.1 this way), mapped (::ffff:a.b.c.d) and translated
+                // (::ffff:0:a.b.c.d, SIIT). As public as that address.
+                [0, 0, 0, 0, 0, 0 | 0xffff, lo_hi, lo_lo] | [0, 0, 0, 0, 0xffff, 0, lo_hi, lo_lo] => {
+                    return is_public(embedded(lo_hi, lo_lo))
+                }
+                // 6to4 (2002:AABB:CCDD::/48): a tunnel may deliver to the
+                // IPv4 address it carries.
+                [0x2002, hi, lo, ..] => return is_public(embedded(hi, lo)),
+                _ => {}
             }
-            if s[0] == 0x2002 {
-                return is_public(IpAddr::V4(embedded(s[1], s[2])));
-            }
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
+            !(v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
                 || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed in places)
@@ -277,6 +275,7 @@ mod tests {
             "100.64.0.1",
             "0.0.0.0",
             "::1",
+            "::",
             "fe80::1",
             "fd00::1",
             "::ffff:127.0.0.1",
