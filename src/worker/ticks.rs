@@ -120,7 +120,7 @@ impl CommitOrder {
             None => (0, t.committed_at.unwrap_or(i64::MIN), t.txid as u64),
             Some(seq) => (1, 0, *seq),
         });
-        txns.iter().filter(|t| !self.seq_of.contains_key(&t.txid)).count()
+        txns.iter().filter(|t| !self.knows(t.txid)).count()
     }
 
     /// Commits noted in the ring and not yet read.
