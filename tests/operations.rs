@@ -83,8 +83,21 @@ fn a_terminated_worker_is_started_again() {
     assert!(terminated);
     emit(&mut db, "t", json!({"n": 1}), None);
     rx.wait_for(1, WAIT);
-    let again = worker_pid(&mut db);
-    assert_ne!(again, pid, "a new worker process delivers");
+    // The old process may still be listed while it leaves (or have sent
+    // that event on its way out): wait for the new one, which must then
+    // deliver on its own.
+    let deadline = std::time::Instant::now() + WAIT;
+    let again = loop {
+        let now = worker_pid(&mut db);
+        if now != pid || std::time::Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_ne!(again, pid, "a new worker process runs");
+    emit(&mut db, "t", json!({"n": 2}), None);
+    rx.wait_for(2, WAIT);
+    assert_eq!(worker_pid(&mut db), again, "the new worker process delivers");
 }
 
 #[test]
