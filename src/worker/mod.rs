@@ -186,7 +186,7 @@ struct Worker {
     ticks: ticks::Ticks,
     latest_tick: i64,
     last_tick: Instant,
-    commit_order: ticks::CommitOrder,
+    ticker: ticks::Ticker,
     /// The oid of the extension the state below belongs to: a reinstall
     /// (DROP and CREATE EXTENSION) starts over from the new tables.
     extension: Option<u32>,
@@ -222,7 +222,7 @@ impl Worker {
             ticks: ticks::Ticks::default(),
             latest_tick: 0,
             last_tick: Instant::now(),
-            commit_order: ticks::CommitOrder::default(),
+            ticker: ticks::Ticker::default(),
             extension: None,
             config_version: None,
             next_incarnation: 1,
@@ -346,6 +346,7 @@ impl Worker {
 
     fn forget_all(&mut self) {
         self.commits_unticked = true;
+        self.ticker.forget();
         self.extension = None;
         self.endpoints.clear();
         self.ticks.clear();
@@ -501,12 +502,12 @@ impl Worker {
         let caught_up =
             self.commits_unticked && self.endpoints.iter().any(|e| e.is_active() && e.read_tick() >= self.latest_tick);
         let ring = shmem::commit_ring(self.index);
-        let many = ring.is_some_and(|ring| self.commit_order.unread(ring) >= TICK_AFTER_COMMITS);
+        let many = ring.is_some_and(|ring| self.ticker.unread(ring) >= TICK_AFTER_COMMITS);
         let overdue = self.last_tick.elapsed() >= poll_interval();
         if !caught_up && !overdue && !many {
             return Ok(());
         }
-        let latest = ticks::take(overdue, &mut self.commit_order, ring)?;
+        let latest = self.ticker.take(overdue, ring)?;
         // Whatever committed before is in this tick or an earlier one.
         self.commits_unticked = false;
         if latest != self.latest_tick {

@@ -138,12 +138,15 @@ pub fn latest() -> Result<i64> {
 // every step that finds new commits, and at 1,000 events/s parsing and
 // planning them each time was most of the worker's main thread (and of
 // the latency, commit to receiver).
-const LAST_TICK_AND_SNAPSHOT: &str = "SELECT last.id, last.snap_xmax, last.snap_xip,
-        pg_catalog.pg_snapshot_xmin(s)::pg_catalog.text::bigint,
-        pg_catalog.pg_snapshot_xmax(s)::pg_catalog.text::bigint,
-        ARRAY(SELECT x::pg_catalog.text::bigint FROM pg_catalog.pg_snapshot_xip(s) AS x)
- FROM (SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER BY id DESC LIMIT 1) AS last,
-      pg_catalog.pg_current_snapshot() AS s";
+
+// The latest tick, read when the worker does not know it (after it
+// started, or after a step failed).
+const LAST_TICK: &str = "SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER BY id DESC LIMIT 1";
+
+// The snapshot a new tick records, as text (`xmin:xmax:xip,...`): one
+// function call, where taking it apart in SQL planned a function scan and
+// a sub-select for every tick.
+const SNAPSHOT: &str = "SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text";
 
 // The transactions whose events became visible since the last tick, a row
 // each. (Their commit timestamps come from COMMIT_TIMESTAMPS, for those the
@@ -169,56 +172,122 @@ const INSERT_TICK: &str = "INSERT INTO outbox.ticks (id, snap_xmin, snap_xmax, s
 
 const LOAD_TICKS: &str = "SELECT id, snap_xmax, snap_xip, commit_order, inexact FROM outbox.ticks WHERE id = ANY ($1)";
 
-/// Take a new tick if transactions committed since the last one, or
-/// `always`; returns the latest tick id either way.
-pub fn take(always: bool, order: &mut CommitOrder, ring: Option<&CommitRing>) -> Result<i64> {
-    use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID};
-    Ok(Spi::connect_mut(|client| {
-        let plan = prepared(client, LAST_TICK_AND_SNAPSHOT, &[])?;
-        let row = client.update(&*plan, Some(1), &[])?.first();
-        let last_id: i64 = row.get(1)?.unwrap_or(0);
-        let last_xmax: i64 = row.get(2)?.unwrap_or(0);
-        let last_xip: Vec<i64> = row.get(3)?.unwrap_or_default();
-        let (xmin, xmax, xip): (i64, i64, Vec<i64>) =
-            (row.get(4)?.unwrap_or(0), row.get(5)?.unwrap_or(0), row.get(6)?.unwrap_or_default());
-        let plan = prepared(client, COMMITTED_SINCE, &[INT8OID, INT8ARRAYOID, INT8OID, INT8ARRAYOID])?;
-        let mut txns = Vec::new();
-        for row in client.update(&*plan, None, &[last_xmax.into(), last_xip.into(), xmax.into(), xip.clone().into()])? {
-            if let Some(txid) = row.get::<i64>(1)? {
-                txns.push(Txn { txid, committed_at: None });
-            }
-        }
-        if txns.is_empty() && !always {
-            return pgrx::spi::SpiResult::Ok(last_id);
-        }
-        // Read the ring after the snapshot: every transaction the snapshot
-        // sees as committed wrote its number before that.
-        if let Some(ring) = ring {
-            order.read(ring);
-        }
-        let unknown: Vec<i64> = txns.iter().map(|t| t.txid).filter(|t| !order.knows(*t)).collect();
-        if !unknown.is_empty() {
-            let plan = prepared(client, COMMIT_TIMESTAMPS, &[INT8ARRAYOID])?;
-            let mut stamps = HashMap::with_capacity(unknown.len());
-            for row in client.update(&*plan, None, &[unknown.into()])? {
+/// The latest tick's id and snapshot, as far as the next tick needs them.
+#[derive(Debug, Clone, PartialEq)]
+struct LastTick {
+    id: i64,
+    xmax: i64,
+    xip: Vec<i64>,
+}
+
+/// Takes ticks: the commit order it learned from the commit ring, and the
+/// latest tick as this worker took it.
+///
+/// The worker is the only one to insert ticks, so the latest one is kept
+/// in memory instead of read from the table on every tick (at middle rates
+/// a tick per step, and that read was a fifth of taking it). What a failed
+/// step's transaction took may be rolled back: the worker calls `forget`
+/// then, and the next tick reads the table. Should the table still differ
+/// (a tick inserted by hand), the next insert collides with its id and
+/// fails the step, which forgets too.
+#[derive(Default)]
+pub struct Ticker {
+    order: CommitOrder,
+    last: Option<LastTick>,
+}
+
+impl Ticker {
+    /// Commits noted in the ring and not yet read.
+    pub fn unread(&self, ring: &CommitRing) -> u64 {
+        self.order.unread(ring)
+    }
+
+    /// The step's transaction failed, or the tables are not the ones the
+    /// latest tick was taken in: read the latest tick again next time.
+    pub fn forget(&mut self) {
+        self.last = None;
+    }
+
+    /// Take a new tick if transactions committed since the last one, or
+    /// `always`; returns the latest tick id either way.
+    pub fn take(&mut self, always: bool, ring: Option<&CommitRing>) -> Result<i64> {
+        use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID};
+        let (order, known) = (&mut self.order, &mut self.last);
+        Ok(Spi::connect_mut(|client| {
+            let last = match known.take() {
+                Some(last) => last,
+                None => {
+                    let plan = prepared(client, LAST_TICK, &[])?;
+                    let row = client.update(&*plan, Some(1), &[])?.first();
+                    LastTick {
+                        id: row.get(1)?.unwrap_or(0),
+                        xmax: row.get(2)?.unwrap_or(0),
+                        xip: row.get(3)?.unwrap_or_default(),
+                    }
+                }
+            };
+            let plan = prepared(client, SNAPSHOT, &[])?;
+            let text: Option<String> = client.update(&*plan, Some(1), &[])?.first().get(1)?;
+            let Some((xmin, xmax, xip)) = text.as_deref().and_then(parse_snapshot) else {
+                pgrx::error!("outbox worker: pg_current_snapshot() returned {text:?}, which is not a snapshot");
+            };
+            let plan = prepared(client, COMMITTED_SINCE, &[INT8OID, INT8ARRAYOID, INT8OID, INT8ARRAYOID])?;
+            let mut txns = Vec::new();
+            let args = [last.xmax.into(), last.xip.clone().into(), xmax.into(), xip.clone().into()];
+            for row in client.update(&*plan, None, &args)? {
                 if let Some(txid) = row.get::<i64>(1)? {
-                    stamps.insert(txid, row.get::<i64>(2)?);
+                    txns.push(Txn { txid, committed_at: None });
                 }
             }
-            for t in &mut txns {
-                t.committed_at = stamps.get(&t.txid).copied().flatten();
+            if txns.is_empty() && !always {
+                let id = last.id;
+                *known = Some(last);
+                return pgrx::spi::SpiResult::Ok(id);
             }
-        }
-        let inexact = order.sort(&mut txns) as i32;
-        let commit_order: Vec<i64> = txns.iter().map(|t| t.txid).collect();
-        let plan = prepared(client, INSERT_TICK, &[INT8OID, INT8OID, INT8OID, INT8ARRAYOID, INT8ARRAYOID, INT4OID])?;
-        client.update(
-            &*plan,
-            None,
-            &[(last_id + 1).into(), xmin.into(), xmax.into(), xip.into(), commit_order.into(), inexact.into()],
-        )?;
-        Ok(last_id + 1)
-    })?)
+            // Read the ring after the snapshot: every transaction the
+            // snapshot sees as committed wrote its number before that.
+            if let Some(ring) = ring {
+                order.read(ring);
+            }
+            let unknown: Vec<i64> = txns.iter().map(|t| t.txid).filter(|t| !order.knows(*t)).collect();
+            if !unknown.is_empty() {
+                let plan = prepared(client, COMMIT_TIMESTAMPS, &[INT8ARRAYOID])?;
+                let mut stamps = HashMap::with_capacity(unknown.len());
+                for row in client.update(&*plan, None, &[unknown.into()])? {
+                    if let Some(txid) = row.get::<i64>(1)? {
+                        stamps.insert(txid, row.get::<i64>(2)?);
+                    }
+                }
+                for t in &mut txns {
+                    t.committed_at = stamps.get(&t.txid).copied().flatten();
+                }
+            }
+            let inexact = order.sort(&mut txns) as i32;
+            let commit_order: Vec<i64> = txns.iter().map(|t| t.txid).collect();
+            let id = last.id + 1;
+            let plan =
+                prepared(client, INSERT_TICK, &[INT8OID, INT8OID, INT8OID, INT8ARRAYOID, INT8ARRAYOID, INT4OID])?;
+            client.update(
+                &*plan,
+                None,
+                &[id.into(), xmin.into(), xmax.into(), xip.clone().into(), commit_order.into(), inexact.into()],
+            )?;
+            *known = Some(LastTick { id, xmax, xip });
+            Ok(id)
+        })?)
+    }
+}
+
+/// `xmin:xmax:xip,...`, the text of a pg_snapshot.
+fn parse_snapshot(text: &str) -> Option<(i64, i64, Vec<i64>)> {
+    let mut parts = text.split(':');
+    let xmin = parts.next()?.parse().ok()?;
+    let xmax = parts.next()?.parse().ok()?;
+    let xip = match parts.next()? {
+        "" => Vec::new(),
+        list => list.split(',').map(|x| x.parse().ok()).collect::<Option<Vec<i64>>>()?,
+    };
+    parts.next().is_none().then_some((xmin, xmax, xip))
 }
 
 /// Ticks by id.
@@ -297,6 +366,19 @@ mod tests {
 
     fn ids(txns: &[Txn]) -> Vec<i64> {
         txns.iter().map(|t| t.txid).collect()
+    }
+
+    #[test]
+    fn snapshots_are_read_from_their_text() {
+        assert_eq!(parse_snapshot("10:20:"), Some((10, 20, vec![])));
+        assert_eq!(parse_snapshot("10:20:10,14,15"), Some((10, 20, vec![10, 14, 15])));
+        assert_eq!(
+            parse_snapshot("5000000000:5000000003:5000000001"),
+            Some((5000000000, 5000000003, vec![5000000001]))
+        );
+        for bad in ["", "10", "10:20", "10:20:x", "10:20:1,", "10:20:1:2", "a:20:"] {
+            assert_eq!(parse_snapshot(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
