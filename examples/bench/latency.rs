@@ -5,6 +5,7 @@ use crate::{cdc, relay};
 use outbox_testkit::{Cluster, Receiver, Reply};
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -106,14 +107,22 @@ pub fn latencies(committed: &Mutex<HashMap<String, Instant>>, arrived: &Mutex<Ha
     }
 }
 
-pub fn latency_outbox(cluster: &Cluster, db: &mut postgres::Client, rate: f64, secs: u64) -> Vec<f64> {
+/// Commit to receiver through the worker at `rate`, and the worker's CPU
+/// per event emitted meanwhile (µs, user + system, warm-up included): at
+/// middle rates a step carries few events, and its fixed cost shows here.
+pub fn latency_outbox(cluster: &Cluster, db: &mut postgres::Client, rate: f64, secs: u64) -> (Vec<f64>, f64) {
     let (rx, arrived) = timing_receiver("id");
     db.execute(
         "SELECT outbox.create_endpoint('latency', $1, topics => '{latency}', options => '{\"max_in_flight\": 64}')",
         &[&rx.url("/")],
     )
     .unwrap();
-    let committed = paced(cluster, rate, secs, |c, i| {
+    let pid = outbox_testkit::worker_pid(db);
+    let cpu = outbox_testkit::cpu_seconds(pid);
+    let emitted = Arc::new(AtomicUsize::new(0));
+    let counted = emitted.clone();
+    let committed = paced(cluster, rate, secs, move |c, i| {
+        counted.fetch_add(1, Ordering::Relaxed);
         c.query_one(
             "SELECT outbox_emit('latency', jsonb_build_object('i', $1::bigint), 'key-' || ($1::bigint % 1000))::text",
             &[&i],
@@ -122,8 +131,9 @@ pub fn latency_outbox(cluster: &Cluster, db: &mut postgres::Client, rate: f64, s
         .get(0)
     });
     let lat = latencies(&committed, &arrived);
+    let cpu_us = (outbox_testkit::cpu_seconds(pid) - cpu) * 1e6 / emitted.load(Ordering::Relaxed).max(1) as f64;
     db.execute("SELECT outbox.drop_endpoint('latency')", &[]).unwrap();
-    lat
+    (lat, cpu_us)
 }
 
 pub fn latency_relay(cluster: &Cluster, db: &mut postgres::Client, rate: f64, secs: u64) -> Vec<f64> {

@@ -158,11 +158,12 @@ fn main() {
         let rate: f64 = std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(1000.0);
         for _ in 0..2 {
             settle(&mut db);
-            let ours = quantiles(&latency_outbox(&cluster, &mut db, rate, size.latency_secs));
+            let (latencies, cpu_us) = latency_outbox(&cluster, &mut db, rate, size.latency_secs);
+            let ours = quantiles(&latencies);
             settle(&mut db);
             let theirs = quantiles(&latency_relay(&cluster, &mut db, rate, size.latency_secs));
             println!(
-                "{rate:.0} events/s, p50/p99 ms: outbox {:.2}/{:.2}, polling relay {:.2}/{:.2}",
+                "{rate:.0} events/s, p50/p99 ms: outbox {:.2}/{:.2} (worker {cpu_us:.1} us/event), polling relay {:.2}/{:.2}",
                 ours[0], ours[2], theirs[0], theirs[2]
             );
         }
@@ -444,9 +445,11 @@ fn main() {
     println!("{:>34} {:>8} {:>8} {:>8} {:>8}", "", "p50 ms", "p95 ms", "p99 ms", "max ms");
     for (label, rate) in [("1k", 1000.0), ("80pct", rate80)] {
         settle(&mut db);
-        let ours = latency_outbox(&cluster, &mut db, rate, size.latency_secs);
+        let (ours, cpu_us) = latency_outbox(&cluster, &mut db, rate, size.latency_secs);
         settle(&mut db);
         let theirs = latency_relay(&cluster, &mut db, rate, size.latency_secs);
+        println!("{:>34} {cpu_us:.1} us of CPU per event", format!("(the worker at {rate:.0} events/s)"));
+        record(&mut results, &format!("worker_cpu_us_per_event_lat_{label}"), cpu_us);
         for (who, lat) in [("outbox", &ours), ("polling relay", &theirs)] {
             let q = quantiles(lat);
             println!(
