@@ -45,6 +45,16 @@ const RELOAD_EVERY: Duration = Duration::from_secs(10);
 /// Take a tick once this many commits were noted since the last one, even
 /// when no endpoint has caught up: batches stay small.
 const TICK_AFTER_COMMITS: u64 = 1_000;
+/// At high commit rates (COMMITS_TO_PACE a second and more) a tick for
+/// commits noted since the last one waits until TICK_GATHER of them are
+/// noted or TICK_PACE has passed since that tick. Below that rate a
+/// commit is ticked as soon as the worker wakes for it; above, a tick per
+/// commit or two cost a step's statements (a transaction, the tick, the
+/// read) per event or two, and the worker spent more than twice a
+/// drain's CPU per event.
+const COMMITS_TO_PACE: f64 = 2_000.0;
+const TICK_GATHER: u64 = 16;
+const TICK_PACE: Duration = Duration::from_millis(2);
 /// After the worker's own step failed, or an endpoint's, wait this long.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
@@ -187,6 +197,7 @@ struct Worker {
     latest_tick: i64,
     last_tick: Instant,
     ticker: ticks::Ticker,
+    commit_rate: ticks::CommitRate,
     /// The oid of the extension the state below belongs to: a reinstall
     /// (DROP and CREATE EXTENSION) starts over from the new tables.
     extension: Option<u32>,
@@ -223,6 +234,7 @@ impl Worker {
             latest_tick: 0,
             last_tick: Instant::now(),
             ticker: ticks::Ticker::default(),
+            commit_rate: ticks::CommitRate::new(Instant::now()),
             extension: None,
             config_version: None,
             next_incarnation: 1,
@@ -254,6 +266,9 @@ impl Worker {
         for t in self.endpoints.iter().flat_map(|e| [e.next_wake(now), e.save_due()]).flatten() {
             until = until.min(t);
         }
+        if self.commits_unticked && self.tick_may_wait(now) {
+            until = until.min(self.last_tick + TICK_PACE);
+        }
         if let Some(t) = self.error_pause_until {
             until = until.max(t);
         }
@@ -267,6 +282,9 @@ impl Worker {
         }
         // Before reading anything: a commit from now on wakes us again.
         self.commits_unticked |= shmem::worker_awake(self.index);
+        if let Some(ring) = shmem::commit_ring(self.index) {
+            self.commit_rate.update(ring, now);
+        }
         self.error_pause_until = None;
         self.apply_outcomes();
 
@@ -306,8 +324,9 @@ impl Worker {
             return true;
         }
         let window = window();
+        let to_tick = self.commits_unticked && !self.tick_may_wait(now);
         self.endpoints.iter().any(|ep| {
-            let unread = self.commits_unticked || ep.read_tick() < self.latest_tick;
+            let unread = to_tick || ep.read_tick() < self.latest_tick;
             ep.wants_step(now, window, unread)
         })
     }
@@ -504,7 +523,7 @@ impl Worker {
         let ring = shmem::commit_ring(self.index);
         let many = ring.is_some_and(|ring| self.ticker.unread(ring) >= TICK_AFTER_COMMITS);
         let overdue = self.last_tick.elapsed() >= poll_interval();
-        if !caught_up && !overdue && !many {
+        if !overdue && !many && (!caught_up || self.tick_may_wait(Instant::now())) {
             return Ok(());
         }
         let latest = self.ticker.take(overdue, ring)?;
@@ -515,6 +534,20 @@ impl Worker {
             self.last_tick = Instant::now();
         }
         Ok(())
+    }
+
+    /// Whether commits noted since the last tick may wait for more before
+    /// they are ticked (see COMMITS_TO_PACE): the rate is high, the last
+    /// tick is less than TICK_PACE old, and fewer than TICK_GATHER commits
+    /// were noted since. The step that comes after TICK_PACE, woken by a
+    /// commit or by the latch's timeout (see `timeout`), ticks them.
+    fn tick_may_wait(&self, now: Instant) -> bool {
+        let Some(ring) = shmem::commit_ring(self.index) else {
+            return false;
+        };
+        self.commit_rate.per_second() >= COMMITS_TO_PACE
+            && now.saturating_duration_since(self.last_tick) < TICK_PACE
+            && self.ticker.unread(ring) < TICK_GATHER
     }
 
     fn dispatch(&mut self, now: Instant) {

@@ -129,6 +129,39 @@ impl CommitOrder {
     }
 }
 
+/// How fast transactions that emit commit, from the commit ring's count,
+/// measured over windows of at least RATE_WINDOW (a burst of two commits
+/// in a quiet second is not a high rate).
+pub struct CommitRate {
+    since: std::time::Instant,
+    count_then: u64,
+    per_second: f64,
+}
+
+const RATE_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl CommitRate {
+    pub fn new(now: std::time::Instant) -> CommitRate {
+        CommitRate { since: now, count_then: 0, per_second: 0.0 }
+    }
+
+    /// Look at the ring's count; a window that is long enough ends.
+    pub fn update(&mut self, ring: &CommitRing, now: std::time::Instant) {
+        let elapsed = now.saturating_duration_since(self.since);
+        if elapsed >= RATE_WINDOW {
+            let count = ring.next.load(Ordering::Acquire);
+            self.per_second = count.saturating_sub(self.count_then) as f64 / elapsed.as_secs_f64();
+            self.since = now;
+            self.count_then = count;
+        }
+    }
+
+    /// Commits per second in the last window.
+    pub fn per_second(&self) -> f64 {
+        self.per_second
+    }
+}
+
 /// The latest tick's id.
 pub fn latest() -> Result<i64> {
     Ok(Spi::get_one::<i64>("SELECT pg_catalog.max(id) FROM outbox.ticks")?.unwrap_or(0))
@@ -366,6 +399,22 @@ mod tests {
 
     fn ids(txns: &[Txn]) -> Vec<i64> {
         txns.iter().map(|t| t.txid).collect()
+    }
+
+    #[test]
+    fn the_commit_rate_is_measured_over_whole_windows() {
+        let ring = CommitRing::boxed();
+        let t0 = std::time::Instant::now();
+        let mut rate = CommitRate::new(t0);
+        ring.next.store(10, Ordering::Release);
+        // Ten commits within a window are not yet a rate.
+        rate.update(&ring, t0 + RATE_WINDOW / 2);
+        assert_eq!(rate.per_second(), 0.0);
+        rate.update(&ring, t0 + RATE_WINDOW * 2);
+        assert!((rate.per_second() - 10.0 / (RATE_WINDOW * 2).as_secs_f64()).abs() < 1e-6);
+        // A quiet window brings it down to nothing.
+        rate.update(&ring, t0 + RATE_WINDOW * 4);
+        assert_eq!(rate.per_second(), 0.0);
     }
 
     #[test]
