@@ -526,7 +526,10 @@ impl Worker {
         if !overdue && !many && (!caught_up || self.tick_may_wait(Instant::now())) {
             return Ok(());
         }
-        let latest = self.ticker.take(overdue, ring)?;
+        let (latest, taken) = self.ticker.take(overdue, ring)?;
+        if let Some(tick) = taken {
+            self.ticks.insert(tick);
+        }
         // Whatever committed before is in this tick or an earlier one.
         self.commits_unticked = false;
         if latest != self.latest_tick {

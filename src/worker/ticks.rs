@@ -242,8 +242,9 @@ impl Ticker {
     }
 
     /// Take a new tick if transactions committed since the last one, or
-    /// `always`; returns the latest tick id either way.
-    pub fn take(&mut self, always: bool, ring: Option<&CommitRing>) -> Result<i64> {
+    /// `always`; returns the latest tick id either way, and the tick when
+    /// it is new (the endpoints read up to it next: no need to load it).
+    pub fn take(&mut self, always: bool, ring: Option<&CommitRing>) -> Result<(i64, Option<Tick>)> {
         use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID};
         let (order, known) = (&mut self.order, &mut self.last);
         Ok(Spi::connect_mut(|client| {
@@ -275,7 +276,7 @@ impl Ticker {
             if txns.is_empty() && !always {
                 let id = last.id;
                 *known = Some(last);
-                return pgrx::spi::SpiResult::Ok(id);
+                return pgrx::spi::SpiResult::Ok((id, None));
             }
             // Read the ring after the snapshot: every transaction the
             // snapshot sees as committed wrote its number before that.
@@ -303,10 +304,10 @@ impl Ticker {
             client.update(
                 &*plan,
                 None,
-                &[id.into(), xmin.into(), xmax.into(), xip.clone().into(), commit_order.into(), inexact.into()],
+                &[id.into(), xmin.into(), xmax.into(), xip.clone().into(), commit_order.clone().into(), inexact.into()],
             )?;
-            *known = Some(LastTick { id, xmax, xip });
-            Ok(id)
+            *known = Some(LastTick { id, xmax, xip: xip.clone() });
+            Ok((id, Some(Tick { id, xmax, xip, order: Some(commit_order), inexact })))
         })?)
     }
 }
@@ -373,6 +374,11 @@ impl Ticks {
             }
         }
         Ok(())
+    }
+
+    /// A tick just taken, as `load` would read it.
+    pub fn insert(&mut self, tick: Tick) {
+        self.loaded.insert(tick.id, tick);
     }
 
     pub fn get(&self, id: i64) -> Option<&Tick> {
