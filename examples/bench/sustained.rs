@@ -56,14 +56,11 @@ pub fn sustained(cluster: &Cluster, db: &mut postgres::Client, rate: f64, secs: 
         samples
     });
     let counter = Arc::new(AtomicUsize::new(0));
-    paced(cluster, rate, secs, move |c, i| {
+    let emit =
+        "SELECT outbox_emit('sustained', jsonb_build_object('i', $1::bigint), 'key-' || ($1::bigint % 1000))::text";
+    paced(cluster, rate, secs, emit, move |row| {
         counter.fetch_add(1, Ordering::Relaxed);
-        c.query_one(
-            "SELECT outbox_emit('sustained', jsonb_build_object('i', $1::bigint), 'key-' || ($1::bigint % 1000))::text",
-            &[&i],
-        )
-        .unwrap()
-        .get(0)
+        row.get(0)
     });
     stop.store(true, Ordering::SeqCst);
     let samples = sampler.join().unwrap();
