@@ -118,3 +118,46 @@ fn an_event_of_a_prepared_transaction_goes_out_when_it_is_committed() {
     let waited = committed.elapsed();
     assert!(waited < Duration::from_secs(3), "the prepared transaction's event waited {waited:?}");
 }
+
+/// Keys that fail from the start (a 500 for some customers) make the
+/// endpoint look down before anything succeeded: from then on it sends one
+/// request at a time, and keys are not parked while it is down. Those
+/// probes must reach the keys that succeed, or the endpoint stays "down"
+/// on its failing keys and every other key waits behind them.
+#[test]
+fn keys_failing_from_the_start_do_not_hold_back_the_others() {
+    let (_cluster, mut db) = cluster_with_outbox("failfirst");
+    let rx = Receiver::start();
+    rx.respond(|r, _| {
+        if r.json()["key"].as_str().is_some_and(|k| k.starts_with("bad")) {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    });
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({"backoff_base_ms": 20, "backoff_max_ms": 50}));
+    for i in 0..5 {
+        emit(&mut db, "t", json!({"i": i}), Some(&format!("bad{i}")));
+    }
+    // Long enough for the five to fail a few times each, with nothing
+    // succeeding in between.
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..20 {
+        emit(&mut db, "t", json!({"i": i}), Some(&format!("good{i}")));
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    let good = |rx: &Receiver| {
+        let keys: std::collections::HashSet<String> = rx
+            .requests()
+            .iter()
+            .filter_map(|r| r.json()["key"].as_str().filter(|k| k.starts_with("good")).map(str::to_string))
+            .collect();
+        keys.len()
+    };
+    while good(&rx) < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(good(&rx), 20, "good keys delivered within 10 s, behind five failing ones");
+    println!("20 good keys delivered {:?} after they were emitted", started.elapsed());
+}
