@@ -32,14 +32,7 @@ fn cpu_over(pid: i32, window: Duration) -> Duration {
 fn the_worker_sleeps_when_there_is_nothing_it_can_do() {
     let (_cluster, mut db) = cluster_with_outbox("idle");
     let rx = Receiver::start();
-    // Keys "bad*" fail; others succeed.
-    rx.respond(|r, _| {
-        if r.json()["key"].as_str().is_some_and(|k| k.starts_with("bad")) {
-            Reply::Status(500)
-        } else {
-            Reply::Status(200)
-        }
-    });
+    rx.fail_keys_starting_with("bad");
     webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({"backoff_base_ms": 20, "backoff_max_ms": 50}));
     let pid = worker_pid(&mut db);
     let window = Duration::from_secs(3);

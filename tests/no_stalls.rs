@@ -128,13 +128,7 @@ fn an_event_of_a_prepared_transaction_goes_out_when_it_is_committed() {
 fn keys_failing_from_the_start_do_not_hold_back_the_others() {
     let (_cluster, mut db) = cluster_with_outbox("failfirst");
     let rx = Receiver::start();
-    rx.respond(|r, _| {
-        if r.json()["key"].as_str().is_some_and(|k| k.starts_with("bad")) {
-            Reply::Status(500)
-        } else {
-            Reply::Status(200)
-        }
-    });
+    rx.fail_keys_starting_with("bad");
     webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({"backoff_base_ms": 20, "backoff_max_ms": 50}));
     for i in 0..5 {
         emit(&mut db, "t", json!({"i": i}), Some(&format!("bad{i}")));

@@ -230,6 +230,18 @@ impl Receiver {
         *self.shared.responder.write().unwrap() = Arc::new(f);
     }
 
+    /// From now on answer 500 to events whose key starts with `prefix`
+    /// (a receiver that rejects some customers) and 200 to the rest.
+    pub fn fail_keys_starting_with(&self, prefix: &'static str) {
+        self.respond(move |r, _| {
+            if r.json()["key"].as_str().is_some_and(|k| k.starts_with(prefix)) {
+                Reply::Status(500)
+            } else {
+                Reply::Status(200)
+            }
+        });
+    }
+
     pub fn requests(&self) -> Vec<Request> {
         self.shared.requests.lock().unwrap().clone()
     }
