@@ -413,7 +413,7 @@ impl Worker {
             if extension.is_none() {
                 return Ok(());
             }
-            self.latest_tick = ticks::latest()?;
+            self.latest_tick = self.ticker.latest()?;
         }
         if extension.is_none() {
             return Ok(());

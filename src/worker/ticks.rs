@@ -24,6 +24,7 @@ use super::error::Result;
 use super::stream::prepared;
 use crate::shmem::{CommitRing, COMMIT_RING};
 use pgrx::prelude::*;
+use pgrx::spi::{SpiClient, SpiResult};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 
@@ -162,11 +163,6 @@ impl CommitRate {
     }
 }
 
-/// The latest tick's id.
-pub fn latest() -> Result<i64> {
-    Ok(Spi::get_one::<i64>("SELECT pg_catalog.max(id) FROM outbox.ticks")?.unwrap_or(0))
-}
-
 // The statements of a tick, prepared once (stream::prepared): they run on
 // every step that finds new commits, and at 1,000 events/s parsing and
 // planning them each time was most of the worker's main thread (and of
@@ -241,6 +237,17 @@ impl Ticker {
         self.last = None;
     }
 
+    /// The latest tick's id (read from the table when not known).
+    pub fn latest(&mut self) -> Result<i64> {
+        if let Some(last) = &self.last {
+            return Ok(last.id);
+        }
+        let last = Spi::connect_mut(read_last)?;
+        let id = last.id;
+        self.last = Some(last);
+        Ok(id)
+    }
+
     /// Take a new tick if transactions committed since the last one, or
     /// `always`; returns the latest tick id either way, and the tick when
     /// it is new (the endpoints read up to it next: no need to load it).
@@ -248,17 +255,10 @@ impl Ticker {
         use pg_sys::{INT4OID, INT8ARRAYOID, INT8OID};
         let (order, known) = (&mut self.order, &mut self.last);
         Ok(Spi::connect_mut(|client| {
+            // Taken out: a failure below leaves it unknown.
             let last = match known.take() {
                 Some(last) => last,
-                None => {
-                    let plan = prepared(client, LAST_TICK, &[])?;
-                    let row = client.update(&*plan, Some(1), &[])?.first();
-                    LastTick {
-                        id: row.get(1)?.unwrap_or(0),
-                        xmax: row.get(2)?.unwrap_or(0),
-                        xip: row.get(3)?.unwrap_or_default(),
-                    }
-                }
+                None => read_last(client)?,
             };
             let plan = prepared(client, SNAPSHOT, &[])?;
             let text: Option<String> = client.update(&*plan, Some(1), &[])?.first().get(1)?;
@@ -310,6 +310,13 @@ impl Ticker {
             Ok((id, Some(Tick { id, xmax, xip, order: Some(commit_order), inexact })))
         })?)
     }
+}
+
+/// The latest tick, from the table.
+fn read_last(client: &mut SpiClient<'_>) -> SpiResult<LastTick> {
+    let plan = prepared(client, LAST_TICK, &[])?;
+    let row = client.update(&*plan, Some(1), &[])?.first();
+    Ok(LastTick { id: row.get(1)?.unwrap_or(0), xmax: row.get(2)?.unwrap_or(0), xip: row.get(3)?.unwrap_or_default() })
 }
 
 /// `xmin:xmax:xip,...`, the text of a pg_snapshot.
