@@ -51,10 +51,13 @@ const TICK_AFTER_COMMITS: u64 = 1_000;
 /// commit is ticked as soon as the worker wakes for it; above, a tick per
 /// commit or two cost a step's statements (a transaction, the tick, the
 /// read) per event or two, and the worker spent more than twice a
-/// drain's CPU per event.
+/// drain's CPU per event. With 16 commits or 2 ms it still fell behind
+/// at 8,400 events/s on 2 cores in most runs (then stayed behind, its
+/// threads waiting for CPU), with 32 or 4 ms it kept up in every run
+/// (about a millisecond more from commit to receiver when it does).
 const COMMITS_TO_PACE: f64 = 2_000.0;
-const TICK_GATHER: u64 = 16;
-const TICK_PACE: Duration = Duration::from_millis(2);
+const TICK_GATHER: u64 = 32;
+const TICK_PACE: Duration = Duration::from_millis(4);
 /// After the worker's own step failed, or an endpoint's, wait this long.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
