@@ -62,6 +62,9 @@ pub struct Run<T> {
     /// Of the first event; 1 for the first try.
     pub attempt: u32,
     pub events: Vec<(Position, T)>,
+    /// Events of the lane wait behind the run: they go out only after its
+    /// outcome.
+    pub more: bool,
 }
 
 /// A lane removed from the scheduler (see `take_lane`).
@@ -132,7 +135,7 @@ impl<T: Clone> Scheduler<T> {
             }
             let take = if lane.attempts > 0 { 1 } else { max.max(1) };
             let head = &lane.queue.front().expect("lanes are never empty").item;
-            let events = lane
+            let events: Vec<_> = lane
                 .queue
                 .iter()
                 .take(take)
@@ -142,7 +145,8 @@ impl<T: Clone> Scheduler<T> {
             lane.state = LaneState::InFlight;
             self.in_flight += 1;
             self.ready_lanes -= 1;
-            return Some(Run { lane: lane_id, attempt: lane.attempts + 1, events });
+            let more = lane.queue.len() > events.len();
+            return Some(Run { lane: lane_id, attempt: lane.attempts + 1, events, more });
         }
         None
     }
@@ -323,6 +327,23 @@ mod tests {
             let (_, item) = run.events.pop()?;
             Some(One { lane: run.lane, item, attempt: run.attempt })
         }
+    }
+
+    #[test]
+    fn a_run_says_whether_events_of_its_lane_wait_behind_it() {
+        let mut s = Scheduler::default();
+        s.push(key("a"), pos(1), "a1", 1);
+        s.push(key("a"), pos(2), "a2", 1);
+        s.push(key("a"), pos(3), "a3", 1);
+        s.push(key("b"), pos(4), "b1", 1);
+        let a = s.next_run(2, |_, _| true).unwrap();
+        assert_eq!((a.events.len(), a.more), (2, true));
+        let b = s.next_run(2, |_, _| true).unwrap();
+        assert_eq!((b.events.len(), b.more), (1, false));
+        s.finish_head(&key("a"));
+        s.finish_head(&key("a"));
+        let last = s.next_run(2, |_, _| true).unwrap();
+        assert_eq!((last.events.len(), last.more), (1, false));
     }
 
     #[test]

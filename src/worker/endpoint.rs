@@ -469,21 +469,36 @@ impl EndpointState {
             }
             self.health.lingering_since = None;
             let mut events = self.parked.take_ready(batch);
+            // Lanes whose next events wait for this request's outcome
+            // (parked lanes: their next events are in outbox.parked).
+            let mut waiting: Vec<LaneId> = events.iter().map(|(lane, _)| lane.clone()).collect();
             let per_key = self.config().options.max_per_key;
             while events.len() < batch {
                 let max = per_key.min(batch - events.len());
                 let Some(run) = self.window.next_run(max, |head, e| head.topic == e.topic) else { break };
+                if run.more {
+                    waiting.push(run.lane.clone());
+                }
                 events.extend(run.events.into_iter().map(|(_, e)| (run.lane.clone(), e)));
             }
             self.mark_unsaved(now);
             for group in self.by_topic(events, now) {
                 self.health.requests += 1;
+                let eager = group.iter().any(|(lane, _)| waiting.contains(lane));
                 jobs.push(Job {
                     endpoint_id: self.id,
                     incarnation: self.incarnation,
                     target: self.setup.target.clone(),
                     events: group,
+                    eager,
                 });
+            }
+        }
+        // Requests wait for a free slot, or a partial batch for the one in
+        // flight: every outcome lets something go.
+        if self.window.ready_len() + self.parked.ready_len() > 0 {
+            for job in &mut jobs {
+                job.eager = true;
             }
         }
         jobs
@@ -497,7 +512,7 @@ impl EndpointState {
         for (lane, event) in events {
             if kafka {
                 if let Err(e) = config::check_kafka_topic(&self.config().kafka_topic(&event.topic)) {
-                    self.on_result(&lane, event.position, Err(Failure::reject(e.message)), now);
+                    self.on_result(&lane, event.position, Err(Failure::reject(e.message)), now, SystemTime::now());
                     continue;
                 }
             }
@@ -514,11 +529,19 @@ impl EndpointState {
         self.health.requests = self.health.requests.saturating_sub(1);
         self.mark_unsaved(now);
         for (lane, position, result) in outcome.results {
-            self.on_result(&lane, position, result, now);
+            self.on_result(&lane, position, result, now, outcome.answered);
         }
     }
 
-    fn on_result(&mut self, lane: &LaneId, position: Position, result: std::result::Result<(), Failure>, now: Instant) {
+    /// `answered`: when the endpoint answered, for the latency figures.
+    fn on_result(
+        &mut self,
+        lane: &LaneId,
+        position: Position,
+        result: std::result::Result<(), Failure>,
+        now: Instant,
+        answered: SystemTime,
+    ) {
         let (event, parked) = match self.parked.in_flight_event(lane, position) {
             Some(e) => (e, true),
             None => match self.window.head(lane).filter(|e| e.position == position) {
@@ -528,18 +551,18 @@ impl EndpointState {
             },
         };
         match result {
-            Ok(()) => self.on_success(lane, &event, parked),
+            Ok(()) => self.on_success(lane, &event, parked, answered),
             Err(failure) => self.on_failure(lane, &event, parked, failure, now),
         }
     }
 
-    fn on_success(&mut self, lane: &LaneId, event: &Event, parked: bool) {
+    fn on_success(&mut self, lane: &LaneId, event: &Event, parked: bool, answered: SystemTime) {
         if parked {
             self.parked.delivered(lane, event);
         } else {
             self.window.finish_head(lane);
         }
-        let ms = SystemTime::now().duration_since(event.created).unwrap_or_default().as_secs_f64() * 1000.0;
+        let ms = answered.duration_since(event.created).unwrap_or_default().as_secs_f64() * 1000.0;
         if self.stats.latencies.len() == LATENCY_SAMPLES {
             self.stats.latencies.pop_front();
         }

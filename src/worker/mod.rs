@@ -283,10 +283,16 @@ impl Worker {
         if self.error_pause_until.is_some_and(|t| t > now) {
             return;
         }
-        // Before reading anything: a commit from now on wakes us again.
-        self.commits_unticked |= shmem::worker_awake(self.index);
         if let Some(ring) = shmem::commit_ring(self.index) {
             self.commit_rate.update(ring, now);
+        }
+        // Before reading anything: a commit from now on wakes us again.
+        // Not while commits noted already wait for a paced tick: the
+        // latch's timeout brings us back for it (see `timeout`), and at
+        // high rates every commit woke the worker for a step that did
+        // nothing.
+        if !(self.commits_unticked && self.tick_may_wait(now)) {
+            self.commits_unticked |= shmem::worker_awake(self.index);
         }
         self.error_pause_until = None;
         self.apply_outcomes();
