@@ -98,6 +98,10 @@ struct Health {
     requests: usize,
     /// A partial batch has been waiting since (see linger_ms).
     lingering_since: Option<Instant>,
+    /// The last read stopped with events left to read (the window was
+    /// full, or the step's share was read): a backlog, whose outcomes
+    /// make room for it.
+    behind: bool,
 }
 
 /// Figures not yet written to outbox.progress.
@@ -307,6 +311,7 @@ impl EndpointState {
             let room = self.window_room(max_events, max_bytes).min(budget).min(PAGE);
             let lo_id = self.cursor.read.tick;
             if room == 0 || lo_id >= step.latest_tick {
+                self.health.behind = lo_id < step.latest_tick;
                 return Ok(READ_PER_STEP - budget);
             }
             step.ticks.need(lo_id..=(lo_id + 64).min(step.latest_tick))?;
@@ -471,13 +476,13 @@ impl EndpointState {
             let mut events = self.parked.take_ready(batch);
             // Lanes whose next events wait for this request's outcome
             // (parked lanes: their next events are in outbox.parked).
-            let mut waiting: Vec<LaneId> = events.iter().map(|(lane, _)| lane.clone()).collect();
+            let mut waiting: HashSet<LaneId> = events.iter().map(|(lane, _)| lane.clone()).collect();
             let per_key = self.config().options.max_per_key;
             while events.len() < batch {
                 let max = per_key.min(batch - events.len());
                 let Some(run) = self.window.next_run(max, |head, e| head.topic == e.topic) else { break };
                 if run.more {
-                    waiting.push(run.lane.clone());
+                    waiting.insert(run.lane.clone());
                 }
                 events.extend(run.events.into_iter().map(|(_, e)| (run.lane.clone(), e)));
             }
@@ -495,8 +500,9 @@ impl EndpointState {
             }
         }
         // Requests wait for a free slot, or a partial batch for the one in
-        // flight: every outcome lets something go.
-        if self.window.ready_len() + self.parked.ready_len() > 0 {
+        // flight, or a backlog for room in the window: every outcome lets
+        // something go.
+        if self.health.behind || self.window.ready_len() + self.parked.ready_len() > 0 {
             for job in &mut jobs {
                 job.eager = true;
             }

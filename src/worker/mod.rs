@@ -46,8 +46,9 @@ const RELOAD_EVERY: Duration = Duration::from_secs(10);
 /// when no endpoint has caught up: batches stay small.
 const TICK_AFTER_COMMITS: u64 = 1_000;
 /// At high commit rates (COMMITS_TO_PACE a second and more) a tick for
-/// commits noted since the last one waits until TICK_GATHER of them are
-/// noted or TICK_PACE has passed since that tick. Below that rate a
+/// commits noted since the last one waits until TICK_PACE has passed since
+/// that tick, or until TICK_GATHER of them are noted when the worker wakes
+/// for something else (commits do not wake it while it waits). Below that rate a
 /// commit is ticked as soon as the worker wakes for it; above, a tick per
 /// commit or two cost a step's statements (a transaction, the tick, the
 /// read) per event or two, and the worker spent more than twice a
@@ -290,7 +291,7 @@ impl Worker {
         // Not while commits noted already wait for a paced tick: the
         // latch's timeout brings us back for it (see `timeout`), and at
         // high rates every commit woke the worker for a step that did
-        // nothing.
+        // nothing. Taking the tick asks for commit wake-ups again.
         if !(self.commits_unticked && self.tick_may_wait(now)) {
             self.commits_unticked |= shmem::worker_awake(self.index);
         }
@@ -535,6 +536,9 @@ impl Worker {
         if !overdue && !many && (!caught_up || self.tick_may_wait(Instant::now())) {
             return Ok(());
         }
+        // Commits from now on wake the worker again (a step that found
+        // commits waiting for a paced tick did not ask for that).
+        shmem::worker_awake(self.index);
         let (latest, taken) = self.ticker.take(overdue, ring)?;
         if let Some(tick) = taken {
             self.ticks.insert(tick);
