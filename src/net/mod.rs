@@ -35,9 +35,9 @@ pub struct Job {
     pub incarnation: u64,
     pub target: Arc<Target>,
     pub events: Vec<(LaneId, Arc<Event>)>,
-    /// The worker waits for this outcome (a later event of a lane, or
-    /// requests that a free slot lets go): it is woken as soon as the
-    /// outcome is queued. Other outcomes wake it OUTCOME_DELAY later,
+    /// The worker waits for this outcome (a later event of a lane,
+    /// requests that a free slot lets go, or a backlog that room in the
+    /// window lets in): it is woken as soon as the outcome is queued. Other outcomes wake it OUTCOME_DELAY later,
     /// together with whatever else came back by then (failures always at
     /// once).
     pub eager: bool,
