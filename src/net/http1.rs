@@ -631,7 +631,7 @@ fn framing(status: StatusCode, http11: bool, headers: &HeaderMap) -> Result<Fram
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
@@ -674,7 +674,9 @@ mod tests {
     /// A server on loopback that answers the requests of each connection
     /// with the next of `answers` (raw bytes), closing after those marked
     /// so; counts connections.
-    async fn server(answers: Vec<(&'static [u8], bool)>) -> (Url, Arc<std::sync::atomic::AtomicUsize>) {
+    pub(in crate::net) async fn server(
+        answers: Vec<(&'static [u8], bool)>,
+    ) -> (Url, Arc<std::sync::atomic::AtomicUsize>) {
         server_in_pieces(answers, 7).await
     }
 

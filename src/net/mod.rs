@@ -37,9 +37,9 @@ pub struct Job {
     pub events: Vec<(LaneId, Arc<Event>)>,
     /// The worker waits for this outcome (a later event of a lane,
     /// requests that a free slot lets go, or a backlog that room in the
-    /// window lets in): it is woken as soon as the outcome is queued. Other outcomes wake it OUTCOME_DELAY later,
-    /// together with whatever else came back by then (failures always at
-    /// once).
+    /// window lets in): it is woken as soon as the outcome is queued.
+    /// Other outcomes wake it OUTCOME_DELAY later, together with whatever
+    /// else came back by then (failures always at once).
     pub eager: bool,
 }
 
@@ -352,48 +352,6 @@ mod tests {
         network.shutdown(Duration::from_millis(100));
     }
 
-    /// A server on 127.0.0.1 that answers 200 to every request.
-    fn ok_server() -> String {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        std::thread::spawn(move || {
-            for socket in listener.incoming() {
-                let Ok(mut socket) = socket else { return };
-                std::thread::spawn(move || {
-                    let mut seen = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            match socket.read(&mut buf) {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => seen.extend_from_slice(&buf[..n]),
-                            }
-                            continue;
-                        };
-                        let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map_or(0, |v| v.trim().parse().unwrap());
-                        if seen.len() < end + 4 + length {
-                            match socket.read(&mut buf) {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => seen.extend_from_slice(&buf[..n]),
-                            }
-                            continue;
-                        }
-                        seen.drain(..end + 4 + length);
-                        if socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        url
-    }
-
     /// The network side with a waker that notes when it was called.
     fn noted_network() -> (Network, Arc<std::sync::Mutex<Vec<SystemTime>>>) {
         let wakes = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -432,7 +390,12 @@ mod tests {
     /// once whatever the job said.
     #[test]
     fn outcomes_wake_the_worker_at_once_or_a_little_later() {
-        let url = ok_server();
+        // The receiver of the two requests that succeed (http1.rs's test
+        // server, on a runtime of its own).
+        let receiver = tokio::runtime::Runtime::new().unwrap();
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let (url, _) = receiver.block_on(http1::tests::server(vec![(ok, false), (ok, false)]));
+        let url = url.to_string();
         let (network, wakes) = noted_network();
 
         network.submit(vec![job_to(&url, false)]);
