@@ -48,11 +48,11 @@ const TICK_AFTER_COMMITS: u64 = 1_000;
 /// At high commit rates (COMMITS_TO_PACE a second and more) a tick for
 /// commits noted since the last one waits until TICK_PACE has passed since
 /// that tick, or until TICK_GATHER of them are noted when the worker wakes
-/// for something else (commits do not wake it while it waits). Below that rate a
-/// commit is ticked as soon as the worker wakes for it; above, a tick per
-/// commit or two cost a step's statements (a transaction, the tick, the
-/// read) per event or two, and the worker spent more than twice a
-/// drain's CPU per event. With 16 commits or 2 ms it still fell behind
+/// for something else (commits do not wake it while it waits). Below that
+/// rate a commit is ticked as soon as the worker wakes for it; above, a
+/// tick per commit or two cost a step's statements (a transaction, the
+/// tick, the read) per event or two, and the worker spent more than twice
+/// a drain's CPU per event. With 16 commits or 2 ms it still fell behind
 /// at 8,400 events/s on 2 cores in most runs (then stayed behind, its
 /// threads waiting for CPU), with 32 or 4 ms it kept up in every run
 /// (about a millisecond more from commit to receiver when it does).

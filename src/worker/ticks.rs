@@ -49,11 +49,12 @@ pub struct Tick {
 }
 
 /// A transaction of a new batch, with its commit timestamp (microseconds)
-/// when PostgreSQL tracks them.
+/// when PostgreSQL tracks them, and how many events it wrote.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Txn {
     pub txid: i64,
     pub committed_at: Option<i64>,
+    pub events: i64,
 }
 
 /// Commits noted since this worker started reading the ring.
@@ -184,9 +185,10 @@ const LAST_TICK: &str = "SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER 
 const SNAPSHOT: &str = "SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text";
 
 // The transactions whose events became visible since the last tick, a row
-// each, with how many events each wrote. (Their commit timestamps come from COMMIT_TIMESTAMPS, for those the
-// commit ring did not see: asking for every one cost a third of this
-// statement, most of it starting the executor for two sorted aggregates.)
+// each, with how many events each wrote. (Their commit timestamps come
+// from COMMIT_TIMESTAMPS, for those the commit ring did not see: asking
+// for every one cost a third of this statement, most of it starting the
+// executor for two sorted aggregates.)
 const COMMITTED_SINCE: &str = "SELECT txid, pg_catalog.count(*) FROM (
      SELECT txid FROM outbox.events WHERE txid = ANY ($2)
      UNION ALL
@@ -274,12 +276,10 @@ impl Ticker {
             };
             let plan = prepared(client, COMMITTED_SINCE, &[INT8OID, INT8ARRAYOID, INT8OID, INT8ARRAYOID])?;
             let mut txns = Vec::new();
-            let mut size_of = HashMap::new();
             let args = [last.xmax.into(), last.xip.clone().into(), xmax.into(), xip.clone().into()];
             for row in client.update(&*plan, None, &args)? {
                 if let Some(txid) = row.get::<i64>(1)? {
-                    txns.push(Txn { txid, committed_at: None });
-                    size_of.insert(txid, row.get::<i64>(2)?.unwrap_or_default());
+                    txns.push(Txn { txid, committed_at: None, events: row.get::<i64>(2)?.unwrap_or_default() });
                 }
             }
             if txns.is_empty() && !always {
@@ -316,7 +316,7 @@ impl Ticker {
                 &[id.into(), xmin.into(), xmax.into(), xip.clone().into(), commit_order.clone().into(), inexact.into()],
             )?;
             *known = Some(LastTick { id, xmax, xip: xip.clone() });
-            let sizes = commit_order.iter().map(|t| size_of.get(t).copied().unwrap_or_default()).collect();
+            let sizes = txns.iter().map(|t| t.events).collect();
             Ok((id, Some(Tick { id, xmax, xip, order: Some(commit_order), inexact, sizes: Some(sizes) })))
         })?)
     }
@@ -418,7 +418,7 @@ mod tests {
     use super::*;
 
     fn txns(ids: &[(i64, Option<i64>)]) -> Vec<Txn> {
-        ids.iter().map(|(txid, committed_at)| Txn { txid: *txid, committed_at: *committed_at }).collect()
+        ids.iter().map(|(txid, committed_at)| Txn { txid: *txid, committed_at: *committed_at, events: 1 }).collect()
     }
 
     fn ids(txns: &[Txn]) -> Vec<i64> {
@@ -488,7 +488,7 @@ mod tests {
         for i in 0..50_000i64 {
             order.learn(100_000 - i, i as u64);
         }
-        let mut t: Vec<Txn> = (50_001..=100_000).map(|txid| Txn { txid, committed_at: None }).collect();
+        let mut t: Vec<Txn> = (50_001..=100_000).map(|txid| Txn { txid, committed_at: None, events: 1 }).collect();
         assert_eq!(order.sort(&mut t), 0);
         assert!(t.windows(2).all(|w| w[0].txid > w[1].txid));
     }
