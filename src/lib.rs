@@ -97,6 +97,29 @@ mod tests {
         let version = Spi::get_one::<String>("SELECT substr(outbox_emit('t', '{}')::text, 15, 1)").unwrap();
         assert_eq!(version.as_deref(), Some("7"));
     }
+
+    /// The worker takes a tick's snapshot without a statement: it is the
+    /// one `pg_current_snapshot()` gives (64-bit ids). Taken between two
+    /// that agree, so a transaction of the cluster's own worker starting
+    /// or ending in between cannot fail the test.
+    #[pg_test]
+    fn the_workers_snapshot_is_pg_current_snapshot() {
+        Spi::run("SELECT pg_current_xact_id()").unwrap();
+        let sql = || {
+            let text = Spi::get_one::<String>("SELECT pg_current_snapshot()::text").unwrap().unwrap();
+            crate::worker::ticks::parse_snapshot(&text).unwrap()
+        };
+        for _ in 0..100 {
+            let before = sql();
+            let ours = crate::worker::ticks::current_snapshot();
+            if sql() == before {
+                assert_eq!(ours, before);
+                assert!(ours.1 > 3, "normal xids");
+                return;
+            }
+        }
+        panic!("the cluster never held still for three snapshots");
+    }
 }
 
 /// Required by `cargo pgrx test`.

@@ -23,7 +23,7 @@ mod rotation;
 mod session;
 mod store;
 mod stream;
-mod ticks;
+pub(crate) mod ticks;
 
 use crate::egress::{AllowList, Egress};
 use crate::guc;

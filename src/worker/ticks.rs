@@ -179,11 +179,6 @@ impl CommitRate {
 // started, or after a step failed).
 const LAST_TICK: &str = "SELECT id, snap_xmax, snap_xip FROM outbox.ticks ORDER BY id DESC LIMIT 1";
 
-// The snapshot a new tick records, as text (`xmin:xmax:xip,...`): one
-// function call, where taking it apart in SQL planned a function scan and
-// a sub-select for every tick.
-const SNAPSHOT: &str = "SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text";
-
 // The transactions whose events became visible since the last tick, a row
 // each, with how many events each wrote. (Their commit timestamps come
 // from COMMIT_TIMESTAMPS, for those the commit ring did not see: asking
@@ -269,11 +264,7 @@ impl Ticker {
                 Some(last) => last,
                 None => read_last(client)?,
             };
-            let plan = prepared(client, SNAPSHOT, &[])?;
-            let text: Option<String> = client.update(&*plan, Some(1), &[])?.first().get(1)?;
-            let Some((xmin, xmax, xip)) = text.as_deref().and_then(parse_snapshot) else {
-                pgrx::error!("outbox worker: pg_current_snapshot() returned {text:?}, which is not a snapshot");
-            };
+            let (xmin, xmax, xip) = current_snapshot();
             let plan = prepared(client, COMMITTED_SINCE, &[INT8OID, INT8ARRAYOID, INT8OID, INT8ARRAYOID])?;
             let mut txns = Vec::new();
             let args = [last.xmax.into(), last.xip.clone().into(), xmax.into(), xip.clone().into()];
@@ -329,8 +320,50 @@ fn read_last(client: &mut SpiClient<'_>) -> SpiResult<LastTick> {
     Ok(LastTick { id: row.get(1)?.unwrap_or(0), xmax: row.get(2)?.unwrap_or(0), xip: row.get(3)?.unwrap_or_default() })
 }
 
+/// A snapshot taken now, as `pg_current_snapshot()` gives it: xmin, xmax
+/// and the transactions in progress, as 64-bit ids, sorted, without
+/// duplicates (a prepared transaction shows twice for a moment). Taken
+/// without a statement: at a tick per commit, `SELECT
+/// pg_current_snapshot()` was one of the five statements of every step.
+pub(crate) fn current_snapshot() -> (i64, i64, Vec<i64>) {
+    // SAFETY: called in a transaction, in READ COMMITTED (session.rs), so
+    // this is a fresh snapshot, as a statement would take; its fields are
+    // copied before anything else can take another.
+    let (xmin, xmax, xip32, next) = unsafe {
+        let snap = &*pg_sys::GetTransactionSnapshot();
+        let xip = if snap.xcnt == 0 || snap.xip.is_null() {
+            Vec::new()
+        } else {
+            std::slice::from_raw_parts(snap.xip, snap.xcnt as usize).to_vec()
+        };
+        // Read after the snapshot: every xid in it is below.
+        (snap.xmin, snap.xmax, xip, pg_sys::ReadNextFullTransactionId().value)
+    };
+    let mut xip: Vec<i64> = xip32.into_iter().map(|x| widen(x.into_inner(), next)).collect();
+    xip.sort_unstable();
+    xip.dedup();
+    (widen(xmin.into_inner(), next), widen(xmax.into_inner(), next), xip)
+}
+
+/// A 32-bit xid from a snapshot as the 64-bit id `pg_current_xact_id()`
+/// gave its transaction, given `next`, the next 64-bit id, read after the
+/// snapshot: the epoch of `next`, or the one before for an xid above
+/// `next`'s (assigned before the 32-bit counter wrapped). As PostgreSQL's
+/// `pg_current_snapshot()` does; special xids (below 3) stay as they are.
+fn widen(xid: u32, next: u64) -> i64 {
+    if xid < 3 {
+        return i64::from(xid);
+    }
+    let mut epoch = (next >> 32) as u32;
+    if xid > next as u32 {
+        epoch = epoch.wrapping_sub(1);
+    }
+    ((u64::from(epoch) << 32) | u64::from(xid)) as i64
+}
+
 /// `xmin:xmax:xip,...`, the text of a pg_snapshot.
-fn parse_snapshot(text: &str) -> Option<(i64, i64, Vec<i64>)> {
+#[cfg(any(test, feature = "pg_test"))]
+pub(crate) fn parse_snapshot(text: &str) -> Option<(i64, i64, Vec<i64>)> {
     let mut parts = text.split(':');
     let xmin = parts.next()?.parse().ok()?;
     let xmax = parts.next()?.parse().ok()?;
@@ -439,6 +472,16 @@ mod tests {
         // A quiet window brings it down to nothing.
         rate.update(&ring, t0 + RATE_WINDOW * 4);
         assert_eq!(rate.per_second(), 0.0);
+    }
+
+    #[test]
+    fn snapshot_xids_take_the_epoch_of_the_next_id_or_the_one_before() {
+        let next = (7u64 << 32) | 100;
+        assert_eq!(widen(100, next), (7 << 32) | 100, "xmax may be the next id itself");
+        assert_eq!(widen(42, next), (7 << 32) | 42);
+        assert_eq!(widen(4_000_000_000, next), (6 << 32) | 4_000_000_000, "before the counter wrapped");
+        assert_eq!(widen(2, next), 2, "frozen xid");
+        assert_eq!(widen(5, 100), 5, "epoch 0");
     }
 
     #[test]
