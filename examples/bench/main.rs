@@ -51,6 +51,10 @@ struct Size {
     latency_secs: u64,
     sustained_secs: u64,
     scaling_events: i64,
+    /// Rounds of the comparisons whose ratio moves most between runs (the
+    /// HTTP drain against the ordered relay, and latency at 80 %): the
+    /// two systems alternate, and the median round is the result.
+    rounds: usize,
 }
 
 const QUICK: Size = Size {
@@ -62,6 +66,7 @@ const QUICK: Size = Size {
     latency_secs: 4,
     sustained_secs: 30,
     scaling_events: 2_000,
+    rounds: 3,
 };
 const FULL: Size = Size {
     name: "full",
@@ -70,6 +75,7 @@ const FULL: Size = Size {
     latency_secs: 30,
     sustained_secs: 600,
     scaling_events: 100_000,
+    rounds: 5,
 };
 
 fn main() {
@@ -346,6 +352,29 @@ fn main() {
          us/event, with the database {:.1}",
         ordered.cpu_us_per_event, ordered.total_cpu_us_per_event
     );
+    // More rounds of the two, alternating which goes first: on this
+    // machine one pair of drains moves by a fifth either way.
+    let (mut ours, mut theirs) = (vec![eps_http], vec![eps_ordered]);
+    for round in 1..size.rounds {
+        let relay_first = round % 2 == 1;
+        if relay_first {
+            theirs.push(drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain-ordered").eps);
+        }
+        ours.push(drain_http(&mut db).eps);
+        if !relay_first {
+            theirs.push(drain_relay(&cluster, &mut db, &http, size.drain_events, 1000, "drain-ordered").eps);
+        }
+    }
+    let mut ratios: Vec<f64> = ours.iter().zip(&theirs).map(|(a, b)| a / b).collect();
+    println!(
+        "rounds, outbox HTTP / ordered relay: {}",
+        ours.iter().zip(&theirs).map(|(a, b)| format!("{a:.0}/{b:.0} = {:.2}", a / b)).collect::<Vec<_>>().join(", ")
+    );
+    results.insert("drain_http_eps_rounds".into(), json!(ours));
+    results.insert("drain_polling_ordered_eps_rounds".into(), json!(theirs));
+    results.insert("drain_ratio_vs_polling_ordered_rounds".into(), json!(ratios));
+    let ratio_ordered = median(&mut ratios);
+    println!("ratio outbox HTTP / ordered relay, median of {} rounds: {ratio_ordered:.2}", ours.len());
     record(&mut results, "relay_cpu_us_per_event_ordered", ordered.cpu_us_per_event);
     record(&mut results, "relay_total_cpu_us_per_event_ordered", ordered.total_cpu_us_per_event);
     record(&mut results, "total_cpu_us_per_event_http", http_drain.total_cpu_us_per_event);
@@ -417,7 +446,7 @@ fn main() {
     record(&mut results, "drain_http_eps", eps_http);
     record(&mut results, "drain_polling_eps", eps_relay);
     record(&mut results, "drain_polling_ordered_eps", eps_ordered);
-    record(&mut results, "drain_ratio_vs_polling_ordered", eps_http / eps_ordered);
+    record(&mut results, "drain_ratio_vs_polling_ordered", ratio_ordered);
     record(&mut results, "drain_kafka_eps", eps_kafka);
     record(&mut results, "drain_ratio_vs_polling", eps_http / eps_relay);
 
@@ -443,16 +472,59 @@ fn main() {
     println!("\n== latency, commit to receiver");
     let rate80 = capacity * 0.8;
     let mut cdf_series = Vec::new();
-    println!("{:>34} {:>8} {:>8} {:>8} {:>8}", "", "p50 ms", "p95 ms", "p99 ms", "max ms");
     for (label, rate) in [("1k", 1000.0), ("80pct", rate80)] {
-        settle(&mut db);
-        let (ours, cpu_us) = latency_outbox(&cluster, &mut db, rate, size.latency_secs);
-        settle(&mut db);
-        let theirs = latency_relay(&cluster, &mut db, rate, size.latency_secs);
+        // Rounds alternate which system goes first; each figure below is
+        // the median over the rounds (at 80 % one round moves a lot: the
+        // cores are saturated).
+        let mut rounds = Vec::new();
+        for round in 0..size.rounds {
+            let mut theirs = None;
+            if round % 2 == 1 {
+                settle(&mut db);
+                theirs = Some(latency_relay(&cluster, &mut db, rate, size.latency_secs));
+            }
+            settle(&mut db);
+            let (ours, cpu_us) = latency_outbox(&cluster, &mut db, rate, size.latency_secs);
+            let theirs = theirs.unwrap_or_else(|| {
+                settle(&mut db);
+                latency_relay(&cluster, &mut db, rate, size.latency_secs)
+            });
+            let (q, r) = (quantiles(&ours.ms), quantiles(&theirs.ms));
+            println!(
+                "{:>34} outbox p50/p99 {:.2}/{:.2} ms (written {:.0}/s, worker {cpu_us:.1} us/event), \
+                 relay {:.2}/{:.2} ms (written {:.0}/s)",
+                format!("round {} at {rate:.0} events/s:", round + 1),
+                q[0],
+                q[2],
+                ours.rate,
+                r[0],
+                r[2],
+                theirs.rate
+            );
+            if label == "1k" && round == 0 {
+                cdf_series.push(("outbox, 1,000 events/s".to_string(), cdf(&ours.ms)));
+                cdf_series.push(("polling relay, 1,000 events/s".to_string(), cdf(&theirs.ms)));
+            }
+            rounds.push(([q, r], [ours.rate, theirs.rate], cpu_us));
+        }
+        let met =
+            rounds.iter().filter(|([q, r], _, _)| q[0] <= 5.0 && q[2] <= 25.0 && q[0] <= r[0] && q[2] <= r[2]).count();
+        let cpu_us = median(&mut rounds.iter().map(|(_, _, c)| *c).collect::<Vec<_>>());
         println!("{:>34} {cpu_us:.1} us of CPU per event", format!("(the worker at {rate:.0} events/s)"));
+        println!("{:>34} {met} of {} rounds within p50 <= 5, p99 <= 25 ms and at most the relay's", "", rounds.len());
+        println!("{:>34} {:>8} {:>8} {:>8} {:>8}", "median of the rounds", "p50 ms", "p95 ms", "p99 ms", "max ms");
         record(&mut results, &format!("worker_cpu_us_per_event_lat_{label}"), cpu_us);
-        for (who, lat) in [("outbox", &ours), ("polling relay", &theirs)] {
-            let q = quantiles(&lat.ms);
+        record(&mut results, &format!("lat_{label}_rounds_met"), met as f64);
+        results.insert(
+            format!("lat_{label}_rounds_p50_p99_ms"),
+            json!(rounds.iter().map(|([q, r], _, _)| [q[0], q[2], r[0], r[2]]).collect::<Vec<_>>()),
+        );
+        for (i, who) in ["outbox", "polling relay"].into_iter().enumerate() {
+            let mut q = [0.0; 4];
+            for (k, v) in q.iter_mut().enumerate() {
+                *v = median(&mut rounds.iter().map(|(qs, _, _)| qs[i][k]).collect::<Vec<_>>());
+            }
+            let written = median(&mut rounds.iter().map(|(_, w, _)| w[i]).collect::<Vec<_>>());
             println!(
                 "{:>34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}   (written at {:.0}/s)",
                 format!("{who} at {rate:.0} events/s"),
@@ -460,17 +532,45 @@ fn main() {
                 q[1],
                 q[2],
                 q[3],
-                lat.rate
+                written
             );
             let prefix = if who == "outbox" { format!("lat_{label}") } else { format!("polling_lat_{label}") };
             for (name, v) in ["p50", "p95", "p99", "max"].iter().zip(q) {
                 record(&mut results, &format!("{prefix}_{name}_ms"), v);
             }
             // What the writers reached: a run below its rate measured less.
-            record(&mut results, &format!("{prefix}_written_per_s"), lat.rate);
-            if label == "1k" {
-                cdf_series.push((format!("{who}, 1,000 events/s"), cdf(&lat.ms)));
+            record(&mut results, &format!("{prefix}_written_per_s"), written);
+        }
+        if label == "80pct" {
+            // The relay's writers do not reach this rate (its 16 workers
+            // and their backends take the cores from them): the worker
+            // again, at the rate the relay carried, for a comparison at
+            // the same load.
+            let carried = median(&mut rounds.iter().map(|(_, w, _)| w[1]).collect::<Vec<_>>());
+            let relay = median(&mut rounds.iter().map(|([_, r], _, _)| r[0]).collect::<Vec<_>>());
+            let relay99 = median(&mut rounds.iter().map(|([_, r], _, _)| r[2]).collect::<Vec<_>>());
+            let mut same = Vec::new();
+            for _ in 0..size.rounds {
+                settle(&mut db);
+                let (ours, _) = latency_outbox(&cluster, &mut db, carried, size.latency_secs);
+                let q = quantiles(&ours.ms);
+                same.push((q[0], q[2], ours.rate));
             }
+            let met = same.iter().filter(|(p50, p99, _)| *p50 <= relay && *p99 <= relay99).count();
+            let p50 = median(&mut same.iter().map(|s| s.0).collect::<Vec<_>>());
+            let p99 = median(&mut same.iter().map(|s| s.1).collect::<Vec<_>>());
+            println!(
+                "{:>34} {:>8.2} {:>17.2}            (rounds: {}; {met} of {} at most the relay's p50 and p99)",
+                format!("outbox at {carried:.0} (relay's rate)"),
+                p50,
+                p99,
+                same.iter().map(|(a, b, w)| format!("{a:.2}/{b:.2} at {w:.0}/s")).collect::<Vec<_>>().join(", "),
+                same.len()
+            );
+            record(&mut results, "lat_80pct_relay_carried_per_s", carried);
+            record(&mut results, "lat_80pct_at_relay_rate_p50_ms", p50);
+            record(&mut results, "lat_80pct_at_relay_rate_p99_ms", p99);
+            record(&mut results, "lat_80pct_at_relay_rate_rounds_met", met as f64);
         }
     }
     if pgqd.is_some() {
