@@ -219,6 +219,8 @@ struct Worker {
     /// Transactions that emitted committed since the last tick was taken
     /// (or looked for): their events are in no tick yet.
     commits_unticked: bool,
+    /// Whether commits wake the worker (see ticks::CommitWakes).
+    commit_wakes: ticks::CommitWakes,
     /// The worker's role was found to be a superuser: stop.
     superuser: bool,
     /// The version of an installation this library does not run (older,
@@ -248,6 +250,7 @@ impl Worker {
             broken: HashMap::new(),
             read_events: false,
             commits_unticked: true,
+            commit_wakes: ticks::CommitWakes::default(),
             superuser: false,
             waiting_for_update: None,
         }
@@ -273,6 +276,11 @@ impl Worker {
         if self.commits_unticked && self.tick_may_wait(now) {
             until = until.min(self.last_tick + TICK_PACE);
         }
+        // Commits do not wake us: come back when their paced tick is due,
+        // even if that was during the step.
+        if let Some(t) = self.commit_wakes.wake_by() {
+            until = until.min(t);
+        }
         if let Some(t) = self.error_pause_until {
             until = until.max(t);
         }
@@ -292,7 +300,8 @@ impl Worker {
         // latch's timeout brings us back for it (see `timeout`), and at
         // high rates every commit woke the worker for a step that did
         // nothing. Taking the tick asks for commit wake-ups again.
-        if !(self.commits_unticked && self.tick_may_wait(now)) {
+        let paced = self.commits_unticked && self.tick_may_wait(now);
+        if self.commit_wakes.step(paced, self.last_tick + TICK_PACE) {
             self.commits_unticked |= shmem::worker_awake(self.index);
         }
         self.error_pause_until = None;
@@ -539,6 +548,7 @@ impl Worker {
         // Commits from now on wake the worker again (a step that found
         // commits waiting for a paced tick did not ask for that).
         shmem::worker_awake(self.index);
+        self.commit_wakes.armed();
         let (latest, taken) = self.ticker.take(overdue, ring)?;
         if let Some(tick) = taken {
             self.ticks.insert(tick);

@@ -27,6 +27,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 /// A tick as the worker reads batches with it.
 #[derive(Debug, Clone)]
@@ -137,11 +138,44 @@ impl CommitOrder {
     }
 }
 
+/// Whether a commit wakes the worker. While commits already noted wait for
+/// a paced tick it does not (at high rates every commit woke the worker
+/// for a step that did nothing): the worker then comes back by itself when
+/// the pace ends, whatever happens in between. Before, the step that left
+/// them off asked again at its end whether the tick might still wait; when
+/// the pace had ended during the step the answer was no, and the worker
+/// slept a whole poll interval with the commits of that second waking
+/// nobody.
+#[derive(Debug, Default)]
+pub struct CommitWakes {
+    off_until: Option<Instant>,
+}
+
+impl CommitWakes {
+    /// At the start of a step: whether commit wake-ups must be asked for
+    /// again (shmem::worker_awake). Not while commits wait for a paced
+    /// tick that ends at `pace_ends`.
+    pub fn step(&mut self, paced: bool, pace_ends: Instant) -> bool {
+        self.off_until = paced.then_some(pace_ends);
+        !paced
+    }
+
+    /// Commit wake-ups were asked for again (a tick is taken).
+    pub fn armed(&mut self) {
+        self.off_until = None;
+    }
+
+    /// The latest the worker may sleep until.
+    pub fn wake_by(&self) -> Option<Instant> {
+        self.off_until
+    }
+}
+
 /// How fast transactions that emit commit, from the commit ring's count,
 /// measured over windows of at least RATE_WINDOW (a burst of two commits
 /// in a quiet second is not a high rate).
 pub struct CommitRate {
-    since: std::time::Instant,
+    since: Instant,
     count_then: u64,
     per_second: f64,
 }
@@ -149,12 +183,12 @@ pub struct CommitRate {
 const RATE_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl CommitRate {
-    pub fn new(now: std::time::Instant) -> CommitRate {
+    pub fn new(now: Instant) -> CommitRate {
         CommitRate { since: now, count_then: 0, per_second: 0.0 }
     }
 
     /// Look at the ring's count; a window that is long enough ends.
-    pub fn update(&mut self, ring: &CommitRing, now: std::time::Instant) {
+    pub fn update(&mut self, ring: &CommitRing, now: Instant) {
         let elapsed = now.saturating_duration_since(self.since);
         if elapsed >= RATE_WINDOW {
             let count = ring.next.load(Ordering::Acquire);
@@ -461,7 +495,7 @@ mod tests {
     #[test]
     fn the_commit_rate_is_measured_over_whole_windows() {
         let ring = CommitRing::boxed();
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let mut rate = CommitRate::new(t0);
         ring.next.store(10, Ordering::Release);
         // Ten commits within a window are not yet a rate.
@@ -472,6 +506,25 @@ mod tests {
         // A quiet window brings it down to nothing.
         rate.update(&ring, t0 + RATE_WINDOW * 4);
         assert_eq!(rate.per_second(), 0.0);
+    }
+
+    /// The pace may end during the step that left commit wake-ups off: the
+    /// worker's sleep is still bounded by it, however late it asks, and
+    /// the next step asks for wake-ups again.
+    #[test]
+    fn commits_left_unwoken_bound_the_sleep_until_the_pace_ends() {
+        let t0 = Instant::now();
+        let pace_ends = t0 + std::time::Duration::from_millis(4);
+        let mut wakes = CommitWakes::default();
+        assert!(!wakes.step(true, pace_ends), "left off while the tick is paced");
+        // The step outlived the pace: the sleep ends at once, not after a
+        // poll interval.
+        assert_eq!(wakes.wake_by(), Some(pace_ends));
+        assert!(wakes.step(false, pace_ends), "asked for again once the pace is over");
+        assert_eq!(wakes.wake_by(), None, "commits wake the worker");
+        wakes.step(true, pace_ends);
+        wakes.armed();
+        assert_eq!(wakes.wake_by(), None, "a tick asked for them again");
     }
 
     #[test]
@@ -561,7 +614,7 @@ mod tests {
         }
         order.read(&ring);
         assert_eq!(order.seq_of.len(), 2 * COMMIT_RING);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         for txid in 1_000_001..1_001_001u64 {
             commit(&ring, txid);
             order.read(&ring);
