@@ -323,6 +323,9 @@ impl Worker {
             if self.read_events {
                 flush_wal();
             }
+        } else if self.commits_unticked && self.tick_may_wait(Instant::now()) {
+            // Commits this step noted wait for the pace: back by its end.
+            self.commit_wakes.defer(self.last_tick + TICK_PACE);
         }
         self.dispatch(Instant::now());
 
@@ -543,6 +546,11 @@ impl Worker {
         let many = ring.is_some_and(|ring| self.ticker.unread(ring) >= TICK_AFTER_COMMITS);
         let overdue = self.last_tick.elapsed() >= poll_interval();
         if !overdue && !many && (!caught_up || self.tick_may_wait(Instant::now())) {
+            if caught_up {
+                // Left for the pace: back by its end, however long this
+                // step takes.
+                self.commit_wakes.defer(self.last_tick + TICK_PACE);
+            }
             return Ok(());
         }
         // Commits from now on wake the worker again (a step that found

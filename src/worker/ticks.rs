@@ -138,14 +138,16 @@ impl CommitOrder {
     }
 }
 
-/// Whether a commit wakes the worker. While commits already noted wait for
-/// a paced tick it does not (at high rates every commit woke the worker
-/// for a step that did nothing): the worker then comes back by itself when
-/// the pace ends, whatever happens in between. Before, the step that left
-/// them off asked again at its end whether the tick might still wait; when
-/// the pace had ended during the step the answer was no, and the worker
-/// slept a whole poll interval with the commits of that second waking
-/// nobody.
+/// Whether a commit wakes the worker, and when it must come back by itself
+/// for commits that wait for a paced tick. While commits already noted wait
+/// for such a tick, later ones do not wake the worker (at high rates every
+/// commit woke it for a step that did nothing); it comes back when the pace
+/// ends, whatever happens in between. The same when a step itself noted
+/// commits and left them for the pace. Before, the worker asked again after
+/// the step whether the tick might still wait; when the pace had ended
+/// during the step the answer was no, and it slept a whole poll interval
+/// with those commits unticked (and, when wake-ups were off, the commits of
+/// that second waking nobody).
 #[derive(Debug, Default)]
 pub struct CommitWakes {
     off_until: Option<Instant>,
@@ -158,6 +160,12 @@ impl CommitWakes {
     pub fn step(&mut self, paced: bool, pace_ends: Instant) -> bool {
         self.off_until = paced.then_some(pace_ends);
         !paced
+    }
+
+    /// This step left commits it noted for a paced tick that ends at
+    /// `pace_ends`: come back by then. Until the next step.
+    pub fn defer(&mut self, pace_ends: Instant) {
+        self.off_until = Some(self.off_until.map_or(pace_ends, |t| t.min(pace_ends)));
     }
 
     /// Commit wake-ups were asked for again (a tick is taken).
@@ -525,6 +533,14 @@ mod tests {
         wakes.step(true, pace_ends);
         wakes.armed();
         assert_eq!(wakes.wake_by(), None, "a tick asked for them again");
+        // A step that started with nothing unticked, noted commits and
+        // left them for the pace: it comes back by the pace's end too,
+        // and the next step forgets it.
+        assert!(wakes.step(false, pace_ends));
+        wakes.defer(pace_ends);
+        assert_eq!(wakes.wake_by(), Some(pace_ends));
+        wakes.step(false, pace_ends);
+        assert_eq!(wakes.wake_by(), None);
     }
 
     #[test]
