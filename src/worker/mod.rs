@@ -219,7 +219,8 @@ struct Worker {
     /// Transactions that emitted committed since the last tick was taken
     /// (or looked for): their events are in no tick yet.
     commits_unticked: bool,
-    /// Whether commits wake the worker (see ticks::CommitWakes).
+    /// Whether commits wake the worker, and when it comes back by itself
+    /// for commits left for a paced tick (see ticks::CommitWakes).
     commit_wakes: ticks::CommitWakes,
     /// The worker's role was found to be a superuser: stop.
     superuser: bool,

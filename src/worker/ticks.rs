@@ -150,7 +150,7 @@ impl CommitOrder {
 /// that second waking nobody).
 #[derive(Debug, Default)]
 pub struct CommitWakes {
-    off_until: Option<Instant>,
+    back_by: Option<Instant>,
 }
 
 impl CommitWakes {
@@ -158,24 +158,24 @@ impl CommitWakes {
     /// again (shmem::worker_awake). Not while commits wait for a paced
     /// tick that ends at `pace_ends`.
     pub fn step(&mut self, paced: bool, pace_ends: Instant) -> bool {
-        self.off_until = paced.then_some(pace_ends);
+        self.back_by = paced.then_some(pace_ends);
         !paced
     }
 
     /// This step left commits it noted for a paced tick that ends at
     /// `pace_ends`: come back by then. Until the next step.
     pub fn defer(&mut self, pace_ends: Instant) {
-        self.off_until = Some(self.off_until.map_or(pace_ends, |t| t.min(pace_ends)));
+        self.back_by = Some(self.back_by.map_or(pace_ends, |t| t.min(pace_ends)));
     }
 
     /// Commit wake-ups were asked for again (a tick is taken).
     pub fn armed(&mut self) {
-        self.off_until = None;
+        self.back_by = None;
     }
 
     /// The latest the worker may sleep until.
     pub fn wake_by(&self) -> Option<Instant> {
-        self.off_until
+        self.back_by
     }
 }
 
