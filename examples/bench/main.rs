@@ -37,7 +37,7 @@ use drain::{
 use latency::{latency_cdc, latency_outbox, latency_pgq, latency_relay, settle};
 use outbox_testkit::cluster::{server_dir, Cluster};
 use outbox_testkit::kafka::Broker;
-use plot::{cdf, median, quantiles, svg_chart};
+use plot::{cdf, median, median_of, quantiles, svg_chart};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -509,7 +509,7 @@ fn main() {
         }
         let met =
             rounds.iter().filter(|([q, r], _, _)| q[0] <= 5.0 && q[2] <= 25.0 && q[0] <= r[0] && q[2] <= r[2]).count();
-        let cpu_us = median(&mut rounds.iter().map(|(_, _, c)| *c).collect::<Vec<_>>());
+        let cpu_us = median_of(rounds.iter().map(|(_, _, c)| *c));
         println!("{:>34} {cpu_us:.1} us of CPU per event", format!("(the worker at {rate:.0} events/s)"));
         println!("{:>34} {met} of {} rounds within p50 <= 5, p99 <= 25 ms and at most the relay's", "", rounds.len());
         println!("{:>34} {:>8} {:>8} {:>8} {:>8}", "median of the rounds", "p50 ms", "p95 ms", "p99 ms", "max ms");
@@ -519,12 +519,14 @@ fn main() {
             format!("lat_{label}_rounds_p50_p99_ms"),
             json!(rounds.iter().map(|([q, r], _, _)| [q[0], q[2], r[0], r[2]]).collect::<Vec<_>>()),
         );
-        for (i, who) in ["outbox", "polling relay"].into_iter().enumerate() {
-            let mut q = [0.0; 4];
-            for (k, v) in q.iter_mut().enumerate() {
-                *v = median(&mut rounds.iter().map(|(qs, _, _)| qs[i][k]).collect::<Vec<_>>());
-            }
-            let written = median(&mut rounds.iter().map(|(_, w, _)| w[i]).collect::<Vec<_>>());
+        // Per system, the median of each quantile, and of the rate written.
+        let medians: [([f64; 4], f64); 2] = std::array::from_fn(|i| {
+            (
+                std::array::from_fn(|k| median_of(rounds.iter().map(|(qs, _, _)| qs[i][k]))),
+                median_of(rounds.iter().map(|(_, w, _)| w[i])),
+            )
+        });
+        for (who, (q, written)) in ["outbox", "polling relay"].into_iter().zip(medians) {
             println!(
                 "{:>34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}   (written at {:.0}/s)",
                 format!("{who} at {rate:.0} events/s"),
@@ -546,9 +548,7 @@ fn main() {
             // and their backends take the cores from them): the worker
             // again, at the rate the relay carried, for a comparison at
             // the same load.
-            let carried = median(&mut rounds.iter().map(|(_, w, _)| w[1]).collect::<Vec<_>>());
-            let relay = median(&mut rounds.iter().map(|([_, r], _, _)| r[0]).collect::<Vec<_>>());
-            let relay99 = median(&mut rounds.iter().map(|([_, r], _, _)| r[2]).collect::<Vec<_>>());
+            let ([relay, _, relay99, _], carried) = medians[1];
             let mut same = Vec::new();
             for _ in 0..size.rounds {
                 settle(&mut db);
@@ -557,8 +557,8 @@ fn main() {
                 same.push((q[0], q[2], ours.rate));
             }
             let met = same.iter().filter(|(p50, p99, _)| *p50 <= relay && *p99 <= relay99).count();
-            let p50 = median(&mut same.iter().map(|s| s.0).collect::<Vec<_>>());
-            let p99 = median(&mut same.iter().map(|s| s.1).collect::<Vec<_>>());
+            let p50 = median_of(same.iter().map(|s| s.0));
+            let p99 = median_of(same.iter().map(|s| s.1));
             println!(
                 "{:>34} {:>8.2} {:>17.2}            (rounds: {}; {met} of {} at most the relay's p50 and p99)",
                 format!("outbox at {carried:.0} (relay's rate)"),

@@ -7,6 +7,11 @@ pub fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// The median of figures taken from rounds.
+pub fn median_of(values: impl IntoIterator<Item = f64>) -> f64 {
+    median(&mut values.into_iter().collect::<Vec<_>>())
+}
+
 pub fn quantiles(samples: &[f64]) -> [f64; 4] {
     let mut s = samples.to_vec();
     s.sort_by(f64::total_cmp);
