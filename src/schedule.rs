@@ -174,6 +174,22 @@ impl<T: Clone> Scheduler<T> {
         Some((head.position, head.item))
     }
 
+    /// The head of `lane` was acknowledged while the rest of its run is
+    /// still being sent (a chain, net::Chain): drop it, and the lane stays
+    /// in flight until the run's last outcome.
+    pub fn finish_head_in_run(&mut self, lane_id: &LaneId) -> Option<(Position, T)> {
+        let lane = self.lanes.get_mut(lane_id)?;
+        if lane.state != LaneState::InFlight || lane.queue.len() < 2 {
+            // Not a run with events left behind its head: as usual.
+            return self.finish_head(lane_id);
+        }
+        let head = lane.queue.pop_front().expect("two events at least");
+        self.unfinished.remove(&head.position);
+        self.bytes -= head.bytes;
+        lane.attempts = 0;
+        Some((head.position, head.item))
+    }
+
     /// The head of `lane` failed; try it again at `retry_at`. Returns the
     /// number of failed attempts so far. The lane may be ready again when
     /// the events of a run before its head were acknowledged.
@@ -327,6 +343,37 @@ mod tests {
             let (_, item) = run.events.pop()?;
             Some(One { lane: run.lane, item, attempt: run.attempt })
         }
+    }
+
+    /// A chain's events are acknowledged one by one while the rest of it
+    /// is still being sent: the lane stays in flight (nothing of it is
+    /// handed out twice) until its last outcome; a failure in it leaves
+    /// the events not sent in the lane, behind the failed one.
+    #[test]
+    fn a_lane_stays_in_flight_until_its_chain_ends() {
+        let mut s = Scheduler::default();
+        for n in 1..=5 {
+            s.push(key("a"), pos(n), n, 1);
+        }
+        let run = s.next_run(4, |_, _| true).unwrap();
+        assert_eq!((run.events.len(), run.more), (4, true));
+        assert_eq!(s.finish_head_in_run(&key("a")), Some((pos(1), 1)));
+        assert_eq!(s.finish_head_in_run(&key("a")), Some((pos(2), 2)));
+        assert_eq!((s.in_flight(), s.ready_len(), s.len()), (1, 0, 3));
+        assert!(s.next_run(4, |_, _| true).is_none(), "in flight still");
+        assert_eq!(s.first_unfinished(), Some(pos(3)));
+        // Event 3 failed: the chain ended there; 4 was not sent.
+        s.retry_head(&key("a"), Instant::now());
+        s.wake_due(Instant::now());
+        let again = s.next_run(4, |_, _| true).unwrap();
+        assert_eq!((again.events, again.attempt), (vec![(pos(3), 3)], 2), "the failed head alone");
+        s.finish_head(&key("a"));
+        let rest = s.next_run(4, |_, _| true).unwrap();
+        assert_eq!(rest.events, vec![(pos(4), 4), (pos(5), 5)]);
+        s.finish_head_in_run(&key("a"));
+        // The chain's last outcome: its head is finished as usual.
+        s.finish_head(&key("a"));
+        assert_eq!((s.len(), s.in_flight()), (0, 0));
     }
 
     #[test]

@@ -41,13 +41,32 @@ pub struct Job {
     /// Other outcomes wake it OUTCOME_DELAY later, together with whatever
     /// else came back by then (failures always at once).
     pub eager: bool,
+    /// Later events of the same lane, each sent as a request of its own
+    /// once the one before succeeded.
+    pub chain: Option<Chain>,
 }
 
-/// What the endpoint did with a job, event by event.
+/// The next events of a job's lane, sent by the network side one after
+/// another with no round trip through the worker's main thread between
+/// them. In an HTTP drain (one event per request) every outcome woke the
+/// main thread to hand out the lane's next event: two thread hand-offs per
+/// event, and the network side ran dry while the main thread read. A chain
+/// stops at its first failure, or when `open` is cleared (the endpoint was
+/// paused, reconfigured or dropped, or answered with a failure that may
+/// hold it): what it did not send stays in the lane.
+pub struct Chain {
+    pub events: Vec<(LaneId, Arc<Event>)>,
+    pub open: Arc<AtomicBool>,
+}
+
+/// What the endpoint did with a request, event by event.
 pub struct Outcome {
     pub endpoint_id: i32,
     pub incarnation: u64,
     pub results: Vec<(LaneId, Position, Result<(), Failure>)>,
+    /// The job's chain goes on after this request: its lane stays in
+    /// flight, and no request slot is free yet.
+    pub chained: bool,
     /// When the endpoint's answer came (or the request failed): the
     /// worker may take the outcome in up to OUTCOME_DELAY later.
     pub answered: SystemTime,
@@ -137,41 +156,7 @@ impl Network {
         runtime.spawn(async move {
             while let Some(step) = job_rx.recv().await {
                 for job in step {
-                    let outcome_tx = outcome_tx.clone();
-                    let wakes = wakes.clone();
-                    tokio::spawn(async move {
-                        let events: Vec<Arc<Event>> = job.events.iter().map(|(_, e)| e.clone()).collect();
-                        // A panic in a delivery must still produce an outcome, or
-                        // its lanes would wait forever.
-                        let results = match CatchUnwind(Box::pin(deliver(&job.target, &events))).await {
-                            Ok(r) => r,
-                            Err(message) => {
-                                vec![
-                                    Err(Failure::retry(format!("internal error in delivery: {message}")));
-                                    job.events.len()
-                                ]
-                            }
-                        };
-                        let now = job.eager || results.iter().any(Result::is_err);
-                        let outcome = Outcome {
-                            endpoint_id: job.endpoint_id,
-                            incarnation: job.incarnation,
-                            results: job
-                                .events
-                                .into_iter()
-                                .zip(results)
-                                .map(|((lane, event), result)| (lane, event.position, result))
-                                .collect(),
-                            answered: SystemTime::now(),
-                        };
-                        if outcome_tx.send(outcome).is_ok() {
-                            if now {
-                                wakes.now();
-                            } else {
-                                wakes.soon();
-                            }
-                        }
-                    });
+                    tokio::spawn(run_job(job, outcome_tx.clone(), wakes.clone()));
                 }
             }
         });
@@ -208,6 +193,53 @@ impl Drop for Network {
     fn drop(&mut self) {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
+        }
+    }
+}
+
+/// Send a job's requests, its first and then its chain's, and report each
+/// one's outcome as it comes.
+async fn run_job(job: Job, outcome_tx: mpsc::Sender<Outcome>, wakes: Wakes) {
+    let Job { endpoint_id, incarnation, target, events, eager, chain } = job;
+    let (chain, open) = match chain {
+        Some(c) => (c.events, Some(c.open)),
+        None => (Vec::new(), None),
+    };
+    let mut requests = std::iter::once(events).chain(chain.into_iter().map(|e| vec![e])).peekable();
+    while let Some(request) = requests.next() {
+        let events: Vec<Arc<Event>> = request.iter().map(|(_, e)| e.clone()).collect();
+        // A panic in a delivery must still produce an outcome, or its
+        // lanes would wait forever.
+        let results = match CatchUnwind(Box::pin(deliver(&target, &events))).await {
+            Ok(r) => r,
+            Err(message) => {
+                vec![Err(Failure::retry(format!("internal error in delivery: {message}"))); request.len()]
+            }
+        };
+        let failed = results.iter().any(Result::is_err);
+        let chained =
+            !failed && requests.peek().is_some() && open.as_ref().is_some_and(|open| open.load(Ordering::Acquire));
+        let outcome = Outcome {
+            endpoint_id,
+            incarnation,
+            results: request
+                .into_iter()
+                .zip(results)
+                .map(|((lane, event), result)| (lane, event.position, result))
+                .collect(),
+            chained,
+            answered: SystemTime::now(),
+        };
+        if outcome_tx.send(outcome).is_err() {
+            return; // shut down: nobody takes outcomes anymore
+        }
+        if failed || (eager && !chained) {
+            wakes.now();
+        } else {
+            wakes.soon();
+        }
+        if !chained {
+            return;
         }
     }
 }
@@ -300,7 +332,7 @@ mod tests {
         let ep = config::Endpoint::parse("t", "http://127.0.0.1:1/", "webhook", &["*".into()], &options).unwrap();
         let target = Arc::new(Target::new(ep, "/outbox/db", Arc::default()).unwrap());
         let events = events.into_iter().map(|e| (LaneId::Solo(e.position), Arc::new(e))).collect();
-        Job { endpoint_id: id, incarnation: 1, target, events, eager: true }
+        Job { endpoint_id: id, incarnation: 1, target, events, eager: true, chain: None }
     }
 
     /// Building one endpoint's large request (a signed CloudEvents batch of
@@ -366,7 +398,73 @@ mod tests {
         let ep = config::Endpoint::parse("t", url, "webhook", &["*".into()], &json!({})).unwrap();
         let target = Arc::new(Target::new(ep, "/outbox/db", Arc::new(egress)).unwrap());
         let e = sample();
-        Job { endpoint_id: 1, incarnation: 1, target, events: vec![(LaneId::Solo(e.position), Arc::new(e))], eager }
+        Job {
+            endpoint_id: 1,
+            incarnation: 1,
+            target,
+            events: vec![(LaneId::Solo(e.position), Arc::new(e))],
+            eager,
+            chain: None,
+        }
+    }
+
+    /// A job to `url` for events 1..=n of lane "k": the first as its
+    /// request, the others chained.
+    fn chain_to(url: &str, n: i32, open: bool) -> Job {
+        let mut job = job_to(url, true);
+        let lane = LaneId::Key("k".into());
+        let event = |n| Arc::new(Event { position: Position { batch: 1, rank: 1, txid: 1, n }, ..sample() });
+        job.events = vec![(lane.clone(), event(1))];
+        let events = (2..=n).map(|n| (lane.clone(), event(n))).collect();
+        job.chain = Some(Chain { events, open: Arc::new(AtomicBool::new(open)) });
+        job
+    }
+
+    /// The outcomes of one job, up to its last (at most 10 s).
+    fn until_the_job_ends(network: &Network) -> Vec<Outcome> {
+        let (deadline, mut outcomes) = (Instant::now() + Duration::from_secs(10), Vec::new());
+        while outcomes.last().is_none_or(|o: &Outcome| o.chained) && Instant::now() < deadline {
+            outcomes.extend(network.outcomes());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        outcomes
+    }
+
+    /// (n, ok, chained) of each outcome.
+    fn summary(outcomes: &[Outcome]) -> Vec<(i32, bool, bool)> {
+        outcomes.iter().flat_map(|o| o.results.iter().map(|(_, p, r)| (p.n, r.is_ok(), o.chained))).collect()
+    }
+
+    /// A chain sends its events one request after another, each outcome
+    /// as it comes (the lane stays in flight until the last), and stops
+    /// at the first failure: what follows it is not sent. A closed chain
+    /// stops after the request it is on.
+    #[test]
+    fn a_chain_goes_on_until_a_request_fails_or_it_is_closed() {
+        let receiver = tokio::runtime::Runtime::new().unwrap();
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let failed: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n";
+        // Answers in the order requests come, whatever the connection;
+        // none left closes it.
+        let answers = vec![(ok, false), (ok, false), (failed, false), (ok, false), (ok, false), (ok, false)];
+        let (url, _) = receiver.block_on(http1::tests::server(answers));
+        let url = url.to_string();
+        let network = Network::start(1, Arc::new(|| {})).unwrap();
+
+        network.submit(vec![chain_to(&url, 5, true)]);
+        let outcomes = until_the_job_ends(&network);
+        assert_eq!(summary(&outcomes), [(1, true, true), (2, true, true), (3, false, false)]);
+
+        network.submit(vec![chain_to(&url, 3, false)]);
+        let outcomes = until_the_job_ends(&network);
+        assert_eq!(summary(&outcomes), [(1, true, false)], "closed: the first request only");
+
+        // Two answers are left, so events 4 and 5 of the first chain and
+        // 2 of the second were not sent.
+        network.submit(vec![chain_to(&url, 2, true)]);
+        let outcomes = until_the_job_ends(&network);
+        assert_eq!(summary(&outcomes), [(1, true, true), (2, true, false)]);
+        network.shutdown(Duration::from_millis(100));
     }
 
     /// Wait (at most 10 s) for `n` wake-ups, then OUTCOME_DELAY five times

@@ -18,10 +18,11 @@ use super::ticks::Ticks;
 use crate::config::{self, OnDead};
 use crate::egress::Egress;
 use crate::event::{Event, Position};
-use crate::net::{Failure, Job, NetError, Outcome, Target, Verdict};
+use crate::net::{Chain, Failure, Job, NetError, Outcome, Target, Verdict};
 use crate::schedule::{LaneId, Scheduler};
 use pgrx::prelude::*;
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -51,6 +52,11 @@ const PAGE: usize = 1_000;
 /// by stored sizes times this, so whatever writers put in their payloads a
 /// page holds no more text than the window has room for.
 const WORST_TEXT_EXPANSION: usize = 6;
+/// Events of one lane handed out as one job when an endpoint takes one
+/// event per request (net::Chain): the network side sends them one after
+/// another. Bounded so that a hot key's run ends now and then and the
+/// main thread sees its progress.
+const CHAIN_LENGTH: usize = 32;
 
 /// What a step gives every endpoint.
 pub struct Step<'a> {
@@ -104,6 +110,15 @@ struct Health {
     behind: bool,
 }
 
+/// Of a request that came back.
+#[derive(Clone, Copy)]
+struct Sent {
+    /// When the endpoint answered, for the latency figures.
+    answered: SystemTime,
+    /// The request was one of a chain that goes on (net::Outcome).
+    chained: bool,
+}
+
 /// Figures not yet written to outbox.progress.
 #[derive(Default)]
 struct Stats {
@@ -129,6 +144,16 @@ pub struct EndpointState {
     cursor: Cursors,
     health: Health,
     stats: Stats,
+    /// Set while chains handed out may go on (see `stop_chains`).
+    chains_open: Arc<AtomicBool>,
+}
+
+impl Drop for EndpointState {
+    fn drop(&mut self) {
+        // Rebuilt, removed or the worker stops: chains of this state must
+        // not go on sending what a new state will read and send again.
+        self.chains_open.store(false, Ordering::Release);
+    }
 }
 
 impl EndpointState {
@@ -156,6 +181,7 @@ impl EndpointState {
             cursor: Cursors { read: row.cursor, saved: row.cursor, inexact_batches: 0 },
             health: Health::default(),
             stats: Stats::default(),
+            chains_open: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -184,6 +210,11 @@ impl EndpointState {
     pub fn reconfigure(&mut self, row: &EndpointRow, config: &config::Endpoint, egress: &Arc<Egress>) -> bool {
         if row.like != self.setup.like || config.kind != self.config().kind {
             return false;
+        }
+        if config != self.config() || **egress != *self.setup.egress || row.active != self.setup.active {
+            // Paused, or sent elsewhere or otherwise: chains stop after the
+            // request they are on.
+            self.stop_chains();
         }
         if config != self.config() || **egress != *self.setup.egress {
             match Target::new(config.clone(), &self.setup.source, egress.clone()) {
@@ -407,6 +438,13 @@ impl EndpointState {
     // ------------------------------------------------------------------
     // Requests and their outcomes.
 
+    /// Chains handed out so far send no further request once the one they
+    /// are on is answered; later jobs get chains of their own.
+    pub fn stop_chains(&mut self) {
+        self.chains_open.store(false, Ordering::Release);
+        self.chains_open = Arc::new(AtomicBool::new(true));
+    }
+
     fn is_down(&self) -> bool {
         self.health.consecutive_failures >= DOWN_AFTER_FAILURES
     }
@@ -478,15 +516,25 @@ impl EndpointState {
             // (parked lanes: their next events are in outbox.parked).
             let mut waiting: HashSet<LaneId> = events.iter().map(|(lane, _)| lane.clone()).collect();
             let per_key = self.config().options.max_per_key;
+            // One event per request: a lane's next events go as a chain.
+            let chains = batch == 1 && !self.config().kind.is_kafka();
+            let mut chain = Vec::new();
             while events.len() < batch {
-                let max = per_key.min(batch - events.len());
-                let Some(run) = self.window.next_run(max, |head, e| head.topic == e.topic) else { break };
+                let max = if chains { CHAIN_LENGTH } else { per_key.min(batch - events.len()) };
+                let Some(run) = self.window.next_run(max, |head, e| chains || head.topic == e.topic) else { break };
                 if run.more {
                     waiting.insert(run.lane.clone());
                 }
-                events.extend(run.events.into_iter().map(|(_, e)| (run.lane.clone(), e)));
+                let mut run_events = run.events.into_iter().map(|(_, e)| (run.lane.clone(), e));
+                if chains {
+                    events.extend(run_events.next());
+                    chain.extend(run_events);
+                } else {
+                    events.extend(run_events);
+                }
             }
             self.mark_unsaved(now);
+            let mut chain = (!chain.is_empty()).then(|| Chain { events: chain, open: self.chains_open.clone() });
             for group in self.by_topic(events, now) {
                 self.health.requests += 1;
                 let eager = group.iter().any(|(lane, _)| waiting.contains(lane));
@@ -496,6 +544,7 @@ impl EndpointState {
                     target: self.setup.target.clone(),
                     events: group,
                     eager,
+                    chain: chain.take(),
                 });
             }
         }
@@ -518,7 +567,8 @@ impl EndpointState {
         for (lane, event) in events {
             if kafka {
                 if let Err(e) = config::check_kafka_topic(&self.config().kafka_topic(&event.topic)) {
-                    self.on_result(&lane, event.position, Err(Failure::reject(e.message)), now, SystemTime::now());
+                    let sent = Sent { answered: SystemTime::now(), chained: false };
+                    self.on_result(&lane, event.position, Err(Failure::reject(e.message)), now, sent);
                     continue;
                 }
             }
@@ -532,21 +582,23 @@ impl EndpointState {
 
     /// A request came back with what the endpoint did with each event.
     pub fn on_outcome(&mut self, outcome: Outcome, now: Instant) {
-        self.health.requests = self.health.requests.saturating_sub(1);
+        if !outcome.chained {
+            self.health.requests = self.health.requests.saturating_sub(1);
+        }
         self.mark_unsaved(now);
+        let sent = Sent { answered: outcome.answered, chained: outcome.chained };
         for (lane, position, result) in outcome.results {
-            self.on_result(&lane, position, result, now, outcome.answered);
+            self.on_result(&lane, position, result, now, sent);
         }
     }
 
-    /// `answered`: when the endpoint answered, for the latency figures.
     fn on_result(
         &mut self,
         lane: &LaneId,
         position: Position,
         result: std::result::Result<(), Failure>,
         now: Instant,
-        answered: SystemTime,
+        sent: Sent,
     ) {
         let (event, parked) = match self.parked.in_flight_event(lane, position) {
             Some(e) => (e, true),
@@ -557,18 +609,20 @@ impl EndpointState {
             },
         };
         match result {
-            Ok(()) => self.on_success(lane, &event, parked, answered),
+            Ok(()) => self.on_success(lane, &event, parked, sent),
             Err(failure) => self.on_failure(lane, &event, parked, failure, now),
         }
     }
 
-    fn on_success(&mut self, lane: &LaneId, event: &Event, parked: bool, answered: SystemTime) {
+    fn on_success(&mut self, lane: &LaneId, event: &Event, parked: bool, sent: Sent) {
         if parked {
             self.parked.delivered(lane, event);
+        } else if sent.chained {
+            self.window.finish_head_in_run(lane);
         } else {
             self.window.finish_head(lane);
         }
-        let ms = answered.duration_since(event.created).unwrap_or_default().as_secs_f64() * 1000.0;
+        let ms = sent.answered.duration_since(event.created).unwrap_or_default().as_secs_f64() * 1000.0;
         if self.stats.latencies.len() == LATENCY_SAMPLES {
             self.stats.latencies.pop_front();
         }
@@ -586,6 +640,9 @@ impl EndpointState {
     }
 
     fn on_failure(&mut self, lane: &LaneId, event: &Event, parked: bool, failure: Failure, now: Instant) {
+        // It may hold or take down the endpoint: no chain sends on
+        // unasked.
+        self.stop_chains();
         self.stats.failed_attempts += 1;
         self.health.consecutive_failures += 1;
         self.stats.last_error = Some(failure.message.clone());

@@ -261,6 +261,11 @@ impl Worker {
     fn settings_reloaded(&mut self) {
         let egress = read_egress();
         if egress != *self.egress {
+            // Narrowed, maybe: no chain sends under the old rules while
+            // the endpoints wait for the next step to be rebuilt.
+            for ep in &mut self.endpoints {
+                ep.stop_chains();
+            }
             self.egress = Arc::new(egress);
             self.config_version = None; // reload endpoints next step
         }
@@ -365,6 +370,11 @@ impl Worker {
     /// Before the worker exits: outcomes that came back are written, so a
     /// restart does not send their events again.
     fn save_all(&mut self) {
+        // Chains stop after the request they are on: what they sent after
+        // this would not be written, and would go out again.
+        for ep in &mut self.endpoints {
+            ep.stop_chains();
+        }
         self.apply_outcomes();
         if self.extension.is_none() {
             return;
