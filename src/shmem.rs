@@ -193,6 +193,12 @@ pub fn config_version(index: usize) -> u64 {
     entries().map_or(0, |s| s[index].config_version.load(Ordering::Acquire))
 }
 
+/// The counter behind `config_version`, for the worker's network side to
+/// watch (net::Gate): shared memory stays mapped for the process's life.
+pub fn config_counter(index: usize) -> Option<&'static AtomicU64> {
+    entries().map(|s| &s[index].config_version)
+}
+
 /// Wake the worker serving `db_oid`, optionally telling it that endpoint
 /// configuration changed. Runs in commit callbacks: must not fail.
 pub fn wake_worker(db_oid: pg_sys::Oid, config_changed: bool) {

@@ -222,3 +222,32 @@ fn a_large_backlog_drains_with_flat_worker_memory() {
     // The window bounds memory: the backlog size must not show here.
     assert!(max_private - idle < 64.0, "worker grew by {:.1} MB", max_private - idle);
 }
+
+/// Pausing an endpoint in the middle of a drain: once pause_endpoint has
+/// committed, only the requests already on their way reach it (at most one
+/// per slot), not the rest of the lanes the worker handed the network side
+/// as chains, however long the worker takes to reload the endpoint. Then
+/// it goes on when resumed.
+#[test]
+fn a_pause_during_a_drain_stops_requests_at_once() {
+    const IN_FLIGHT: usize = 16;
+    let (cluster, mut db) = cluster_with_outbox("pause_drain");
+    let rx = Receiver::start();
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({ "max_in_flight": IN_FLIGHT }));
+    db.execute("SELECT outbox.pause_endpoint('hooks')", &[]).unwrap();
+    // 1,000 keys of 30 events: every lane loaded holds a chain.
+    emit_backlog(&mut cluster.connect(), 30_000, 10);
+    db.execute("SELECT outbox.resume_endpoint('hooks')", &[]).unwrap();
+    rx.wait_for(2_000, WAIT);
+    db.execute("SELECT outbox.pause_endpoint('hooks')", &[]).unwrap();
+    let at_pause = rx.count();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rx.count() - at_pause;
+    assert!(
+        after <= IN_FLIGHT,
+        "{after} requests reached the endpoint after its pause committed ({IN_FLIGHT} may be in flight)"
+    );
+    assert!(at_pause + after < 30_000, "the pause came too late to show anything");
+    db.execute("SELECT outbox.resume_endpoint('hooks')", &[]).unwrap();
+    rx.wait_for(at_pause + after + 1_000, WAIT);
+}

@@ -17,7 +17,7 @@ mod webhook;
 use crate::config::Kind;
 use crate::event::{Event, Position};
 use crate::schedule::LaneId;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -41,22 +41,42 @@ pub struct Job {
     /// Other outcomes wake it OUTCOME_DELAY later, together with whatever
     /// else came back by then (failures always at once).
     pub eager: bool,
-    /// Later events of the same lane, each sent as a request of its own
-    /// once the one before succeeded.
-    pub chain: Option<Chain>,
+    /// A chain: later events of the same lane, each sent as a request of
+    /// its own once the one before succeeded, while `gate` is open. In an
+    /// HTTP drain (one event per request) every outcome woke the main
+    /// thread to hand out the lane's next event: two thread hand-offs per
+    /// event, and the network side ran dry while the main thread read. A
+    /// chain stops at its first failure: what it did not send stays in the
+    /// lane.
+    pub chain: Vec<(LaneId, Arc<Event>)>,
+    pub gate: Gate,
 }
 
-/// The next events of a job's lane, sent by the network side one after
-/// another with no round trip through the worker's main thread between
-/// them. In an HTTP drain (one event per request) every outcome woke the
-/// main thread to hand out the lane's next event: two thread hand-offs per
-/// event, and the network side ran dry while the main thread read. A chain
-/// stops at its first failure, or when `open` is cleared (the endpoint was
-/// paused, reconfigured or dropped, or answered with a failure that may
-/// hold it): what it did not send stays in the lane.
-pub struct Chain {
-    pub events: Vec<(LaneId, Arc<Event>)>,
+/// Whether chains may send their next request. The network side closes it
+/// when any request of the endpoint fails (a 429 or a 410 may hold it, an
+/// outage takes it down), before the main thread has seen the failure; the
+/// main thread when the endpoint's state changes (see
+/// EndpointState::stop_chains). And it is closed as soon as any endpoint's
+/// configuration changes in the database (`config` moved from the version
+/// the job was handed out under): a paused, altered or dropped endpoint
+/// gets nothing the worker has not handed out after reloading it.
+#[derive(Clone)]
+pub struct Gate {
     pub open: Arc<AtomicBool>,
+    /// The worker's configuration counter (shared memory) and its value
+    /// when the job was handed out.
+    pub config: Option<(&'static AtomicU64, u64)>,
+}
+
+impl Gate {
+    pub fn close(&self) {
+        self.open.store(false, Ordering::Release);
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+            && self.config.is_none_or(|(counter, seen)| counter.load(Ordering::Acquire) == seen)
+    }
 }
 
 /// What the endpoint did with a request, event by event.
@@ -200,11 +220,7 @@ impl Drop for Network {
 /// Send a job's requests, its first and then its chain's, and report each
 /// one's outcome as it comes.
 async fn run_job(job: Job, outcome_tx: mpsc::Sender<Outcome>, wakes: Wakes) {
-    let Job { endpoint_id, incarnation, target, events, eager, chain } = job;
-    let (chain, open) = match chain {
-        Some(c) => (c.events, Some(c.open)),
-        None => (Vec::new(), None),
-    };
+    let Job { endpoint_id, incarnation, target, events, eager, chain, gate } = job;
     let mut requests = std::iter::once(events).chain(chain.into_iter().map(|e| vec![e])).peekable();
     while let Some(request) = requests.next() {
         let events: Vec<Arc<Event>> = request.iter().map(|(_, e)| e.clone()).collect();
@@ -217,8 +233,10 @@ async fn run_job(job: Job, outcome_tx: mpsc::Sender<Outcome>, wakes: Wakes) {
             }
         };
         let failed = results.iter().any(Result::is_err);
-        let chained =
-            !failed && requests.peek().is_some() && open.as_ref().is_some_and(|open| open.load(Ordering::Acquire));
+        if failed {
+            gate.close();
+        }
+        let chained = !failed && requests.peek().is_some() && gate.is_open();
         let outcome = Outcome {
             endpoint_id,
             incarnation,
@@ -328,11 +346,16 @@ mod tests {
     use serde_json::json;
     use std::time::Instant;
 
+    /// Open, and closed only by `close`.
+    fn open_gate() -> Gate {
+        Gate { open: Arc::new(AtomicBool::new(true)), config: None }
+    }
+
     fn job(id: i32, options: serde_json::Value, events: Vec<Event>) -> Job {
         let ep = config::Endpoint::parse("t", "http://127.0.0.1:1/", "webhook", &["*".into()], &options).unwrap();
         let target = Arc::new(Target::new(ep, "/outbox/db", Arc::default()).unwrap());
         let events = events.into_iter().map(|e| (LaneId::Solo(e.position), Arc::new(e))).collect();
-        Job { endpoint_id: id, incarnation: 1, target, events, eager: true, chain: None }
+        Job { endpoint_id: id, incarnation: 1, target, events, eager: true, chain: Vec::new(), gate: open_gate() }
     }
 
     /// Building one endpoint's large request (a signed CloudEvents batch of
@@ -404,19 +427,20 @@ mod tests {
             target,
             events: vec![(LaneId::Solo(e.position), Arc::new(e))],
             eager,
-            chain: None,
+            chain: Vec::new(),
+            gate: open_gate(),
         }
     }
 
     /// A job to `url` for events 1..=n of lane "k": the first as its
     /// request, the others chained.
-    fn chain_to(url: &str, n: i32, open: bool) -> Job {
+    fn chain_to(url: &str, n: i32, gate: &Gate) -> Job {
         let mut job = job_to(url, true);
         let lane = LaneId::Key("k".into());
         let event = |n| Arc::new(Event { position: Position { batch: 1, rank: 1, txid: 1, n }, ..sample() });
         job.events = vec![(lane.clone(), event(1))];
-        let events = (2..=n).map(|n| (lane.clone(), event(n))).collect();
-        job.chain = Some(Chain { events, open: Arc::new(AtomicBool::new(open)) });
+        job.chain = (2..=n).map(|n| (lane.clone(), event(n))).collect();
+        job.gate = gate.clone();
         job
     }
 
@@ -437,33 +461,40 @@ mod tests {
 
     /// A chain sends its events one request after another, each outcome
     /// as it comes (the lane stays in flight until the last), and stops
-    /// at the first failure: what follows it is not sent. A closed chain
-    /// stops after the request it is on.
+    /// at the first failure, closing its gate for the endpoint's other
+    /// chains: what follows is not sent. A chain whose gate was closed, or
+    /// whose worker's configuration moved on, stops after the request it
+    /// is on.
     #[test]
-    fn a_chain_goes_on_until_a_request_fails_or_it_is_closed() {
+    fn a_chain_goes_on_until_a_request_fails_or_its_gate_closes() {
+        static CONFIG: AtomicU64 = AtomicU64::new(7);
         let receiver = tokio::runtime::Runtime::new().unwrap();
         let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         let failed: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n";
         // Answers in the order requests come, whatever the connection;
         // none left closes it.
-        let answers = vec![(ok, false), (ok, false), (failed, false), (ok, false), (ok, false), (ok, false)];
+        let answers = [ok, ok, failed, ok, ok, ok, ok].map(|a| (a, false)).to_vec();
         let (url, _) = receiver.block_on(http1::tests::server(answers));
         let url = url.to_string();
         let network = Network::start(1, Arc::new(|| {})).unwrap();
 
-        network.submit(vec![chain_to(&url, 5, true)]);
-        let outcomes = until_the_job_ends(&network);
-        assert_eq!(summary(&outcomes), [(1, true, true), (2, true, true), (3, false, false)]);
+        let gate = Gate { config: Some((&CONFIG, 7)), ..open_gate() };
+        network.submit(vec![chain_to(&url, 5, &gate)]);
+        assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, true), (2, true, true), (3, false, false)]);
+        assert!(!gate.is_open(), "a failure closes the endpoint's chains");
 
-        network.submit(vec![chain_to(&url, 3, false)]);
-        let outcomes = until_the_job_ends(&network);
-        assert_eq!(summary(&outcomes), [(1, true, false)], "closed: the first request only");
+        network.submit(vec![chain_to(&url, 3, &gate)]);
+        assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, false)], "closed: the first request only");
+
+        let gate = Gate { config: Some((&CONFIG, 7)), ..open_gate() };
+        CONFIG.fetch_add(1, Ordering::AcqRel);
+        network.submit(vec![chain_to(&url, 3, &gate)]);
+        assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, false)], "configuration changed");
 
         // Two answers are left, so events 4 and 5 of the first chain and
-        // 2 of the second were not sent.
-        network.submit(vec![chain_to(&url, 2, true)]);
-        let outcomes = until_the_job_ends(&network);
-        assert_eq!(summary(&outcomes), [(1, true, true), (2, true, false)]);
+        // 2 and 3 of the others were not sent.
+        network.submit(vec![chain_to(&url, 2, &open_gate())]);
+        assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, true), (2, true, false)]);
         network.shutdown(Duration::from_millis(100));
     }
 

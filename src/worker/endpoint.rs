@@ -18,11 +18,11 @@ use super::ticks::Ticks;
 use crate::config::{self, OnDead};
 use crate::egress::Egress;
 use crate::event::{Event, Position};
-use crate::net::{Chain, Failure, Job, NetError, Outcome, Target, Verdict};
+use crate::net::{Failure, Gate, Job, NetError, Outcome, Target, Verdict};
 use crate::schedule::{LaneId, Scheduler};
 use pgrx::prelude::*;
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -492,7 +492,9 @@ impl EndpointState {
     /// events per lane, in order; one topic per batch), parked lanes first
     /// (they are older). A partial
     /// batch waits up to linger_ms while another request is in flight.
-    pub fn take_jobs(&mut self, now: Instant) -> Vec<Job> {
+    /// `config`: the worker's configuration counter and the version its
+    /// endpoints were loaded under (chains stop when it moves, net::Gate).
+    pub fn take_jobs(&mut self, now: Instant, config: Option<(&'static AtomicU64, u64)>) -> Vec<Job> {
         self.window.wake_due(now);
         let limit = self.send_limit(now);
         let batch = self.config().options.batch_size;
@@ -534,7 +536,7 @@ impl EndpointState {
                 }
             }
             self.mark_unsaved(now);
-            let mut chain = (!chain.is_empty()).then(|| Chain { events: chain, open: self.chains_open.clone() });
+            let gate = Gate { open: self.chains_open.clone(), config };
             for group in self.by_topic(events, now) {
                 self.health.requests += 1;
                 let eager = group.iter().any(|(lane, _)| waiting.contains(lane));
@@ -544,7 +546,8 @@ impl EndpointState {
                     target: self.setup.target.clone(),
                     events: group,
                     eager,
-                    chain: chain.take(),
+                    chain: std::mem::take(&mut chain),
+                    gate: gate.clone(),
                 });
             }
         }

@@ -601,9 +601,10 @@ impl Worker {
         if self.config_version != Some(shmem::config_version(self.index)) {
             return;
         }
+        let config = shmem::config_counter(self.index).zip(self.config_version);
         let mut jobs = Vec::new();
         for ep in &mut self.endpoints {
-            jobs.extend(ep.take_jobs(now));
+            jobs.extend(ep.take_jobs(now, config));
         }
         self.network.submit(jobs);
     }
