@@ -261,8 +261,7 @@ impl EndpointState {
         let read = self.read_events(step)?;
         self.flush_parked()?;
         let room = self.send_limit(now).saturating_sub(self.health.requests) * self.config().options.batch_size;
-        self.parked.set_behind_window(|id| self.window.has_lane(id));
-        self.parked.load_heads(self.id, block, room, now)?;
+        self.parked.load_heads(self.id, block, room, now, |id| self.window.has_lane(id))?;
         Ok(read)
     }
 

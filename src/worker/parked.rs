@@ -177,8 +177,10 @@ impl Parked {
         self.to_park.push(row);
     }
 
+    /// Lanes whose head could be sent now (loaded, and not behind the
+    /// window).
     pub fn ready_len(&self) -> usize {
-        self.lanes.values().filter(|l| matches!(l.status, Status::Ready(_))).count()
+        self.lanes.values().filter(|l| matches!(l.status, Status::Ready(_)) && !l.behind_window).count()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -231,7 +233,7 @@ impl Parked {
             .lanes
             .iter()
             .filter_map(|(id, l)| match &l.status {
-                Status::Ready(e) => Some((e.position, id.clone())),
+                Status::Ready(e) if !l.behind_window => Some((e.position, id.clone())),
                 _ => None,
             })
             .collect();
@@ -418,8 +420,18 @@ impl Parked {
 
     /// Load the first rows of lanes that are due or moved on, at most
     /// `room` due ones; when not every lane is in memory, also heads the
-    /// table has due.
-    pub fn load_heads(&mut self, endpoint_id: i32, block: bool, room: usize, now: Instant) -> Result<()> {
+    /// table has due. `in_window`: whether the window holds events of a
+    /// lane's key (see `set_behind_window`); lanes loaded here are marked
+    /// too, since their heads may be ready at once.
+    pub fn load_heads(
+        &mut self,
+        endpoint_id: i32,
+        block: bool,
+        room: usize,
+        now: Instant,
+        in_window: impl Fn(&LaneId) -> bool,
+    ) -> Result<()> {
+        self.set_behind_window(&in_window);
         let asked = self.to_load(now, room);
         let mut keys = Vec::new();
         let mut solo = Vec::new();
@@ -437,7 +449,7 @@ impl Parked {
             let heads = heads_of(endpoint_id, &keys, &solo, block)?;
             self.loaded(&asked, heads, now);
         }
-        let loaded = self.ready_len() + self.in_flight();
+        let loaded = self.lanes.values().filter(|l| matches!(l.status, Status::Ready(_) | Status::InFlight(_))).count();
         if !self.complete && room > loaded {
             let busy: Vec<String> = self
                 .lanes
@@ -450,6 +462,7 @@ impl Parked {
             let heads = due_heads(endpoint_id, block, &busy, (room - loaded) as i64)?;
             self.loaded(&[], heads, now);
         }
+        self.set_behind_window(in_window);
         Ok(())
     }
 }
@@ -745,6 +758,20 @@ mod tests {
         p.insert(solo.clone(), Status::InFlight(event(3)), 0, None);
         p.dead(&solo, &event(3), true, None, "x".into());
         assert!(!p.contains(&solo), "an unkeyed dead event blocks nothing");
+    }
+
+    /// A parked lane whose key still has events in the window (a replayed
+    /// dead letter under on_dead=skip, say) is not handed out, even when
+    /// its head is loaded and due: the key would have two events in flight.
+    #[test]
+    fn a_lane_behind_the_window_waits_for_it() {
+        let k = LaneId::Key("k".into());
+        let mut p = Parked::new(100);
+        p.insert(k.clone(), Status::Ready(event(1)), 0, None);
+        p.set_behind_window(|id| *id == k);
+        assert_eq!((p.ready_len(), p.take_ready(1).len()), (0, 0));
+        p.set_behind_window(|_| false);
+        assert_eq!((p.ready_len(), p.take_ready(1).len()), (1, 1));
     }
 
     #[test]
