@@ -198,3 +198,39 @@ fn an_endpoint_that_is_down_is_probed_at_its_backoff_not_in_a_loop() {
     rx.respond(|_, _| Reply::Status(200));
     wait_sql(&mut db, WAIT, "SELECT delivered = 1000 FROM outbox.stats");
 }
+
+/// A 429 with Retry-After holds the whole endpoint, and a request that was
+/// already on its way and succeeds afterwards does not lift the hold: the
+/// endpoint said when it wants more, and one earlier request getting
+/// through does not change that.
+#[test]
+fn a_success_already_in_flight_does_not_lift_a_retry_after_hold() {
+    let (_cluster, mut db) = cluster_with_outbox("hold");
+    let rx = Receiver::start();
+    let refused_once = std::sync::atomic::AtomicBool::new(false);
+    rx.respond(move |r, _| match r.json()["data"]["case"].as_str().unwrap() {
+        "hold" if !refused_once.swap(true, std::sync::atomic::Ordering::SeqCst) => {
+            Reply::Full { status: 429, headers: vec![("retry-after".into(), "2".into())], body: vec![] }
+        }
+        // In flight while the 429 comes back, answered after it.
+        "slow" => Reply::After(Duration::from_millis(400), Box::new(Reply::Status(200))),
+        _ => Reply::Status(200),
+    });
+    webhook(&mut db, "hooks", &rx.url("/"), &["*"], json!({}));
+    emit(&mut db, "t", json!({"case": "slow"}), Some("s"));
+    rx.wait_for(1, WAIT);
+    emit(&mut db, "t", json!({"case": "hold"}), Some("h"));
+    let refused = rx.wait_for(2, WAIT)[1].at;
+    // The slow request's 200 has come back by then.
+    std::thread::sleep(Duration::from_millis(800));
+    wait_sql(&mut db, WAIT, "SELECT delivered = 1 FROM outbox.stats");
+    emit(&mut db, "t", json!({"case": "later"}), Some("l"));
+    let got = rx.wait_until(WAIT, "the later event", |r| r.iter().any(|x| x.json()["data"]["case"] == "later"));
+    let later = got.iter().find(|x| x.json()["data"]["case"] == "later").unwrap().at;
+    assert!(
+        later - refused >= Duration::from_millis(1900),
+        "Retry-After: 2 was lifted: the next event went {:?} after the 429",
+        later - refused
+    );
+    wait_sql(&mut db, WAIT, "SELECT delivered = 3 FROM outbox.stats");
+}

@@ -636,7 +636,10 @@ impl EndpointState {
             self.window.wake_all();
         }
         self.health.consecutive_failures = 0;
-        self.health.hold_until = None;
+        // A hold stays: a success can end one only by coming from a request
+        // sent before it was set (none is sent while it lasts), and the
+        // endpoint's Retry-After was the later word. A probe after an
+        // outage goes out once its hold has passed.
         self.stats.delivered += 1;
         self.stats.succeeded = true;
     }
