@@ -287,10 +287,7 @@ impl Worker {
         if let Some(t) = self.commit_wakes.wake_by() {
             until = until.min(t);
         }
-        if let Some(t) = self.error_pause_until {
-            until = until.max(t);
-        }
-        until.saturating_duration_since(now).max(Duration::from_millis(1))
+        sleep_until(now, until, self.error_pause_until).saturating_duration_since(now).max(Duration::from_millis(1))
     }
 
     fn step(&mut self) {
@@ -673,6 +670,15 @@ fn read_egress() -> Egress {
     Egress { allowed, proxy: guc::http_proxy() }
 }
 
+/// When the worker's sleep ends: at `wanted`, or while a pause after an
+/// error lasts, when it ends (nothing is done before; see Worker::step).
+fn sleep_until(now: Instant, wanted: Instant, pause: Option<Instant>) -> Instant {
+    match pause {
+        Some(end) if end > now => end,
+        _ => wanted,
+    }
+}
+
 /// outbox.poll_interval: the longest the worker sleeps, and how often it
 /// takes a tick when nothing else asks for one.
 fn poll_interval() -> Duration {
@@ -682,4 +688,23 @@ fn poll_interval() -> Duration {
 /// The per-endpoint window: events and payload bytes held in memory.
 fn window() -> (usize, usize) {
     (guc::WINDOW_EVENTS.get().max(1) as usize, guc::WINDOW_KB.get().max(1) as usize * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While a pause after an error lasts the worker sleeps exactly to its
+    /// end: not longer because the sleep it wanted (the poll interval,
+    /// from a wake-up during the pause) ends later, and not shorter.
+    #[test]
+    fn a_pause_after_an_error_ends_when_it_should() {
+        let now = Instant::now();
+        let (soon, later) = (now + Duration::from_millis(200), now + Duration::from_secs(1));
+        let pause_end = now + Duration::from_millis(800);
+        assert_eq!(sleep_until(now, later, Some(pause_end)), pause_end, "a wake-up during the pause");
+        assert_eq!(sleep_until(now, soon, Some(pause_end)), pause_end);
+        assert_eq!(sleep_until(now, later, Some(now - Duration::from_millis(1))), later, "over");
+        assert_eq!(sleep_until(now, soon, None), soon);
+    }
 }
