@@ -175,7 +175,7 @@ impl<T: Clone> Scheduler<T> {
     }
 
     /// The head of `lane` was acknowledged while the rest of its run is
-    /// still being sent (a chain, net::Chain): drop it, and the lane stays
+    /// still being sent (a chain, net::Job::chain): drop it, and the lane stays
     /// in flight until the run's last outcome.
     pub fn finish_head_in_run(&mut self, lane_id: &LaneId) -> Option<(Position, T)> {
         let lane = self.lanes.get_mut(lane_id)?;

@@ -53,7 +53,7 @@ const PAGE: usize = 1_000;
 /// page holds no more text than the window has room for.
 const WORST_TEXT_EXPANSION: usize = 6;
 /// Events of one lane handed out as one job when an endpoint takes one
-/// event per request (net::Chain): the network side sends them one after
+/// event per request (a chain, net::Job): the network side sends them one after
 /// another. Bounded so that a hot key's run ends now and then and the
 /// main thread sees its progress.
 const CHAIN_LENGTH: usize = 32;
