@@ -33,6 +33,13 @@ impl Failure {
     pub fn endpoint_unavailable(&self) -> bool {
         matches!(self.status, None | Some(429 | 502 | 503 | 504))
     }
+
+    /// Whether the failure may stop the whole endpoint (a hold from
+    /// Retry-After, 410 Gone, or the start of an outage) rather than only
+    /// its own event.
+    pub fn may_hold_the_endpoint(&self) -> bool {
+        self.endpoint_unavailable() || matches!(self.verdict, Verdict::Gone | Verdict::Retry { after: Some(_) })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

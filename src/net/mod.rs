@@ -53,8 +53,10 @@ pub struct Job {
 }
 
 /// Whether chains may send their next request. The network side closes it
-/// when any request of the endpoint fails (a 429 or a 410 may hold it, an
-/// outage takes it down), before the main thread has seen the failure; the
+/// when a request of the endpoint fails in a way that may hold the whole
+/// endpoint (a 429, a 410, no answer: Failure::may_hold_the_endpoint),
+/// before the main thread has seen the failure (a 500 for one key stops
+/// only its own chain); the
 /// main thread when the endpoint's state changes (see
 /// EndpointState::stop_chains). And it is closed as soon as any endpoint's
 /// configuration changes in the database (`config` moved from the version
@@ -233,7 +235,7 @@ async fn run_job(job: Job, outcome_tx: mpsc::Sender<Outcome>, wakes: Wakes) {
             }
         };
         let failed = results.iter().any(Result::is_err);
-        if failed {
+        if results.iter().any(|r| r.as_ref().is_err_and(Failure::may_hold_the_endpoint)) {
             gate.close();
         }
         let chained = !failed && requests.peek().is_some() && gate.is_open();
@@ -461,19 +463,21 @@ mod tests {
 
     /// A chain sends its events one request after another, each outcome
     /// as it comes (the lane stays in flight until the last), and stops
-    /// at the first failure, closing its gate for the endpoint's other
-    /// chains: what follows is not sent. A chain whose gate was closed, or
-    /// whose worker's configuration moved on, stops after the request it
-    /// is on.
+    /// at its first failure: what follows is not sent. A failure that may
+    /// hold the endpoint (a 503) closes its gate for the endpoint's other
+    /// chains; one of its own event (a 500) does not. A chain whose gate
+    /// was closed, or whose worker's configuration moved on, stops after
+    /// the request it is on.
     #[test]
     fn a_chain_goes_on_until_a_request_fails_or_its_gate_closes() {
         static CONFIG: AtomicU64 = AtomicU64::new(7);
         let receiver = tokio::runtime::Runtime::new().unwrap();
         let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let unavailable: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
         let failed: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n";
         // Answers in the order requests come, whatever the connection;
-        // none left closes it.
-        let answers = [ok, ok, failed, ok, ok, ok, ok].map(|a| (a, false)).to_vec();
+        // none left closes it (and a request then fails).
+        let answers = [ok, ok, unavailable, ok, ok, ok, ok, ok, failed].map(|a| (a, false)).to_vec();
         let (url, _) = receiver.block_on(http1::tests::server(answers));
         let url = url.to_string();
         let network = Network::start(1, Arc::new(|| {})).unwrap();
@@ -481,7 +485,7 @@ mod tests {
         let gate = Gate { config: Some((&CONFIG, 7)), ..open_gate() };
         network.submit(vec![chain_to(&url, 5, &gate)]);
         assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, true), (2, true, true), (3, false, false)]);
-        assert!(!gate.is_open(), "a failure closes the endpoint's chains");
+        assert!(!gate.is_open(), "a 503 closes the endpoint's chains");
 
         network.submit(vec![chain_to(&url, 3, &gate)]);
         assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, false)], "closed: the first request only");
@@ -491,10 +495,14 @@ mod tests {
         network.submit(vec![chain_to(&url, 3, &gate)]);
         assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, false)], "configuration changed");
 
-        // Two answers are left, so events 4 and 5 of the first chain and
-        // 2 and 3 of the others were not sent.
         network.submit(vec![chain_to(&url, 2, &open_gate())]);
         assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, true), (2, true, false)]);
+
+        // The last two answers: event 3 of this chain is not sent.
+        let gate = open_gate();
+        network.submit(vec![chain_to(&url, 3, &gate)]);
+        assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, true), (2, false, false)]);
+        assert!(gate.is_open(), "a 500 for one event leaves the other chains going");
         network.shutdown(Duration::from_millis(100));
     }
 

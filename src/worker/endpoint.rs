@@ -94,8 +94,12 @@ struct Cursors {
 #[derive(Default)]
 struct Health {
     consecutive_failures: u32,
-    /// Set from Retry-After: send nothing before this instant.
+    /// Set from Retry-After: send nothing before this instant. The
+    /// endpoint's own word: only its end or resume_endpoint lifts it.
     hold_until: Option<Instant>,
+    /// While the endpoint is down, the next probe waits until then. The
+    /// worker's guess: a success ends it.
+    down_until: Option<Instant>,
     /// Set when the endpoint answered 410 Gone; written as disabled_reason.
     gone: Option<String>,
     /// Whether `gone` was written.
@@ -229,6 +233,7 @@ impl EndpointState {
             self.health.gone = None;
             self.health.gone_written = false;
             self.health.hold_until = None;
+            self.health.down_until = None;
             self.window.wake_all();
         }
         self.setup.resumed_at = row.resumed_at;
@@ -453,9 +458,15 @@ impl EndpointState {
         self.window.in_flight() + self.parked.in_flight()
     }
 
+    /// Until when nothing may be sent (a Retry-After, or an outage's
+    /// pause), if that is later than `now`.
+    fn held_until(&self, now: Instant) -> Option<Instant> {
+        self.health.hold_until.into_iter().chain(self.health.down_until).max().filter(|t| *t > now)
+    }
+
     /// How many requests may be in flight now.
     fn send_limit(&self, now: Instant) -> usize {
-        if !self.setup.active || self.health.gone.is_some() || self.health.hold_until.is_some_and(|t| t > now) {
+        if !self.setup.active || self.health.gone.is_some() || self.held_until(now).is_some() {
             return 0;
         }
         if self.is_down() {
@@ -473,7 +484,7 @@ impl EndpointState {
         if !self.setup.active || self.health.gone.is_some() {
             return None; // resume_endpoint wakes the worker
         }
-        if let Some(hold) = self.health.hold_until.filter(|t| *t > now) {
+        if let Some(hold) = self.held_until(now) {
             return Some(hold);
         }
         if self.health.requests >= self.send_limit(now) {
@@ -636,18 +647,21 @@ impl EndpointState {
             self.window.wake_all();
         }
         self.health.consecutive_failures = 0;
-        // A hold stays: a success can end one only by coming from a request
-        // sent before it was set (none is sent while it lasts), and the
-        // endpoint's Retry-After was the later word. A probe after an
-        // outage goes out once its hold has passed.
+        // The endpoint is not down: its pause is over. A Retry-After hold
+        // stays: nothing is sent while it lasts, so this success is of a
+        // request sent before it, and the endpoint's Retry-After was the
+        // later word.
+        self.health.down_until = None;
         self.stats.delivered += 1;
         self.stats.succeeded = true;
     }
 
     fn on_failure(&mut self, lane: &LaneId, event: &Event, parked: bool, failure: Failure, now: Instant) {
-        // It may hold or take down the endpoint: no chain sends on
-        // unasked.
-        self.stop_chains();
+        if failure.may_hold_the_endpoint() {
+            // No chain sends on before this step has seen what it means
+            // (the network side closed their gate already).
+            self.stop_chains();
+        }
         self.stats.failed_attempts += 1;
         self.health.consecutive_failures += 1;
         self.stats.last_error = Some(failure.message.clone());
@@ -685,7 +699,7 @@ impl EndpointState {
                     let failures = self.health.consecutive_failures - DOWN_AFTER_FAILURES + 1;
                     let unit = 0.5 + rand::random::<f64>() / 2.0;
                     let pause = now + backoff(failures, base, max, unit);
-                    self.health.hold_until = Some(self.health.hold_until.map_or(pause, |h| h.max(pause)));
+                    self.health.down_until = Some(self.health.down_until.map_or(pause, |h| h.max(pause)));
                 }
                 Some(now + after.map_or(delay, |a| a.max(delay)))
             }
@@ -816,6 +830,85 @@ mod tests {
         assert!(top(30) <= max && top(30) > max / 2);
         assert_eq!(backoff(4, base, max, 0.0), Duration::ZERO);
         assert!(backoff(u32::MAX, base, max, 0.5) <= max);
+    }
+
+    fn state(options: serde_json::Value) -> EndpointState {
+        let row = EndpointRow {
+            id: 1,
+            name: "t".into(),
+            url: "http://127.0.0.1:1/".into(),
+            kind: "webhook".into(),
+            topics: vec!["*".into()],
+            like: vec!["%".into()],
+            options: options.clone(),
+            active: true,
+            resumed_at: None,
+            cursor: Cursor { tick: 0, after: None },
+        };
+        let config = config::Endpoint::parse("t", &row.url, "webhook", &row.topics, &options).unwrap();
+        EndpointState::new(&row, config, 1, "/outbox/db", &Arc::default(), 100).unwrap()
+    }
+
+    /// An endpoint with one event loaded for each of `n` keys, all handed
+    /// out.
+    fn all_sent(n: i32) -> (EndpointState, Vec<Job>) {
+        let mut ep = state(serde_json::json!({ "max_in_flight": n }));
+        for n in 1..=n {
+            let event = Event {
+                position: Position { batch: 1, rank: 1, txid: 10, n },
+                id: format!("id-{n}"),
+                topic: "t".into(),
+                key: Some(format!("k{n}")),
+                event_type: None,
+                payload: "{}".into(),
+                headers: "{}".into(),
+                timestamp: String::new(),
+                created: SystemTime::now(),
+            };
+            ep.window.push(LaneId::Key(format!("k{n}")), event.position, Arc::new(event), 1);
+        }
+        let jobs = ep.take_jobs(Instant::now(), None);
+        assert_eq!(jobs.len(), n as usize);
+        (ep, jobs)
+    }
+
+    fn outcome(job: &Job, result: std::result::Result<(), Failure>) -> Outcome {
+        let (lane, event) = &job.events[0];
+        Outcome {
+            endpoint_id: 1,
+            incarnation: 1,
+            results: vec![(lane.clone(), event.position, result)],
+            chained: false,
+            answered: SystemTime::now(),
+        }
+    }
+
+    /// The pause an outage earns (the endpoint counted as down) is the
+    /// worker's guess, and a success proves it wrong: it ends, even when
+    /// the success came from a request sent before the failures. A
+    /// Retry-After is the endpoint's own word: a success of a request sent
+    /// before it does not end it.
+    #[test]
+    fn a_success_ends_an_outage_pause_but_not_a_retry_after_hold() {
+        let (mut ep, jobs) = all_sent(16);
+        let now = Instant::now();
+        for job in &jobs[..15] {
+            ep.on_outcome(outcome(job, Err(Failure::retry("connection reset"))), now);
+        }
+        assert!(ep.is_down() && ep.send_limit(now) == 0, "down, and paused");
+        ep.on_outcome(outcome(&jobs[15], Ok(())), now);
+        assert_eq!(ep.send_limit(now), 16, "back: the pause is over");
+
+        let (mut ep, jobs) = all_sent(2);
+        let held = Failure {
+            verdict: Verdict::Retry { after: Some(Duration::from_secs(2)) },
+            status: Some(429),
+            message: "HTTP 429".into(),
+        };
+        ep.on_outcome(outcome(&jobs[0], Err(held)), now);
+        ep.on_outcome(outcome(&jobs[1], Ok(())), now);
+        assert_eq!(ep.send_limit(now + Duration::from_secs(1)), 0, "held for the 2 s the endpoint asked");
+        assert_eq!(ep.send_limit(now + Duration::from_secs(3)), 2);
     }
 
     #[test]
