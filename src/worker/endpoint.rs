@@ -215,12 +215,13 @@ impl EndpointState {
         if row.like != self.setup.like || config.kind != self.config().kind {
             return false;
         }
-        if config != self.config() || **egress != *self.setup.egress || row.active != self.setup.active {
+        let retarget = config != self.config() || **egress != *self.setup.egress;
+        if retarget || row.active != self.setup.active {
             // Paused, or sent elsewhere or otherwise: chains stop after the
             // request they are on.
             self.stop_chains();
         }
-        if config != self.config() || **egress != *self.setup.egress {
+        if retarget {
             match Target::new(config.clone(), &self.setup.source, egress.clone()) {
                 Ok(target) => self.setup.target = Arc::new(target),
                 Err(_) => return false,

@@ -263,11 +263,16 @@ impl Worker {
         if egress != *self.egress {
             // Narrowed, maybe: no chain sends under the old rules while
             // the endpoints wait for the next step to be rebuilt.
-            for ep in &mut self.endpoints {
-                ep.stop_chains();
-            }
+            self.stop_all_chains();
             self.egress = Arc::new(egress);
             self.config_version = None; // reload endpoints next step
+        }
+    }
+
+    /// Every endpoint's chains send nothing after the request they are on.
+    fn stop_all_chains(&mut self) {
+        for ep in &mut self.endpoints {
+            ep.stop_chains();
         }
     }
 
@@ -369,9 +374,7 @@ impl Worker {
     fn save_all(&mut self) {
         // Chains stop after the request they are on: what they sent after
         // this would not be written, and would go out again.
-        for ep in &mut self.endpoints {
-            ep.stop_chains();
-        }
+        self.stop_all_chains();
         self.apply_outcomes();
         if self.extension.is_none() {
             return;
