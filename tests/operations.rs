@@ -154,3 +154,29 @@ fn new_topics_mid_drain_resend_at_most_what_was_in_flight() {
     }
     assert!(resent <= 1, "{resent} events were sent twice; at most the one in flight may be");
 }
+
+#[test]
+fn new_topics_wait_for_the_request_still_in_flight() {
+    // A state built anew (new topics here; also a failed step, a change of
+    // kind) sends again from the persisted cursor. While the old state's
+    // request for a key is still out, a second one of that key must not
+    // go: the receiver would hold two at once, in no order.
+    let (_cluster, mut db) = cluster_with_outbox("retopic_in_flight");
+    let rx = Receiver::start();
+    rx.respond(|_, i| {
+        if i == 0 {
+            Reply::After(Duration::from_secs(3), Box::new(Reply::Status(200)))
+        } else {
+            Reply::Status(200)
+        }
+    });
+    webhook(&mut db, "hooks", &rx.url("/"), &["a"], json!({"max_in_flight": 4}));
+    emit(&mut db, "a", json!({"n": 1}), Some("k"));
+    emit(&mut db, "a", json!({"n": 2}), Some("k"));
+    rx.wait_for(1, WAIT);
+    db.execute("SELECT outbox.alter_endpoint('hooks', topics => '{a,b}')", &[]).unwrap();
+    wait_sql(&mut db, WAIT, "SELECT delivered >= 2 AND in_flight = 0 FROM outbox.progress");
+    let ns: Vec<i64> = rx.requests().iter().map(data_n).collect();
+    assert_eq!(rx.max_concurrent(), 1, "requests of one key at once; arrived: {ns:?}");
+    assert_eq!(ns.last(), Some(&2), "the key's last event came last: {ns:?}");
+}

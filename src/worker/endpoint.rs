@@ -203,6 +203,11 @@ impl EndpointState {
         self.cursor.saved
     }
 
+    /// Requests handed out whose last outcome has not come back.
+    pub fn requests_out(&self) -> usize {
+        self.health.requests
+    }
+
     /// The tick reading continues after.
     pub fn read_tick(&self) -> i64 {
         self.cursor.read.tick

@@ -11,7 +11,8 @@
 //!
 //! Modules: `ticks` (snapshots and commit order), `stream` (reading
 //! batches), `parked` (lanes in outbox.parked), `store` (endpoints and
-//! progress), `endpoint` (one endpoint's state), `rotation` (emptying the
+//! progress), `endpoint` (one endpoint's state), `retired` (requests of
+//! states dropped that are still out), `rotation` (emptying the
 //! events tables), `error` (the error type and (sub)transactions),
 //! `session` and `launcher` (who runs, as whom).
 
@@ -19,6 +20,7 @@ mod endpoint;
 mod error;
 pub mod launcher;
 mod parked;
+mod retired;
 mod rotation;
 mod session;
 mod store;
@@ -213,6 +215,9 @@ struct Worker {
     error_pause_until: Option<Instant>,
     /// Endpoints whose step failed: rebuilt from the tables, not before.
     broken: HashMap<i32, Instant>,
+    /// Requests of dropped endpoint states still out: their endpoints'
+    /// new states wait for them.
+    retired: retired::Retired,
     /// Events were read in this step: their commits must be durable
     /// before anything is sent.
     read_events: bool,
@@ -249,6 +254,7 @@ impl Worker {
             last_maintenance: Instant::now(),
             error_pause_until: None,
             broken: HashMap::new(),
+            retired: retired::Retired::default(),
             read_events: false,
             commits_unticked: true,
             commit_wakes: ticks::CommitWakes::default(),
@@ -290,6 +296,9 @@ impl Worker {
         // Commits do not wake us: come back when their paced tick is due,
         // even if that was during the step.
         if let Some(t) = self.commit_wakes.wake_by() {
+            until = until.min(t);
+        }
+        if let Some(t) = self.retired.next_end() {
             until = until.min(t);
         }
         sleep_until(now, until, self.error_pause_until).saturating_duration_since(now).max(Duration::from_millis(1))
@@ -400,7 +409,10 @@ impl Worker {
         self.commits_unticked = true;
         self.ticker.forget();
         self.extension = None;
-        self.endpoints.clear();
+        let now = Instant::now();
+        for ep in self.endpoints.drain(..) {
+            self.retired.note(&ep, now);
+        }
         self.ticks.clear();
         shmem::want_commits(self.index, false);
     }
@@ -415,6 +427,8 @@ impl Worker {
                 self.endpoints.iter_mut().find(|e| e.id == o.endpoint_id && e.incarnation == o.incarnation)
             {
                 ep.on_outcome(o, now);
+            } else {
+                self.retired.on_outcome(&o);
             }
         }
     }
@@ -490,7 +504,10 @@ impl Worker {
         if let Err(e2) = subtransaction(|| store::report_error(id, &message)) {
             pgrx::warning!("outbox worker: endpoint {id}: recording the error: {e2}");
         }
-        self.endpoints.retain(|ep| ep.id != id);
+        let now = Instant::now();
+        if let Some(i) = self.endpoints.iter().position(|ep| ep.id == id) {
+            self.retired.note(&self.endpoints.swap_remove(i), now);
+        }
         self.broken.insert(id, Instant::now() + ERROR_PAUSE);
     }
 
@@ -511,7 +528,7 @@ impl Worker {
                 Ok(c) => c,
                 Err(e) => {
                     pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name);
-                    existing.map(|ep| retire(ep, now));
+                    existing.map(|ep| retire(ep, now, &mut self.retired));
                     continue;
                 }
             };
@@ -522,7 +539,7 @@ impl Worker {
                 }
                 // Built anew from where this state got to (`row` was read
                 // before its last progress was written).
-                if let Some(cursor) = retire(ep, now) {
+                if let Some(cursor) = retire(ep, now, &mut self.retired) {
                     row.cursor = cursor;
                 }
             }
@@ -534,7 +551,10 @@ impl Worker {
             }
             self.next_incarnation += 1;
         }
-        self.endpoints = next;
+        // Left over: endpoints dropped.
+        for ep in std::mem::replace(&mut self.endpoints, next) {
+            self.retired.note(&ep, now);
+        }
         // Entries of endpoints dropped while broken.
         self.broken.retain(|_, t| *t > now);
         shmem::want_commits(self.index, self.endpoints.iter().any(EndpointState::is_active));
@@ -602,9 +622,17 @@ impl Worker {
             return;
         }
         let config = shmem::config_counter(self.index).zip(self.config_version);
+        for (id, requests) in self.retired.expire(now) {
+            pgrx::warning!(
+                "outbox worker: endpoint {id}: {requests} request(s) of its previous state did not come back in \
+                 time; its new state sends without waiting for them"
+            );
+        }
         let mut jobs = Vec::new();
         for ep in &mut self.endpoints {
-            jobs.extend(ep.take_jobs(now, config));
+            if !self.retired.holds(ep.id) {
+                jobs.extend(ep.take_jobs(now, config));
+            }
         }
         self.network.submit(jobs);
     }
@@ -638,7 +666,9 @@ impl Worker {
 
 /// An endpoint's state is dropped: first write what it learned, or its
 /// delivered events would go out again. The cursor written, if it was.
-fn retire(mut ep: EndpointState, now: Instant) -> Option<stream::Cursor> {
+/// Its requests still out hold back its next state (`retired`).
+fn retire(mut ep: EndpointState, now: Instant, retired: &mut retired::Retired) -> Option<stream::Cursor> {
+    retired.note(&ep, now);
     match subtransaction(|| ep.write_back(now, true)) {
         Ok(()) => Some(ep.saved_cursor()),
         Err(e) => {
