@@ -180,3 +180,36 @@ fn new_topics_wait_for_the_request_still_in_flight() {
     assert_eq!(rx.max_concurrent(), 1, "requests of one key at once; arrived: {ns:?}");
     assert_eq!(ns.last(), Some(&2), "the key's last event came last: {ns:?}");
 }
+
+#[test]
+fn a_failed_step_waits_for_the_request_still_in_flight() {
+    // An endpoint's step that fails (here: outbox.progress is locked past
+    // the worker's lock_timeout) drops its state, rebuilt from the tables a
+    // second later. The old state's request of key k is still out: the
+    // new state must not send k's first event again before it is back.
+    let (cluster, mut db) = cluster_with_outbox("failed_step_in_flight");
+    let rx = Receiver::start();
+    let hold = Duration::from_secs(4);
+    rx.respond(move |_, i| if i == 0 { Reply::After(hold, Box::new(Reply::Status(200))) } else { Reply::Status(200) });
+    webhook(&mut db, "hooks", &rx.url("/"), &["a"], json!({"max_in_flight": 4}));
+    emit(&mut db, "a", json!({"n": 1}), Some("k"));
+    emit(&mut db, "a", json!({"n": 2}), Some("k"));
+    rx.wait_for(1, WAIT);
+    let mut locker = cluster.connect();
+    let mut lock = locker.transaction().unwrap();
+    lock.execute("SELECT 1 FROM outbox.progress FOR UPDATE", &[]).unwrap();
+    // Another key's event is delivered at once: progress to write, which
+    // waits for the lock, and the step fails.
+    emit(&mut db, "a", json!({"n": 3}), Some("j"));
+    std::thread::sleep(Duration::from_millis(2500));
+    lock.commit().unwrap();
+    wait_sql(&mut db, WAIT, "SELECT delivered >= 3 AND in_flight = 0 FROM outbox.progress");
+    let log = cluster.log();
+    assert!(log.contains("lock timeout"), "the step failed; log: {}", &log[log.len().saturating_sub(3000)..]);
+    let got = rx.requests();
+    let k: Vec<(i64, Duration)> =
+        got.iter().filter(|r| r.json()["key"] == "k").map(|r| (data_n(r), r.at - got[0].at)).collect();
+    assert!(k.len() >= 3 && k[0].0 == 1, "{k:?}");
+    assert!(k[1..].iter().all(|(_, at)| *at >= hold), "a request of k went out while the first was held: {k:?}");
+    assert_eq!(k.last().map(|(n, _)| *n), Some(2), "k's last event came last: {k:?}");
+}

@@ -106,6 +106,10 @@ struct Health {
     gone_written: bool,
     /// Requests in flight (a batch is one request).
     requests: usize,
+    /// The longest one of them may take (RequestBound), over the targets
+    /// they went out with: a new target's options do not shorten the
+    /// requests already out.
+    request_bound: Duration,
     /// A partial batch has been waiting since (see linger_ms).
     lingering_since: Option<Instant>,
     /// The last read stopped with events left to read (the window was
@@ -203,9 +207,10 @@ impl EndpointState {
         self.cursor.saved
     }
 
-    /// Requests handed out whose last outcome has not come back.
-    pub fn requests_out(&self) -> usize {
-        self.health.requests
+    /// Requests handed out whose last outcome has not come back, and the
+    /// longest the one on its way may still take.
+    pub fn requests_out(&self) -> (usize, Duration) {
+        (self.health.requests, self.health.request_bound)
     }
 
     /// The tick reading continues after.
@@ -553,8 +558,10 @@ impl EndpointState {
             }
             self.mark_unsaved(now);
             let gate = Gate { open: self.chains_open.clone(), config };
+            let bound = request_bound(self.config());
             for group in self.by_topic(events, now) {
                 self.health.requests += 1;
+                self.health.request_bound = self.health.request_bound.max(bound);
                 let eager = group.iter().any(|(lane, _)| waiting.contains(lane));
                 jobs.push(Job {
                     endpoint_id: self.id,
@@ -603,6 +610,9 @@ impl EndpointState {
     pub fn on_outcome(&mut self, outcome: Outcome, now: Instant) {
         if !outcome.chained {
             self.health.requests = self.health.requests.saturating_sub(1);
+            if self.health.requests == 0 {
+                self.health.request_bound = Duration::ZERO;
+            }
         }
         self.mark_unsaved(now);
         let sent = Sent { answered: outcome.answered, chained: outcome.chained };
@@ -806,6 +816,14 @@ impl EndpointState {
 
 /// Exponential backoff with full jitter: a uniformly random delay between
 /// zero and `base * 2^(attempt-1)`, capped at `max`. `unit` is in [0, 1).
+/// The longest one request to `endpoint` may take once it has started:
+/// every redirect hop has the whole timeout (connecting is inside it; the
+/// connect timeout on top is slack for building the request).
+pub fn request_bound(endpoint: &config::Endpoint) -> Duration {
+    let options = &endpoint.options;
+    options.timeout * (options.max_redirects as u32 + 1) + options.connect_timeout
+}
+
 pub fn backoff(attempt: u32, base: Duration, max: Duration, unit: f64) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(30));
     let ceiling = exp.min(max);
@@ -838,8 +856,8 @@ mod tests {
         assert!(backoff(u32::MAX, base, max, 0.5) <= max);
     }
 
-    fn state(options: serde_json::Value) -> EndpointState {
-        let row = EndpointRow {
+    fn row(options: serde_json::Value) -> EndpointRow {
+        EndpointRow {
             id: 1,
             name: "t".into(),
             url: "http://127.0.0.1:1/".into(),
@@ -850,15 +868,20 @@ mod tests {
             active: true,
             resumed_at: None,
             cursor: Cursor { tick: 0, after: None },
-        };
-        let config = config::Endpoint::parse("t", &row.url, "webhook", &row.topics, &options).unwrap();
-        EndpointState::new(&row, config, 1, "/outbox/db", &Arc::default(), 100).unwrap()
+        }
     }
 
-    /// An endpoint with one event loaded for each of `n` keys, all handed
-    /// out.
-    fn all_sent(n: i32) -> (EndpointState, Vec<Job>) {
-        let mut ep = state(serde_json::json!({ "max_in_flight": n }));
+    fn config_of(row: &EndpointRow) -> config::Endpoint {
+        config::Endpoint::parse("t", &row.url, "webhook", &row.topics, &row.options).unwrap()
+    }
+
+    fn state(options: serde_json::Value) -> EndpointState {
+        let row = row(options);
+        EndpointState::new(&row, config_of(&row), 1, "/outbox/db", &Arc::default(), 100).unwrap()
+    }
+
+    /// One event loaded for each of `n` keys.
+    fn load(ep: &mut EndpointState, n: i32) {
         for n in 1..=n {
             let event = Event {
                 position: Position { batch: 1, rank: 1, txid: 10, n },
@@ -873,6 +896,13 @@ mod tests {
             };
             ep.window.push(LaneId::Key(format!("k{n}")), event.position, Arc::new(event), 1);
         }
+    }
+
+    /// An endpoint with one event loaded for each of `n` keys, all handed
+    /// out.
+    fn all_sent(n: i32) -> (EndpointState, Vec<Job>) {
+        let mut ep = state(serde_json::json!({ "max_in_flight": n }));
+        load(&mut ep, n);
         let jobs = ep.take_jobs(Instant::now(), None);
         assert_eq!(jobs.len(), n as usize);
         (ep, jobs)
@@ -915,6 +945,28 @@ mod tests {
         ep.on_outcome(outcome(&jobs[1], Ok(())), now);
         assert_eq!(ep.send_limit(now + Duration::from_secs(1)), 0, "held for the 2 s the endpoint asked");
         assert_eq!(ep.send_limit(now + Duration::from_secs(3)), 2);
+    }
+
+    /// What a dropped state's requests may still take (worker::retired)
+    /// is what the options they went out with allow: lowering the timeout
+    /// does not shorten the requests already out.
+    #[test]
+    fn requests_out_keep_the_longest_bound_they_went_out_with() {
+        let slow = serde_json::json!({"max_in_flight": 2, "timeout_ms": 60_000, "max_redirects": 1});
+        let mut ep = state(slow);
+        assert_eq!(ep.requests_out(), (0, Duration::ZERO));
+        load(&mut ep, 2);
+        let jobs = ep.take_jobs(Instant::now(), None);
+        let bound = Duration::from_secs(2 * 60 + 5);
+        assert_eq!(ep.requests_out(), (2, bound), "two hops of 60 s, and the connect timeout");
+        let fast = row(serde_json::json!({"max_in_flight": 2, "timeout_ms": 1000}));
+        assert!(ep.reconfigure(&fast, &config_of(&fast), &Arc::default()));
+        assert_eq!(ep.requests_out(), (2, bound));
+        let now = Instant::now();
+        ep.on_outcome(outcome(&jobs[0], Ok(())), now);
+        assert_eq!(ep.requests_out(), (1, bound));
+        ep.on_outcome(outcome(&jobs[1], Ok(())), now);
+        assert_eq!(ep.requests_out(), (0, Duration::ZERO));
     }
 
     #[test]

@@ -298,7 +298,7 @@ impl Worker {
         if let Some(t) = self.commit_wakes.wake_by() {
             until = until.min(t);
         }
-        if let Some(t) = self.retired.next_end() {
+        if let Some(t) = self.retired.next_end().filter(|t| *t > now) {
             until = until.min(t);
         }
         sleep_until(now, until, self.error_pause_until).saturating_duration_since(now).max(Duration::from_millis(1))
@@ -408,11 +408,11 @@ impl Worker {
     fn forget_all(&mut self) {
         self.commits_unticked = true;
         self.ticker.forget();
-        self.extension = None;
         let now = Instant::now();
         for ep in self.endpoints.drain(..) {
-            self.retired.note(&ep, now);
+            self.retired.note(self.extension, &ep, now);
         }
+        self.extension = None;
         self.ticks.clear();
         shmem::want_commits(self.index, false);
     }
@@ -506,7 +506,7 @@ impl Worker {
         }
         let now = Instant::now();
         if let Some(i) = self.endpoints.iter().position(|ep| ep.id == id) {
-            self.retired.note(&self.endpoints.swap_remove(i), now);
+            self.retired.note(self.extension, &self.endpoints.swap_remove(i), now);
         }
         self.broken.insert(id, Instant::now() + ERROR_PAUSE);
     }
@@ -528,7 +528,7 @@ impl Worker {
                 Ok(c) => c,
                 Err(e) => {
                     pgrx::warning!("outbox worker: endpoint {:?} is skipped: {e}", row.name);
-                    existing.map(|ep| retire(ep, now, &mut self.retired));
+                    existing.map(|ep| self.retire(ep, now));
                     continue;
                 }
             };
@@ -539,7 +539,7 @@ impl Worker {
                 }
                 // Built anew from where this state got to (`row` was read
                 // before its last progress was written).
-                if let Some(cursor) = retire(ep, now, &mut self.retired) {
+                if let Some(cursor) = self.retire(ep, now) {
                     row.cursor = cursor;
                 }
             }
@@ -551,10 +551,8 @@ impl Worker {
             }
             self.next_incarnation += 1;
         }
-        // Left over: endpoints dropped.
-        for ep in std::mem::replace(&mut self.endpoints, next) {
-            self.retired.note(&ep, now);
-        }
+        // Left over: endpoints dropped (their ids do not come back).
+        self.endpoints = next;
         // Entries of endpoints dropped while broken.
         self.broken.retain(|_, t| *t > now);
         shmem::want_commits(self.index, self.endpoints.iter().any(EndpointState::is_active));
@@ -615,22 +613,36 @@ impl Worker {
             && self.ticker.unread(ring) < TICK_GATHER
     }
 
+    /// An endpoint's state is dropped: first write what it learned, or its
+    /// delivered events would go out again. The cursor written, if it was.
+    /// Its requests still out hold back its next state (`retired`).
+    fn retire(&mut self, mut ep: EndpointState, now: Instant) -> Option<stream::Cursor> {
+        self.retired.note(self.extension, &ep, now);
+        match subtransaction(|| ep.write_back(now, true)) {
+            Ok(()) => Some(ep.saved_cursor()),
+            Err(e) => {
+                pgrx::warning!("outbox worker: endpoint {}: {e}", ep.id);
+                None
+            }
+        }
+    }
+
     fn dispatch(&mut self, now: Instant) {
+        for (id, requests) in self.retired.expire(now) {
+            pgrx::warning!(
+                "outbox worker: endpoint {id}: {requests} request(s) of its previous state never reported back; \
+                 it no longer waits for them"
+            );
+        }
         // An endpoint changed (paused, say) since this step read the
         // settings: send nothing before the next step has reloaded them.
         if self.config_version != Some(shmem::config_version(self.index)) {
             return;
         }
         let config = shmem::config_counter(self.index).zip(self.config_version);
-        for (id, requests) in self.retired.expire(now) {
-            pgrx::warning!(
-                "outbox worker: endpoint {id}: {requests} request(s) of its previous state did not come back in \
-                 time; its new state sends without waiting for them"
-            );
-        }
         let mut jobs = Vec::new();
         for ep in &mut self.endpoints {
-            if !self.retired.holds(ep.id) {
+            if !self.retired.holds(self.extension, ep.id) {
                 jobs.extend(ep.take_jobs(now, config));
             }
         }
@@ -660,20 +672,6 @@ impl Worker {
             }
             Ok(done) => pgrx::debug2!("outbox worker: maintenance: {done:?}"),
             Err(e) => pgrx::warning!("outbox worker: table maintenance: {e}"),
-        }
-    }
-}
-
-/// An endpoint's state is dropped: first write what it learned, or its
-/// delivered events would go out again. The cursor written, if it was.
-/// Its requests still out hold back its next state (`retired`).
-fn retire(mut ep: EndpointState, now: Instant, retired: &mut retired::Retired) -> Option<stream::Cursor> {
-    retired.note(&ep, now);
-    match subtransaction(|| ep.write_back(now, true)) {
-        Ok(()) => Some(ep.saved_cursor()),
-        Err(e) => {
-            pgrx::warning!("outbox worker: endpoint {}: {e}", ep.id);
-            None
         }
     }
 }

@@ -2,23 +2,28 @@
 //!
 //! An endpoint's state is dropped and built anew from the tables when its
 //! topics or kind change, when its step fails, when its options stop
-//! parsing, or when the extension is installed anew. The new state sends
-//! again from the persisted cursor, while the old state's last request of
-//! a lane may still be on its way (its chain stops after it: the state's
-//! gate closes when it is dropped). Were the new state to send at once, a
-//! key could have two requests out, the receiver would hold both at once
-//! and see them in no order. So a new state of the endpoint sends nothing
+//! parsing, or after an error of the whole step. The new state sends again
+//! from the persisted cursor, while the old state's last request of a lane
+//! may still be on its way (its chain sends nothing after that one: the
+//! state's gate closes when it is dropped). Were the new state to send at
+//! once, a key could have two requests out and the receiver would hold
+//! both at once, in no order. So a new state of the endpoint sends nothing
 //! until every request of its dropped states came back (their outcomes
-//! are not applied: those events are read again), or until those
-//! requests' own time is up.
+//! are not applied: those events are read again).
+//!
+//! Every request reports an outcome (a panic in delivery too), so the
+//! wait ends when the last one comes. `until` only keeps a request that
+//! somehow never reported from stopping the endpoint for good: it is the
+//! longest the request may take (endpoint::request_bound) and GRACE.
 
 use super::endpoint::EndpointState;
 use crate::net::Outcome;
 use std::time::{Duration, Instant};
 
-/// Beyond a request's timeout and its connect timeout: building it, and
-/// its outcome reaching the main thread.
-const GRACE: Duration = Duration::from_secs(2);
+/// Beyond the longest a request may take once started: waiting to start
+/// (a large request is built off the runtime's thread, one or two at a
+/// time), and its outcome reaching the main thread.
+const GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct Retired {
@@ -26,27 +31,28 @@ pub struct Retired {
 }
 
 struct Out {
+    /// Endpoint ids are those of one installation of the extension.
+    extension: u32,
     endpoint_id: i32,
     incarnation: u64,
     /// Requests (jobs) whose last outcome has not come back.
     requests: usize,
-    /// When waiting for them ends anyway: a request that has not come back
-    /// by then no longer waits for an answer.
     until: Instant,
 }
 
 impl Retired {
-    /// `ep` is being dropped: remember the requests it has out.
-    pub fn note(&mut self, ep: &EndpointState, now: Instant) {
-        let requests = ep.requests_out();
-        let options = &ep.config().options;
-        let until = now + options.connect_timeout + options.timeout + GRACE;
-        self.wait_for(ep.id, ep.incarnation, requests, until);
+    /// `ep`, of the installation `extension`, is being dropped, and its
+    /// endpoint stays: remember the requests it has out.
+    pub fn note(&mut self, extension: Option<u32>, ep: &EndpointState, now: Instant) {
+        let (requests, bound) = ep.requests_out();
+        if let Some(extension) = extension {
+            self.wait_for(extension, ep.id, ep.incarnation, requests, now + bound + GRACE);
+        }
     }
 
-    fn wait_for(&mut self, endpoint_id: i32, incarnation: u64, requests: usize, until: Instant) {
+    fn wait_for(&mut self, extension: u32, endpoint_id: i32, incarnation: u64, requests: usize, until: Instant) {
         if requests > 0 {
-            self.out.push(Out { endpoint_id, incarnation, requests, until });
+            self.out.push(Out { extension, endpoint_id, incarnation, requests, until });
         }
     }
 
@@ -54,7 +60,7 @@ impl Retired {
     /// request, that request is no longer out.
     pub fn on_outcome(&mut self, outcome: &Outcome) {
         if outcome.chained {
-            return; // its chain goes on (it stops after this request)
+            return; // its chain sends one more request, the last
         }
         if let Some(i) = self.out.iter().position(|o| o.incarnation == outcome.incarnation) {
             self.out[i].requests -= 1;
@@ -65,12 +71,12 @@ impl Retired {
     }
 
     /// Whether the endpoint must not send yet.
-    pub fn holds(&self, endpoint_id: i32) -> bool {
-        self.out.iter().any(|o| o.endpoint_id == endpoint_id)
+    pub fn holds(&self, extension: Option<u32>, endpoint_id: i32) -> bool {
+        self.out.iter().any(|o| Some(o.extension) == extension && o.endpoint_id == endpoint_id)
     }
 
-    /// Stop waiting for requests whose time is up: the endpoints and how
-    /// many requests each did not see come back.
+    /// Stop waiting for requests that never reported in time: the
+    /// endpoints and how many requests each did not see come back.
     pub fn expire(&mut self, now: Instant) -> Vec<(i32, usize)> {
         let mut over = Vec::new();
         self.out.retain(|o| {
@@ -82,8 +88,7 @@ impl Retired {
         over
     }
 
-    /// When the earliest wait ends by time (the worker wakes for outcomes
-    /// by itself).
+    /// When the earliest wait ends by time.
     pub fn next_end(&self) -> Option<Instant> {
         self.out.iter().map(|o| o.until).min()
     }
@@ -99,23 +104,24 @@ mod tests {
     }
 
     #[test]
-    fn an_endpoint_waits_until_its_old_requests_came_back_or_their_time_is_up() {
+    fn an_endpoint_waits_until_its_old_requests_came_back() {
         let now = Instant::now();
         let mut retired = Retired::default();
-        retired.wait_for(7, 1, 2, now + Duration::from_secs(5));
-        retired.wait_for(7, 2, 0, now);
-        assert!(retired.holds(7) && !retired.holds(8));
+        retired.wait_for(1, 7, 1, 2, now + Duration::from_secs(5));
+        retired.wait_for(1, 7, 2, 0, now);
+        assert!(retired.holds(Some(1), 7));
+        assert!(!retired.holds(Some(1), 8) && !retired.holds(Some(2), 7) && !retired.holds(None, 7));
         retired.on_outcome(&last(1, true));
         retired.on_outcome(&last(1, false));
         retired.on_outcome(&last(3, false));
-        assert!(retired.holds(7), "a chained outcome is not a request's last, and incarnation 3 is not retired");
+        assert!(retired.holds(Some(1), 7), "a chained outcome is not a request's last; incarnation 3 is not retired");
         retired.on_outcome(&last(1, false));
-        assert!(!retired.holds(7));
+        assert!(!retired.holds(Some(1), 7));
 
-        retired.wait_for(7, 4, 1, now + Duration::from_secs(5));
+        retired.wait_for(1, 7, 4, 1, now + Duration::from_secs(5));
         assert_eq!(retired.next_end(), Some(now + Duration::from_secs(5)));
         assert!(retired.expire(now + Duration::from_secs(4)).is_empty());
         assert_eq!(retired.expire(now + Duration::from_secs(5)), vec![(7, 1)]);
-        assert!(!retired.holds(7) && retired.next_end().is_none());
+        assert!(!retired.holds(Some(1), 7) && retired.next_end().is_none());
     }
 }
