@@ -43,8 +43,11 @@ const LATENCY_SAMPLES: usize = 1024;
 /// crash (at-least-once), never events: the cursor written is always
 /// behind what was delivered, and parked copies are written before it.
 const SAVE_EVERY: Duration = Duration::from_millis(10);
-/// Events read per endpoint per step, so one step stays short.
-const READ_PER_STEP: usize = 5_000;
+/// Events read per endpoint per step, so one step stays short: a page of
+/// 1,000 takes about 2 ms, and while the main thread reads it hands out
+/// nothing (chains that end wait for it). With 5,000 a drain's network
+/// side ran dry during reads.
+const READ_PER_STEP: usize = 1_000;
 /// Rows per read query.
 const PAGE: usize = 1_000;
 /// How much larger an event may be as text than its stored size says:
