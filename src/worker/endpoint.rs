@@ -109,7 +109,7 @@ struct Health {
     gone_written: bool,
     /// Requests in flight (a batch is one request).
     requests: usize,
-    /// The longest one of them may take (RequestBound), over the targets
+    /// The longest one of them may take (`request_bound`), over the targets
     /// they went out with: a new target's options do not shorten the
     /// requests already out.
     request_bound: Duration,
@@ -817,8 +817,6 @@ impl EndpointState {
     }
 }
 
-/// Exponential backoff with full jitter: a uniformly random delay between
-/// zero and `base * 2^(attempt-1)`, capped at `max`. `unit` is in [0, 1).
 /// The longest one request to `endpoint` may take once it has started:
 /// every redirect hop has the whole timeout (connecting is inside it; the
 /// connect timeout on top is slack for building the request).
@@ -827,6 +825,8 @@ pub fn request_bound(endpoint: &config::Endpoint) -> Duration {
     options.timeout * (options.max_redirects as u32 + 1) + options.connect_timeout
 }
 
+/// Exponential backoff with full jitter: a uniformly random delay between
+/// zero and `base * 2^(attempt-1)`, capped at `max`. `unit` is in [0, 1).
 pub fn backoff(attempt: u32, base: Duration, max: Duration, unit: f64) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(30));
     let ceiling = exp.min(max);
