@@ -56,9 +56,8 @@ pub struct Job {
 /// when a request of the endpoint fails in a way that may hold the whole
 /// endpoint (a 429, a 410, no answer: Failure::may_hold_the_endpoint),
 /// before the main thread has seen the failure (a 500 for one key stops
-/// only its own chain); the
-/// main thread when the endpoint's state changes (see
-/// EndpointState::stop_chains). And it is closed as soon as any endpoint's
+/// only its own chain); the main thread when the endpoint's state changes
+/// (see EndpointState::stop_chains). And it is closed as soon as any endpoint's
 /// configuration changes in the database (`config` moved from the version
 /// the job was handed out under): a paused, altered or dropped endpoint
 /// gets nothing the worker has not handed out after reloading it.

@@ -523,6 +523,8 @@ impl EndpointState {
         let limit = self.send_limit(now);
         let batch = self.config().options.batch_size;
         let linger = self.config().options.linger;
+        let gate = Gate { open: self.chains_open.clone(), config };
+        let bound = request_bound(self.config());
         let mut jobs = Vec::new();
         while self.health.requests < limit {
             let ready = self.parked.ready_len() + self.window.ready_len();
@@ -560,8 +562,6 @@ impl EndpointState {
                 }
             }
             self.mark_unsaved(now);
-            let gate = Gate { open: self.chains_open.clone(), config };
-            let bound = request_bound(self.config());
             for group in self.by_topic(events, now) {
                 self.health.requests += 1;
                 self.health.request_bound = self.health.request_bound.max(bound);
@@ -867,7 +867,7 @@ mod tests {
             kind: "webhook".into(),
             topics: vec!["*".into()],
             like: vec!["%".into()],
-            options: options.clone(),
+            options,
             active: true,
             resumed_at: None,
             cursor: Cursor { tick: 0, after: None },

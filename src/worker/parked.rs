@@ -57,6 +57,11 @@ impl Lane {
         Lane { status, attempts, event_id, behind_window: false }
     }
 
+    /// Its head is loaded and may be sent now.
+    fn ready(&self) -> bool {
+        matches!(self.status, Status::Ready(_)) && !self.behind_window
+    }
+
     fn busy(&self) -> bool {
         matches!(self.status, Status::Ready(_) | Status::InFlight(_) | Status::Next)
     }
@@ -180,7 +185,7 @@ impl Parked {
     /// Lanes whose head could be sent now (loaded, and not behind the
     /// window).
     pub fn ready_len(&self) -> usize {
-        self.lanes.values().filter(|l| matches!(l.status, Status::Ready(_)) && !l.behind_window).count()
+        self.lanes.values().filter(|l| l.ready()).count()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -233,7 +238,7 @@ impl Parked {
             .lanes
             .iter()
             .filter_map(|(id, l)| match &l.status {
-                Status::Ready(e) if !l.behind_window => Some((e.position, id.clone())),
+                Status::Ready(e) if l.ready() => Some((e.position, id.clone())),
                 _ => None,
             })
             .collect();
