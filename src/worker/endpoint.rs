@@ -702,8 +702,10 @@ impl EndpointState {
                 let delay = backoff(attempts, base, max, rand::random::<f64>());
                 // Retry-After arrives capped (net/failure.rs): adding it to
                 // a clock cannot overflow.
+                // Answers to requests sent before the hold can ask less:
+                // none of them lifts what an earlier answer asked.
                 if let Some(a) = after {
-                    self.health.hold_until = Some(now + a);
+                    self.health.hold_until = Some(self.health.hold_until.map_or(now + a, |h| h.max(now + a)));
                 }
                 if self.is_down() && failure.endpoint_unavailable() {
                     // Down: the next probe waits out the endpoint's own
@@ -948,6 +950,24 @@ mod tests {
         ep.on_outcome(outcome(&jobs[1], Ok(())), now);
         assert_eq!(ep.send_limit(now + Duration::from_secs(1)), 0, "held for the 2 s the endpoint asked");
         assert_eq!(ep.send_limit(now + Duration::from_secs(3)), 2);
+    }
+
+    /// Two requests out when the endpoint starts to push back: its answers
+    /// ask 60 s and then 2 s. Nothing went out between them, so the later,
+    /// shorter one does not shorten the first: the hold lasts 60 s.
+    #[test]
+    fn a_shorter_retry_after_does_not_cut_a_longer_hold() {
+        let (mut ep, jobs) = all_sent(2);
+        let now = Instant::now();
+        let asked = |secs| Failure {
+            verdict: Verdict::Retry { after: Some(Duration::from_secs(secs)) },
+            status: Some(429),
+            message: "HTTP 429".into(),
+        };
+        ep.on_outcome(outcome(&jobs[0], Err(asked(60))), now);
+        ep.on_outcome(outcome(&jobs[1], Err(asked(2))), now + Duration::from_millis(5));
+        assert_eq!(ep.send_limit(now + Duration::from_secs(3)), 0, "held for the 60 s asked first");
+        assert!(ep.send_limit(now + Duration::from_secs(61)) > 0);
     }
 
     /// What a dropped state's requests may still take (worker::retired)
