@@ -54,7 +54,11 @@ pub fn producer(brokers: &[Broker], opts: &config::Options, egress: Arc<Egress>)
 /// Send `events` (one Kafka topic) as one request; the outcome of each.
 pub async fn deliver(producer: &Producer, target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
     let topic = target.endpoint.kafka_topic(&events[0].topic);
-    let records = super::build_request(events, || events.iter().map(|e| record(target, e)).collect()).await;
+    let records =
+        match super::build_request(target, events, || events.iter().map(|e| record(target, e)).collect()).await {
+            Ok(records) => records,
+            Err(failure) => return vec![Err(failure); events.len()],
+        };
     producer.send(&topic, records).await.into_iter().map(|r| r.map(|_| ()).map_err(failure)).collect()
 }
 

@@ -25,7 +25,10 @@ pub const V2_ACCEPT: &str = "application/vnd.kafka.v2+json";
 /// Send `events` (one topic) as one request; the outcome of each record.
 pub async fn deliver(http: &Http, target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
     let n = events.len();
-    let request = super::build_request(events, || request(http, target, events)).await;
+    let request = match super::build_request(target, events, || request(http, target, events)).await {
+        Ok(request) => request,
+        Err(failure) => return vec![Err(failure); n],
+    };
     match http.client.send(request).await {
         Ok(answer) => results(target, &answer, n),
         Err(failure) => vec![Err(failure); n],

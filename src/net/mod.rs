@@ -218,6 +218,16 @@ impl Drop for Network {
     }
 }
 
+/// The longest one request to `endpoint` may take once it has started:
+/// every redirect hop has the whole timeout (connecting is inside it), and
+/// the connect timeout on top is the most it waits for its turn to be
+/// built (`build_request`). A Kafka producer's call, compression included,
+/// keeps within the timeout.
+pub fn request_bound(endpoint: &crate::config::Endpoint) -> Duration {
+    let options = &endpoint.options;
+    options.timeout * (options.max_redirects as u32 + 1) + options.connect_timeout
+}
+
 /// Send a job's requests, its first and then its chain's, and report each
 /// one's outcome as it comes.
 async fn run_job(job: Job, outcome_tx: mpsc::Sender<Outcome>, wakes: Wakes) {
@@ -272,9 +282,26 @@ const HEAVY_BYTES: usize = 256 * 1024;
 /// runtime hands its other tasks (every endpoint's requests, their
 /// timeouts) to another thread meanwhile, so one endpoint's 60 MB batch
 /// does not hold up the rest.
-pub(crate) async fn build_request<R>(events: &[Arc<Event>], build: impl FnOnce() -> R) -> R {
+///
+/// At most two such builds run at once in the process, and a request
+/// waits for its turn at most the endpoint's connect timeout, the slack
+/// `request_bound` leaves for building: past that it is given up, unsent.
+/// The protocol's timeouts start once it is built, so without this limit
+/// a request could come back after its bound, when the worker no longer
+/// waits for it (worker/retired.rs).
+pub(crate) async fn build_request<R>(
+    target: &Target,
+    events: &[Arc<Event>],
+    build: impl FnOnce() -> R,
+) -> Result<R, Failure> {
     let heavy = events.iter().map(|e| e.size()).sum::<usize>() > HEAVY_BYTES;
-    outbox_kafka::cpu_bound(heavy, build).await
+    let wait = target.endpoint.options.connect_timeout;
+    tokio::time::timeout(wait, outbox_kafka::cpu_bound(heavy, build)).await.map_err(|_| {
+        Failure::retry(format!(
+            "waited {} ms to be built while other large requests were: given up, not sent",
+            wait.as_millis()
+        ))
+    })
 }
 
 /// Send `events` (one request) by the endpoint's protocol; the outcome of
@@ -405,6 +432,34 @@ mod tests {
             "the light request waited {:?} (the heavy one took {heavy_took:?})",
             light - light_sent
         );
+        network.shutdown(Duration::from_millis(100));
+    }
+
+    /// A request comes back within the bound the worker counts on
+    /// (`request_bound`: a rebuilt state waits that long for the old one's
+    /// requests, worker/retired.rs), also when it waits to be built: here
+    /// both permits for heavy building are taken for 8 s. It waits the
+    /// endpoint's connect timeout and is given up, unsent (nothing listens
+    /// at its address: had it been sent, it would have failed with that).
+    #[test]
+    fn a_request_waiting_to_be_built_is_given_up_within_its_bound() {
+        let network = Network::start(1, Arc::new(|| {})).unwrap();
+        let runtime = network.runtime.as_ref().unwrap();
+        for _ in 0..2 {
+            runtime.spawn(outbox_kafka::cpu_bound(true, || std::thread::sleep(Duration::from_secs(8))));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let large = Event { payload: json!({ "d": "x".repeat(300_000) }).to_string(), ..sample() };
+        let job = job(1, json!({"timeout_ms": 1000, "connect_timeout_ms": 500}), vec![large]);
+        let bound = request_bound(&job.target.endpoint);
+        assert_eq!(bound, Duration::from_millis(1500));
+        let started = Instant::now();
+        network.submit(vec![job]);
+        let outcome = until_the_job_ends(&network).pop().expect("an outcome");
+        let took = started.elapsed();
+        let failure = outcome.results[0].2.as_ref().expect_err("given up");
+        assert!(failure.message.contains("given up, not sent"), "{}", failure.message);
+        assert!(took >= Duration::from_millis(500) && took < bound, "came back after {took:?}");
         network.shutdown(Duration::from_millis(100));
     }
 

@@ -15,7 +15,10 @@ use std::sync::Arc;
 
 /// Send `events` (one, or a CloudEvents batch) in one request.
 pub async fn deliver(http: &Http, target: &Target, events: &[Arc<Event>], now_unix: u64) -> Vec<Result<(), Failure>> {
-    let request = super::build_request(events, || request(&http.url, target, events, now_unix)).await;
+    let request = match super::build_request(target, events, || request(&http.url, target, events, now_unix)).await {
+        Ok(request) => request,
+        Err(failure) => return vec![Err(failure); events.len()],
+    };
     let outcome = match http.client.send(request).await {
         Ok(answer) if answer.status.is_success() => Ok(()),
         Ok(answer) => Err(answer.failure()),

@@ -18,7 +18,7 @@ use super::ticks::Ticks;
 use crate::config::{self, OnDead};
 use crate::egress::Egress;
 use crate::event::{Event, Position};
-use crate::net::{Failure, Gate, Job, NetError, Outcome, Target, Verdict};
+use crate::net::{request_bound, Failure, Gate, Job, NetError, Outcome, Target, Verdict};
 use crate::schedule::{LaneId, Scheduler};
 use pgrx::prelude::*;
 use std::collections::{HashSet, VecDeque};
@@ -817,14 +817,6 @@ impl EndpointState {
         s.latency_changed = false;
         s.reported = (update.in_flight, update.retrying);
     }
-}
-
-/// The longest one request to `endpoint` may take once it has started:
-/// every redirect hop has the whole timeout (connecting is inside it; the
-/// connect timeout on top is slack for building the request).
-pub fn request_bound(endpoint: &config::Endpoint) -> Duration {
-    let options = &endpoint.options;
-    options.timeout * (options.max_redirects as u32 + 1) + options.connect_timeout
 }
 
 /// Exponential backoff with full jitter: a uniformly random delay between

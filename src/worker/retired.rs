@@ -14,7 +14,7 @@
 //! Every request reports an outcome (a panic in delivery too), so the
 //! wait ends when the last one comes. `until` only keeps a request that
 //! somehow never reported from stopping the endpoint for good: it is the
-//! longest the request may take (endpoint::request_bound) and GRACE.
+//! longest the request may take (net::request_bound) and GRACE.
 
 use super::endpoint::EndpointState;
 use crate::net::Outcome;

@@ -448,9 +448,9 @@ impl Inner {
                     failed_round = true;
                     continue;
                 };
-                if let Err(e) = self.prepare(j, id, records, now_ms).await {
-                    let head = j.chunks.pop_front().expect("a pending batch");
-                    fail(out, &head.idx, &e);
+                if let Err(e) = self.prepare(j, id, records, now_ms, deadline).await {
+                    // Nothing of the partition behind it goes either.
+                    fail_job(j, e, out);
                     continue;
                 }
                 let size = j.chunks[0].bytes.as_ref().map_or(0, Bytes::len);
@@ -561,7 +561,14 @@ impl Inner {
     }
 
     /// Make sure the head batch of `j` is encoded and stamped for `id`.
-    async fn prepare(&self, j: &mut Job, id: Identity, records: &[Record], now_ms: i64) -> Result<(), ProduceError> {
+    async fn prepare(
+        &self,
+        j: &mut Job,
+        id: Identity,
+        records: &[Record],
+        now_ms: i64,
+        deadline: Instant,
+    ) -> Result<(), ProduceError> {
         let st = &mut *j.guard;
         if st.owner != Some(id.generation) {
             // A new identity: a new sequence space for every partition.
@@ -579,10 +586,18 @@ impl Inner {
                     || batch::encode_batch(head.idx.iter().map(|&i| &records[i]), self.compression, stamp, now_ms);
                 // Compressing a large batch is CPU-bound for a long moment
                 // (gzip: tens of ms per MiB): the runtime's other tasks move
-                // to another thread meanwhile.
+                // to another thread meanwhile. Its turn (two such moments
+                // at once in the process) is waited for within the call's
+                // deadline, like everything else in it.
                 let bytes: usize = head.idx.iter().map(|&i| records[i].value.len()).sum();
                 let heavy = self.compression != Compression::None && bytes > HEAVY_BATCH_BYTES;
-                let b = crate::cpu_bound(heavy, encode).await.map_err(|e| {
+                let encoded = timeout_at(deadline, crate::cpu_bound(heavy, encode)).await.map_err(|_| {
+                    ProduceError::retriable(
+                        REQUEST_TIMED_OUT,
+                        "request_timeout ran out while the batch waited to be compressed",
+                    )
+                })?;
+                let b = encoded.map_err(|e| {
                     if self.compression == Compression::Zstd {
                         ProduceError::fatal(UNSUPPORTED_COMPRESSION_TYPE, e)
                     } else {

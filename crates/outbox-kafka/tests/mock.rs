@@ -817,3 +817,26 @@ async fn sasl_mechanism_not_enabled_is_fatal() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_batch_waiting_to_be_compressed_is_bounded_by_request_timeout() {
+    // Both permits for heavy work are taken for 6 s: the large batch waits
+    // for its turn to be compressed, and is given up, unsent, when
+    // `request_timeout` has run out.
+    for _ in 0..2 {
+        tokio::spawn(outbox_kafka::cpu_bound(true, || std::thread::sleep(Duration::from_secs(6))));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mock = Mock::start(opts(|_, _| Reply::Ok)).await;
+    let mut cfg = config(&mock.addr);
+    cfg.request_timeout = Duration::from_secs(1);
+    cfg.compression = outbox_kafka::Compression::Gzip;
+    let started = Instant::now();
+    let results = Producer::new(cfg).send(TOPIC, records(100, 4096)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1600), "{took:?}");
+    for r in &results {
+        assert!(matches!(r, Err(ProduceError::Retriable { name: "REQUEST_TIMED_OUT", .. })), "{r:?}");
+    }
+    assert!(mock.produced().is_empty(), "nothing was sent");
+}
