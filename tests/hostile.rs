@@ -543,7 +543,14 @@ fn errors_and_the_log_never_repeat_option_values_and_answers_are_bounded() {
     });
     webhook(&mut db, "hostile", &rx.url("/"), &["*"], json!({}));
     emit(&mut db, "t", json!({}), None);
-    wait_sql(&mut db, WAIT, "SELECT count(*) = 1 FROM outbox.dead_letters");
+    // The dead letter is written at once, the endpoint's last error with
+    // its progress (within 10 ms): both are waited for.
+    wait_sql(
+        &mut db,
+        WAIT,
+        "SELECT (SELECT count(*) = 1 FROM outbox.dead_letters)
+            AND (SELECT pg_catalog.bool_and(last_error IS NOT NULL) FROM outbox.stats)",
+    );
     let (in_stats, in_dead): (i32, i32) = {
         let r = db
             .query_one(
