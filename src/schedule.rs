@@ -208,6 +208,19 @@ impl<T: Clone> Scheduler<T> {
         lane.attempts
     }
 
+    /// The head of `lane` was handed out but never sent: ready again at
+    /// once, no attempt counted. The lane may be ready anyway when the
+    /// events of a run before its head were acknowledged.
+    pub fn put_back_head(&mut self, lane_id: &LaneId) {
+        let Some(lane) = self.lanes.get_mut(lane_id) else { return };
+        if lane.state == LaneState::InFlight {
+            self.in_flight -= 1;
+            lane.state = LaneState::Ready;
+            self.ready.push_back(lane_id.clone());
+            self.ready_lanes += 1;
+        }
+    }
+
     /// The event at the head of `lane`.
     pub fn head(&self, lane_id: &LaneId) -> Option<T> {
         self.lanes.get(lane_id).and_then(|l| l.queue.front()).map(|e| e.item.clone())

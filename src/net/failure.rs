@@ -31,7 +31,7 @@ impl Failure {
     /// rather than that it refused this event (a 500 for one key while
     /// other keys go through).
     pub fn endpoint_unavailable(&self) -> bool {
-        matches!(self.status, None | Some(429 | 502 | 503 | 504))
+        self.verdict != Verdict::Unsent && matches!(self.status, None | Some(429 | 502 | 503 | 504))
     }
 
     /// Whether the failure may stop the whole endpoint (a hold from
@@ -50,11 +50,19 @@ pub enum Verdict {
     Reject,
     /// The endpoint is gone (410): stop sending to it.
     Gone,
+    /// Never sent: its state changed while it waited to go out (the gate
+    /// closed, net::Gate). Not the endpoint's doing and not an attempt:
+    /// the event goes out again when the worker hands it out anew.
+    Unsent,
 }
 
 impl Failure {
     pub fn retry(message: impl Into<String>) -> Failure {
         Failure { verdict: Verdict::Retry { after: None }, status: None, message: message.into() }
+    }
+
+    pub fn unsent(message: impl Into<String>) -> Failure {
+        Failure { verdict: Verdict::Unsent, status: None, message: message.into() }
     }
 
     pub fn reject(message: impl Into<String>) -> Failure {

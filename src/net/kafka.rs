@@ -8,7 +8,7 @@
 //! inside Kafka. Partitions follow the Java client's murmur2 partitioner.
 
 use super::failure::{snippet, Failure};
-use super::{envelope, resolve, Target};
+use super::{envelope, resolve, Gate, Target};
 use crate::config::{self, Broker, CloudEvents, Compression, Sasl};
 use crate::egress::{AllowList, Egress};
 use crate::event::Event;
@@ -52,13 +52,18 @@ pub fn producer(brokers: &[Broker], opts: &config::Options, egress: Arc<Egress>)
 }
 
 /// Send `events` (one Kafka topic) as one request; the outcome of each.
-pub async fn deliver(producer: &Producer, target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
+pub async fn deliver(
+    producer: &Producer,
+    target: &Target,
+    gate: &Gate,
+    events: &[Arc<Event>],
+) -> Vec<Result<(), Failure>> {
     let topic = target.endpoint.kafka_topic(&events[0].topic);
-    let records =
-        match super::build_request(target, events, || events.iter().map(|e| record(target, e)).collect()).await {
-            Ok(records) => records,
-            Err(failure) => return vec![Err(failure); events.len()],
-        };
+    let records = match super::build_request(gate, events, || events.iter().map(|e| record(target, e)).collect()).await
+    {
+        Ok(records) => records,
+        Err(failure) => return vec![Err(failure); events.len()],
+    };
     producer.send(&topic, records).await.into_iter().map(|r| r.map(|_| ()).map_err(failure)).collect()
 }
 

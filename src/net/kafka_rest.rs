@@ -9,7 +9,7 @@
 use super::failure::{self, Failure, Verdict};
 use super::http::{Answer, Request};
 use super::target::Http;
-use super::{envelope, Target};
+use super::{envelope, Gate, Target};
 use crate::config::{Body, Flavor, Kind};
 use crate::event::Event;
 use base64::Engine as _;
@@ -23,9 +23,9 @@ pub const V2_CONTENT_TYPE: &str = "application/vnd.kafka.json.v2+json";
 pub const V2_ACCEPT: &str = "application/vnd.kafka.v2+json";
 
 /// Send `events` (one topic) as one request; the outcome of each record.
-pub async fn deliver(http: &Http, target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
+pub async fn deliver(http: &Http, target: &Target, gate: &Gate, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
     let n = events.len();
-    let request = match super::build_request(target, events, || request(http, target, events)).await {
+    let request = match super::build_request(gate, events, || request(http, target, events)).await {
         Ok(request) => request,
         Err(failure) => return vec![Err(failure); n],
     };

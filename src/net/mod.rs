@@ -52,7 +52,9 @@ pub struct Job {
     pub gate: Gate,
 }
 
-/// Whether chains may send their next request. The network side closes it
+/// Whether a job's requests may still go out: a chain looks before each
+/// next request, and every request once it is built (`build_request`: it
+/// comes back unsent if closed). The network side closes it
 /// when a request of the endpoint fails in a way that may hold the whole
 /// endpoint (a 429, a 410, no answer: Failure::may_hold_the_endpoint),
 /// before the main thread has seen the failure (a 500 for one key stops
@@ -218,11 +220,10 @@ impl Drop for Network {
     }
 }
 
-/// The longest one request to `endpoint` may take once it has started:
-/// every redirect hop has the whole timeout (connecting is inside it), and
-/// the connect timeout on top is the most it waits for its turn to be
-/// built (`build_request`). A Kafka producer's call, compression included,
-/// keeps within the timeout.
+/// The longest one request to `endpoint` may take once it has gone out
+/// (`build_request`): every redirect hop has the whole timeout (connecting
+/// is inside it); the connect timeout on top is slack. A Kafka producer's
+/// call keeps within the timeout, its wait to compress included.
 pub fn request_bound(endpoint: &crate::config::Endpoint) -> Duration {
     let options = &endpoint.options;
     options.timeout * (options.max_redirects as u32 + 1) + options.connect_timeout
@@ -237,7 +238,7 @@ async fn run_job(job: Job, outcome_tx: mpsc::Sender<Outcome>, wakes: Wakes) {
         let events: Vec<Arc<Event>> = request.iter().map(|(_, e)| e.clone()).collect();
         // A panic in a delivery must still produce an outcome, or its
         // lanes would wait forever.
-        let results = match CatchUnwind(Box::pin(deliver(&target, &events))).await {
+        let results = match CatchUnwind(Box::pin(deliver(&target, &gate, &events))).await {
             Ok(r) => r,
             Err(message) => {
                 vec![Err(Failure::retry(format!("internal error in delivery: {message}"))); request.len()]
@@ -277,43 +278,45 @@ async fn run_job(job: Job, outcome_tx: mpsc::Sender<Outcome>, wakes: Wakes) {
 /// checking and signing bodies) heavy enough to leave the runtime's thread.
 const HEAVY_BYTES: usize = 256 * 1024;
 
-/// Build the request for `events` with `build`. When they are large, the
-/// building runs off the runtime's thread (outbox_kafka::cpu_bound): the
-/// runtime hands its other tasks (every endpoint's requests, their
-/// timeouts) to another thread meanwhile, so one endpoint's 60 MB batch
-/// does not hold up the rest.
+/// Build the request for `events` with `build`, if it may still go out.
+/// When they are large, the building runs off the runtime's thread
+/// (outbox_kafka::cpu_bound): the runtime hands its other tasks (every
+/// endpoint's requests, their timeouts) to another thread meanwhile, so one
+/// endpoint's 60 MB batch does not hold up the rest. At most two such
+/// builds run at once in the process, so a request may wait its turn
+/// before any of its timeouts start.
 ///
-/// At most two such builds run at once in the process, and a request
-/// waits for its turn at most the endpoint's connect timeout, the slack
-/// `request_bound` leaves for building: past that it is given up, unsent.
-/// The protocol's timeouts start once it is built, so without this limit
-/// a request could come back after its bound, when the worker no longer
-/// waits for it (worker/retired.rs).
+/// Once built, a request whose gate has closed meanwhile (its endpoint's
+/// state changed or was dropped, a request of the endpoint failed in a way
+/// that may hold it, or the configuration moved on) is not sent: `Unsent`,
+/// and the worker hands the event out again under what holds now. So a
+/// request goes out only while its state stands, and its outcome comes
+/// within `request_bound` of that: what a rebuilt state waits for
+/// (worker/retired.rs), however long the wait to be built was.
 pub(crate) async fn build_request<R>(
-    target: &Target,
+    gate: &Gate,
     events: &[Arc<Event>],
     build: impl FnOnce() -> R,
 ) -> Result<R, Failure> {
     let heavy = events.iter().map(|e| e.size()).sum::<usize>() > HEAVY_BYTES;
-    let wait = target.endpoint.options.connect_timeout;
-    tokio::time::timeout(wait, outbox_kafka::cpu_bound(heavy, build)).await.map_err(|_| {
-        Failure::retry(format!(
-            "waited {} ms to be built while other large requests were: given up, not sent",
-            wait.as_millis()
-        ))
-    })
+    let request = outbox_kafka::cpu_bound(heavy, build).await;
+    if gate.is_open() {
+        Ok(request)
+    } else {
+        Err(Failure::unsent("not sent: the endpoint changed before the request went out"))
+    }
 }
 
 /// Send `events` (one request) by the endpoint's protocol; the outcome of
 /// each event, in order.
-async fn deliver(target: &Target, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
+async fn deliver(target: &Target, gate: &Gate, events: &[Arc<Event>]) -> Vec<Result<(), Failure>> {
     match &target.transport {
-        Transport::Kafka(producer) => kafka::deliver(producer, target, events).await,
+        Transport::Kafka(producer) => kafka::deliver(producer, target, gate, events).await,
         Transport::Http(http) if target.endpoint.kind == Kind::Webhook => {
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-            webhook::deliver(http, target, events, now).await
+            webhook::deliver(http, target, gate, events, now).await
         }
-        Transport::Http(http) => kafka_rest::deliver(http, target, events).await,
+        Transport::Http(http) => kafka_rest::deliver(http, target, gate, events).await,
     }
 }
 
@@ -435,31 +438,39 @@ mod tests {
         network.shutdown(Duration::from_millis(100));
     }
 
-    /// A request comes back within the bound the worker counts on
-    /// (`request_bound`: a rebuilt state waits that long for the old one's
-    /// requests, worker/retired.rs), also when it waits to be built: here
-    /// both permits for heavy building are taken for 8 s. It waits the
-    /// endpoint's connect timeout and is given up, unsent (nothing listens
-    /// at its address: had it been sent, it would have failed with that).
+    /// A request that waits to be built while its endpoint's state is
+    /// dropped (the state's gate closes) is not sent once built: it comes
+    /// back unsent. So whatever a rebuilt state waits for
+    /// (worker/retired.rs), a request of the old one cannot go out after
+    /// it. Here the wait is for a build permit: both are taken until the
+    /// test lets them go.
     #[test]
-    fn a_request_waiting_to_be_built_is_given_up_within_its_bound() {
+    fn a_request_whose_gate_closed_while_it_waited_to_be_built_is_not_sent() {
+        let receiver = tokio::runtime::Runtime::new().unwrap();
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let (url, connections) = receiver.block_on(http1::tests::server(vec![(ok, false)]));
         let network = Network::start(1, Arc::new(|| {})).unwrap();
-        let runtime = network.runtime.as_ref().unwrap();
+        let (held, release) = (Arc::new(std::sync::Barrier::new(3)), Arc::new(std::sync::Barrier::new(3)));
         for _ in 0..2 {
-            runtime.spawn(outbox_kafka::cpu_bound(true, || std::thread::sleep(Duration::from_secs(8))));
+            let (held, release) = (held.clone(), release.clone());
+            network.runtime.as_ref().unwrap().spawn(outbox_kafka::cpu_bound(true, move || {
+                held.wait();
+                release.wait();
+            }));
         }
-        std::thread::sleep(Duration::from_millis(100));
-        let large = Event { payload: json!({ "d": "x".repeat(300_000) }).to_string(), ..sample() };
-        let job = job(1, json!({"timeout_ms": 1000, "connect_timeout_ms": 500}), vec![large]);
-        let bound = request_bound(&job.target.endpoint);
-        assert_eq!(bound, Duration::from_millis(1500));
-        let started = Instant::now();
+        held.wait(); // both permits taken
+        let mut job = job_to(url.as_str(), true);
+        job.events[0].1 = Arc::new(Event { payload: json!({ "d": "x".repeat(300_000) }).to_string(), ..sample() });
+        let gate = job.gate.clone();
         network.submit(vec![job]);
+        std::thread::sleep(Duration::from_millis(200));
+        gate.close(); // the state is dropped while the request waits
+        release.wait();
         let outcome = until_the_job_ends(&network).pop().expect("an outcome");
-        let took = started.elapsed();
-        let failure = outcome.results[0].2.as_ref().expect_err("given up");
-        assert!(failure.message.contains("given up, not sent"), "{}", failure.message);
-        assert!(took >= Duration::from_millis(500) && took < bound, "came back after {took:?}");
+        let failure = outcome.results[0].2.as_ref().expect_err("not sent");
+        assert_eq!(failure.verdict, Verdict::Unsent, "{}", failure.message);
+        assert!(!failure.endpoint_unavailable() && !failure.may_hold_the_endpoint());
+        assert_eq!(connections.load(Ordering::SeqCst), 0, "nothing reached the receiver");
         network.shutdown(Duration::from_millis(100));
     }
 
@@ -531,7 +542,7 @@ mod tests {
         let failed: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n";
         // Answers in the order requests come, whatever the connection;
         // none left closes it (and a request then fails).
-        let answers = [ok, ok, unavailable, ok, ok, ok, ok, ok, failed].map(|a| (a, false)).to_vec();
+        let answers = [ok, ok, unavailable, ok, ok, ok, failed].map(|a| (a, false)).to_vec();
         let (url, _) = receiver.block_on(http1::tests::server(answers));
         let url = url.to_string();
         let network = Network::start(1, Arc::new(|| {})).unwrap();
@@ -541,13 +552,19 @@ mod tests {
         assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, true), (2, true, true), (3, false, false)]);
         assert!(!gate.is_open(), "a 503 closes the endpoint's chains");
 
+        // A job whose gate closed before it started sends nothing: its
+        // first request comes back unsent, not failed.
+        let unsent = |outcomes: &[Outcome]| {
+            outcomes.len() == 1
+                && outcomes[0].results.iter().all(|(_, _, r)| r.as_ref().is_err_and(|f| f.verdict == Verdict::Unsent))
+        };
         network.submit(vec![chain_to(&url, 3, &gate)]);
-        assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, false)], "closed: the first request only");
+        assert!(unsent(&until_the_job_ends(&network)), "closed: nothing sent");
 
         let gate = Gate { config: Some((&CONFIG, 7)), ..open_gate() };
         CONFIG.fetch_add(1, Ordering::AcqRel);
         network.submit(vec![chain_to(&url, 3, &gate)]);
-        assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, false)], "configuration changed");
+        assert!(unsent(&until_the_job_ends(&network)), "configuration changed: nothing sent");
 
         network.submit(vec![chain_to(&url, 2, &open_gate())]);
         assert_eq!(summary(&until_the_job_ends(&network)), [(1, true, true), (2, true, false)]);

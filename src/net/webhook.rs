@@ -6,7 +6,7 @@ use super::envelope::{self, ce_type, structured};
 use super::failure::Failure;
 use super::http::Request;
 use super::target::Http;
-use super::{signature, Target};
+use super::{signature, Gate, Target};
 use crate::config::{Body, CloudEvents};
 use crate::event::Event;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
@@ -14,8 +14,14 @@ use reqwest::Url;
 use std::sync::Arc;
 
 /// Send `events` (one, or a CloudEvents batch) in one request.
-pub async fn deliver(http: &Http, target: &Target, events: &[Arc<Event>], now_unix: u64) -> Vec<Result<(), Failure>> {
-    let request = match super::build_request(target, events, || request(&http.url, target, events, now_unix)).await {
+pub async fn deliver(
+    http: &Http,
+    target: &Target,
+    gate: &Gate,
+    events: &[Arc<Event>],
+    now_unix: u64,
+) -> Vec<Result<(), Failure>> {
+    let request = match super::build_request(gate, events, || request(&http.url, target, events, now_unix)).await {
         Ok(request) => request,
         Err(failure) => return vec![Err(failure); events.len()],
     };

@@ -676,6 +676,17 @@ impl EndpointState {
     }
 
     fn on_failure(&mut self, lane: &LaneId, event: &Event, parked: bool, failure: Failure, now: Instant) {
+        if failure.verdict == Verdict::Unsent {
+            // Never went out (its gate had closed): not an attempt, and
+            // nothing about the endpoint. The next hand-out sends it under
+            // what holds now.
+            if parked {
+                self.parked.put_back(lane);
+            } else {
+                self.window.put_back_head(lane);
+            }
+            return;
+        }
         if failure.may_hold_the_endpoint() {
             // No chain sends on before this step has seen what it means
             // (the network side closed their gate already).
@@ -698,6 +709,7 @@ impl EndpointState {
             }
             Verdict::Retry { .. } if exhausted => None,
             Verdict::Reject => None,
+            Verdict::Unsent => return, // put back above
             Verdict::Retry { after } => {
                 let delay = backoff(attempts, base, max, rand::random::<f64>());
                 // Retry-After arrives capped (net/failure.rs): adding it to
@@ -960,6 +972,28 @@ mod tests {
         ep.on_outcome(outcome(&jobs[1], Err(asked(2))), now + Duration::from_millis(5));
         assert_eq!(ep.send_limit(now + Duration::from_secs(3)), 0, "held for the 60 s asked first");
         assert!(ep.send_limit(now + Duration::from_secs(61)) > 0);
+    }
+
+    /// A request that came back unsent (its gate had closed before it went
+    /// out) is no attempt and says nothing of the endpoint: its event is
+    /// handed out again at once, with no failure counted.
+    #[test]
+    fn an_unsent_request_is_handed_out_again_with_no_attempt_counted() {
+        let (mut ep, jobs) = all_sent(4);
+        let now = Instant::now();
+        for job in &jobs {
+            ep.on_outcome(outcome(job, Err(Failure::unsent("not sent"))), now);
+        }
+        let lane = jobs[0].events[0].0.clone();
+        assert_eq!(ep.window.attempts(&lane), 0);
+        assert_eq!((ep.health.consecutive_failures, ep.stats.failed_attempts), (0, 0));
+        assert!(ep.stats.last_error.is_none());
+        assert_eq!(ep.send_limit(now), 4, "not held, not down");
+        let again = ep.take_jobs(now, None);
+        assert_eq!(again.len(), 4, "every event goes out again");
+        assert_eq!(again.iter().map(|j| j.events[0].1.position).collect::<Vec<_>>(), {
+            jobs.iter().map(|j| j.events[0].1.position).collect::<Vec<_>>()
+        });
     }
 
     /// What a dropped state's requests may still take (worker::retired)

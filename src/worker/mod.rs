@@ -630,8 +630,8 @@ impl Worker {
     fn dispatch(&mut self, now: Instant) {
         for (id, requests) in self.retired.expire(now) {
             pgrx::warning!(
-                "outbox worker: endpoint {id}: {requests} request(s) of its previous state never reported back; \
-                 it no longer waits for them"
+                "outbox worker: endpoint {id}: {requests} request(s) of its previous state did not report back \
+                 in time; it no longer waits for them (one that has not gone out yet never will)"
             );
         }
         // An endpoint changed (paused, say) since this step read the

@@ -268,6 +268,16 @@ impl Parked {
         self.after_first_row_gone(lane_id);
     }
 
+    /// The event in flight on `lane` was never sent (net::Verdict::Unsent):
+    /// ready again, no attempt counted, nothing to write.
+    pub fn put_back(&mut self, lane_id: &LaneId) {
+        if let Some(lane) = self.lanes.get_mut(lane_id) {
+            if let Status::InFlight(e) = &lane.status {
+                lane.status = Status::Ready(e.clone());
+            }
+        }
+    }
+
     pub fn retry(
         &mut self,
         lane_id: &LaneId,

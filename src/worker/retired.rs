@@ -14,15 +14,17 @@
 //! Every request reports an outcome (a panic in delivery too), so the
 //! wait ends when the last one comes. `until` only keeps a request that
 //! somehow never reported from stopping the endpoint for good: it is the
-//! longest the request may take (net::request_bound) and GRACE.
+//! longest a request may take once it went out (net::request_bound) and
+//! GRACE. One that had not gone out when its state was dropped never will
+//! (net::build_request looks at the gate the drop closed), however long
+//! it still waits to be built.
 
 use super::endpoint::EndpointState;
 use crate::net::Outcome;
 use std::time::{Duration, Instant};
 
-/// Beyond the longest a request may take once started: waiting to start
-/// (a large request is built off the runtime's thread, one or two at a
-/// time), and its outcome reaching the main thread.
+/// Beyond the longest a request may take once it went out: its outcome
+/// reaching the main thread, and a late scheduler.
 const GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
