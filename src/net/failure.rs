@@ -26,12 +26,13 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// Whether the failure says the endpoint itself is unavailable (no
-    /// answer at all: refused, reset, timed out; or 429, 502, 503, 504)
-    /// rather than that it refused this event (a 500 for one key while
-    /// other keys go through).
+    /// Whether the failure says the endpoint itself is unavailable (a
+    /// retry with no answer at all: refused, reset, timed out; or 429,
+    /// 502, 503, 504) rather than that it refused this event (a 500 for
+    /// one key while other keys go through; a reject, with or without an
+    /// answer).
     pub fn endpoint_unavailable(&self) -> bool {
-        self.verdict != Verdict::Unsent && matches!(self.status, None | Some(429 | 502 | 503 | 504))
+        matches!(self.verdict, Verdict::Retry { .. }) && matches!(self.status, None | Some(429 | 502 | 503 | 504))
     }
 
     /// Whether the failure may stop the whole endpoint (a hold from
@@ -184,6 +185,19 @@ mod tests {
         assert_eq!(f(422), Verdict::Reject);
         assert_eq!(f(301), Verdict::Reject);
         assert_eq!(f(410), Verdict::Gone);
+    }
+
+    /// Only a retry can mean the endpoint is unavailable (no answer, or 429,
+    /// 502, 503, 504). A reject is about its event, also when no status
+    /// came with it (a topic Kafka cannot take, refused before sending),
+    /// and an unsent request says nothing of the endpoint.
+    #[test]
+    fn only_a_retry_can_say_the_endpoint_is_unavailable() {
+        assert!(Failure::retry("connection refused").may_hold_the_endpoint());
+        let at = |status| Failure { status: Some(status), ..Failure::retry("") };
+        assert!(at(503).endpoint_unavailable() && !at(500).endpoint_unavailable());
+        assert!(!Failure::reject("not a valid Kafka topic name").may_hold_the_endpoint());
+        assert!(!Failure::unsent("not sent").may_hold_the_endpoint());
     }
 
     #[test]

@@ -523,7 +523,6 @@ impl EndpointState {
         let limit = self.send_limit(now);
         let batch = self.config().options.batch_size;
         let linger = self.config().options.linger;
-        let gate = Gate { open: self.chains_open.clone(), config };
         let bound = request_bound(self.config());
         let mut jobs = Vec::new();
         while self.health.requests < limit {
@@ -573,7 +572,8 @@ impl EndpointState {
                     events: group,
                     eager,
                     chain: std::mem::take(&mut chain),
-                    gate: gate.clone(),
+                    // Taken now: a failure in by_topic may have renewed it.
+                    gate: Gate { open: self.chains_open.clone(), config },
                 });
             }
         }
@@ -611,6 +611,13 @@ impl EndpointState {
 
     /// A request came back with what the endpoint did with each event.
     pub fn on_outcome(&mut self, outcome: Outcome, now: Instant) {
+        if outcome.results.iter().any(|(_, _, r)| r.as_ref().is_err_and(Failure::may_hold_the_endpoint)) {
+            // The network side closed the gate of the jobs handed out so
+            // far; later ones get a new one, once this step has seen what
+            // the failure means (whether or not its event is still here
+            // to apply it to: its gate stays closed either way).
+            self.stop_chains();
+        }
         if !outcome.chained {
             self.health.requests = self.health.requests.saturating_sub(1);
             if self.health.requests == 0 {
@@ -686,11 +693,6 @@ impl EndpointState {
                 self.window.put_back_head(lane);
             }
             return;
-        }
-        if failure.may_hold_the_endpoint() {
-            // No chain sends on before this step has seen what it means
-            // (the network side closed their gate already).
-            self.stop_chains();
         }
         self.stats.failed_attempts += 1;
         self.health.consecutive_failures += 1;
@@ -972,6 +974,34 @@ mod tests {
         ep.on_outcome(outcome(&jobs[1], Err(asked(2))), now + Duration::from_millis(5));
         assert_eq!(ep.send_limit(now + Duration::from_secs(3)), 0, "held for the 60 s asked first");
         assert!(ep.send_limit(now + Duration::from_secs(61)) > 0);
+    }
+
+    /// One request carried two events of a key (Kafka REST with
+    /// max_per_key): the first failed with a 500, the second with a 503,
+    /// which may hold the endpoint, so the network side closed the
+    /// endpoint's gate. The state applies the first and cannot place the
+    /// second (it is no longer the lane's head). Its next requests must
+    /// still get an open gate, or every one would come back unsent.
+    #[test]
+    fn a_failure_that_may_hold_the_endpoint_renews_the_gate_also_when_its_event_is_not_placed() {
+        let (mut ep, jobs) = all_sent(2);
+        let now = Instant::now();
+        let (lane, event) = &jobs[0].events[0];
+        let failed = |status| Err(Failure { status: Some(status), ..Failure::retry(format!("HTTP {status}")) });
+        let behind = Position { n: 99, ..event.position };
+        jobs[0].gate.close();
+        let outcome = Outcome {
+            endpoint_id: 1,
+            incarnation: 1,
+            results: vec![(lane.clone(), event.position, failed(500)), (lane.clone(), behind, failed(503))],
+            chained: false,
+            answered: SystemTime::now(),
+        };
+        ep.on_outcome(outcome, now);
+        ep.window.wake_all();
+        let again = ep.take_jobs(now, None);
+        assert_eq!(again.len(), 1, "the failed event goes out again");
+        assert!(again[0].gate.is_open());
     }
 
     /// A request that came back unsent (its gate had closed before it went
