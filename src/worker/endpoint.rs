@@ -572,7 +572,7 @@ impl EndpointState {
                     events: group,
                     eager,
                     chain: std::mem::take(&mut chain),
-                    // Taken now: a failure in by_topic may have renewed it.
+                    // The gate as it stands when the job is handed out.
                     gate: Gate { open: self.chains_open.clone(), config },
                 });
             }
