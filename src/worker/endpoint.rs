@@ -715,9 +715,9 @@ impl EndpointState {
             Verdict::Retry { after } => {
                 let delay = backoff(attempts, base, max, rand::random::<f64>());
                 // Retry-After arrives capped (net/failure.rs): adding it to
-                // a clock cannot overflow.
-                // Answers to requests sent before the hold can ask less:
-                // none of them lifts what an earlier answer asked.
+                // a clock cannot overflow. Answers to requests sent before
+                // the hold may ask less: none lifts what an earlier one
+                // asked.
                 if let Some(a) = after {
                     self.health.hold_until = Some(self.health.hold_until.map_or(now + a, |h| h.max(now + a)));
                 }
@@ -1019,11 +1019,8 @@ mod tests {
         assert_eq!((ep.health.consecutive_failures, ep.stats.failed_attempts), (0, 0));
         assert!(ep.stats.last_error.is_none());
         assert_eq!(ep.send_limit(now), 4, "not held, not down");
-        let again = ep.take_jobs(now, None);
-        assert_eq!(again.len(), 4, "every event goes out again");
-        assert_eq!(again.iter().map(|j| j.events[0].1.position).collect::<Vec<_>>(), {
-            jobs.iter().map(|j| j.events[0].1.position).collect::<Vec<_>>()
-        });
+        let positions = |jobs: &[Job]| jobs.iter().map(|j| j.events[0].1.position).collect::<Vec<_>>();
+        assert_eq!(positions(&ep.take_jobs(now, None)), positions(&jobs), "every event goes out again");
     }
 
     /// What a dropped state's requests may still take (worker::retired)

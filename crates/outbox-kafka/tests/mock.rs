@@ -820,13 +820,18 @@ async fn sasl_mechanism_not_enabled_is_fatal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_batch_waiting_to_be_compressed_is_bounded_by_request_timeout() {
-    // Both permits for heavy work are taken for 6 s: the large batch waits
+    // Both permits for heavy work are taken for 3 s: the large batch waits
     // for its turn to be compressed, and is given up, unsent, when
     // `request_timeout` has run out.
+    let held = Arc::new(std::sync::Barrier::new(3));
     for _ in 0..2 {
-        tokio::spawn(outbox_kafka::cpu_bound(true, || std::thread::sleep(Duration::from_secs(6))));
+        let held = held.clone();
+        tokio::spawn(outbox_kafka::cpu_bound(true, move || {
+            held.wait();
+            std::thread::sleep(Duration::from_secs(3));
+        }));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    held.wait(); // both taken (this thread runs the test, not the runtime's tasks)
     let mock = Mock::start(opts(|_, _| Reply::Ok)).await;
     let mut cfg = config(&mock.addr);
     cfg.request_timeout = Duration::from_secs(1);
