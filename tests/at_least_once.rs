@@ -186,11 +186,7 @@ fn a_clean_stop_writes_what_came_back_so_little_goes_out_twice() {
     let rx = Receiver::start();
     webhook(&mut db, "one_key", &rx.url("/"), &["t"], json!({}));
     db.execute("SELECT outbox.pause_endpoint('one_key')", &[]).unwrap();
-    db.execute(
-        "SELECT count(outbox_emit('t', jsonb_build_object('i', i), 'k')) FROM generate_series(1, 5000) AS i",
-        &[],
-    )
-    .unwrap();
+    emit_key_backlog(&mut db, "t", "k", 5000);
     db.execute("SELECT outbox.resume_endpoint('one_key')", &[]).unwrap();
     rx.wait_for(1500, WAIT);
     drop(db);
@@ -203,11 +199,10 @@ fn a_clean_stop_writes_what_came_back_so_little_goes_out_twice() {
     });
     let again = got.len() - 5000;
     assert!(again <= 2, "{again} events went out twice ({before} before the stop)");
-    let is: Vec<i64> = got.iter().map(|r| r.json()["data"]["i"].as_i64().unwrap()).collect();
     let mut firsts: Vec<i64> = Vec::new();
-    for i in is {
-        if firsts.last().is_none_or(|l| i > *l) {
-            firsts.push(i);
+    for n in got.iter().map(data_n) {
+        if firsts.last().is_none_or(|l| n > *l) {
+            firsts.push(n);
         }
     }
     assert_eq!(firsts.len(), 5000, "the key's events came in order, the resent ones aside");

@@ -77,6 +77,16 @@ pub fn emit_backlog(db: &mut postgres::Client, n: i64, pad: i32) {
     }
 }
 
+/// Emit `n` events of key `key` on `topic` in one transaction, data
+/// `{"n": 1}` to `{"n": n}` (see [`data_n`]): a one-key backlog.
+pub fn emit_key_backlog(db: &mut postgres::Client, topic: &str, key: &str, n: i64) {
+    db.execute(
+        "SELECT count(outbox_emit($1, jsonb_build_object('n', i), $2)) FROM generate_series(1, $3::bigint) AS i",
+        &[&topic, &key, &n],
+    )
+    .expect("emit a key's backlog");
+}
+
 /// Emit one event in its own transaction; returns its id as text.
 pub fn emit(db: &mut postgres::Client, topic: &str, payload: serde_json::Value, key: Option<&str>) -> String {
     db.query_one("SELECT outbox_emit($1, $2::text::jsonb, $3)::text", &[&topic, &payload.to_string(), &key])
