@@ -150,6 +150,16 @@ pub fn drain_outbox(
     Drained { eps, cpu_us_per_event, total_cpu_us_per_event }
 }
 
+/// Kafka REST v2, batched, into `kafka_v2_responder` at `url`.
+pub fn drain_kafka_rest(cluster: &Cluster, db: &mut postgres::Client, url: &str, n: i64) -> Drained {
+    drain_outbox(cluster, db, url, "kafka_rest_v2", json!({"batch_size": 500, "max_in_flight": 8}), n, 1000, 64)
+}
+
+/// Native Kafka into `brokers` (`kafka://host:port`), topic `drain`.
+pub fn drain_kafka_native(cluster: &Cluster, db: &mut postgres::Client, brokers: &str, n: i64) -> Drained {
+    drain_outbox(cluster, db, brokers, "kafka", json!({}), n, 1000, 64)
+}
+
 /// The same backlog in relay_outbox, drained by the polling relay in its
 /// own process.
 pub fn drain_relay(

@@ -31,8 +31,8 @@ mod sustained;
 mod write_path;
 
 use drain::{
-    capacity, counting_receiver, drain_cdc, drain_outbox, drain_pgq, drain_relay, idle_cpu_pct, kafka_v2_responder,
-    WRITERS,
+    capacity, counting_receiver, drain_cdc, drain_kafka_native, drain_kafka_rest, drain_outbox, drain_pgq, drain_relay,
+    idle_cpu_pct, kafka_v2_responder, WRITERS,
 };
 use latency::{latency_cdc, latency_outbox, latency_pgq, latency_relay, settle};
 use outbox_testkit::cluster::{server_dir, Cluster};
@@ -231,6 +231,18 @@ fn main() {
         return;
     }
 
+    if only.as_deref() == Some("kafka") {
+        let rest = drain_kafka_rest(&cluster, &mut db, &kafka_v2_responder().url("/"), size.drain_events);
+        let broker = Broker::start();
+        broker.create_topic("drain");
+        let native = drain_kafka_native(&cluster, &mut db, &format!("kafka://{}", broker.addr), size.drain_events);
+        println!(
+            "Kafka REST v2, batched: {:.0} events/s, worker CPU {:.1} us/event; Kafka native: {:.0} events/s, \
+             worker CPU {:.1} us/event",
+            rest.eps, rest.cpu_us_per_event, native.eps, native.cpu_us_per_event
+        );
+        return;
+    }
     if only.as_deref() == Some("cdc") {
         let Some(cdc) = &cdc else { return };
         let scripts = write_scripts(&out);
@@ -391,16 +403,7 @@ fn main() {
         record(&mut results, "drain_ratio_vs_cdc", eps_http / eps_cdc);
     }
     let kafka = kafka_v2_responder();
-    let kafka_drain = drain_outbox(
-        &cluster,
-        &mut db,
-        &kafka.url("/"),
-        "kafka_rest_v2",
-        json!({"batch_size": 500, "max_in_flight": 8}),
-        size.drain_events,
-        1000,
-        64,
-    );
+    let kafka_drain = drain_kafka_rest(&cluster, &mut db, &kafka.url("/"), size.drain_events);
     let eps_kafka = kafka_drain.eps;
     println!(
         "outbox, Kafka REST v2, batched:         {eps_kafka:>9.0} events/s, worker CPU {:.1} us/event",
@@ -411,7 +414,7 @@ fn main() {
     let broker = Broker::start();
     broker.create_topic("drain");
     let brokers = format!("kafka://{}", broker.addr);
-    let native = drain_outbox(&cluster, &mut db, &brokers, "kafka", json!({}), size.drain_events, 1000, 64);
+    let native = drain_kafka_native(&cluster, &mut db, &brokers, size.drain_events);
     println!(
         "outbox, Kafka native, into the broker:  {:>9.0} events/s, worker CPU {:.1} us/event",
         native.eps, native.cpu_us_per_event
