@@ -120,6 +120,47 @@ mod tests {
         }
         panic!("the cluster never held still for three snapshots");
     }
+
+    /// The worker's row reader gives what pgrx's does, for values kept in
+    /// the row, NULLs, and text compressed or stored apart (the reader's
+    /// other path), and refuses a column of another type.
+    #[pg_test]
+    fn the_workers_row_reader_reads_every_kind_of_value() {
+        use crate::worker::rows;
+        Spi::run(
+            "CREATE TEMP TABLE r (compressed text, apart text);
+             ALTER TABLE r ALTER apart SET STORAGE EXTERNAL;
+             INSERT INTO r VALUES (repeat('ab', 50000), repeat('é', 5000))",
+        )
+        .unwrap();
+        let read = Spi::connect_mut(|client| {
+            let table = client.update(
+                "SELECT 7::int8, -3::int4, true, 2.5::float8, '2000-01-01 00:00:01+00'::timestamptz,
+                        'kept ✓'::text, NULL::text, compressed, apart FROM r",
+                None,
+                &[],
+            )?;
+            rows::each(table, |row| {
+                assert!(row.i32(1).is_err(), "a bigint is not read as an integer");
+                assert!(row.text(10).is_err() && row.text(0).is_err(), "no such column");
+                Ok((
+                    (row.i64(1)?, row.i32(2)?, row.bool(3)?, row.f64(4)?, row.timestamptz(5)?),
+                    (row.text(6)?, row.text(7)?, row.text(8)?, row.text(9)?),
+                ))
+            })
+        })
+        .unwrap();
+        assert_eq!(read.len(), 1);
+        let (numbers, texts) = &read[0];
+        assert_eq!(*numbers, (Some(7), Some(-3), Some(true), Some(2.5), Some(1_000_000)));
+        assert_eq!(texts.0.as_deref(), Some("kept ✓"));
+        assert_eq!(texts.1, None);
+        assert_eq!(texts.2.as_deref(), Some("ab".repeat(50_000).as_str()));
+        assert_eq!(texts.3.as_deref(), Some("é".repeat(5_000).as_str()));
+        let stored =
+            Spi::get_two::<i32, i32>("SELECT pg_column_size(compressed), pg_column_size(apart) FROM r").unwrap();
+        assert!(stored.0.unwrap() < 10_000, "the first value is compressed: {stored:?}");
+    }
 }
 
 /// Required by `cargo pgrx test`.

@@ -22,6 +22,7 @@ pub mod launcher;
 mod parked;
 mod retired;
 mod rotation;
+pub(crate) mod rows;
 mod session;
 mod store;
 mod stream;

@@ -16,6 +16,7 @@
 //! which keys of a page are parked, and which heads are due.
 
 use super::error::{Result, WorkerError};
+use super::rows;
 use super::stream::{event_at, event_columns};
 use crate::event::{Event, Position};
 use crate::schedule::LaneId;
@@ -629,25 +630,23 @@ fn head_query(sql: &str, with_event: bool, args: &[pgrx::datum::DatumWithOid<'_>
     let sql = sql.replace("{COLUMNS}", HEAD_COLUMNS);
     Ok(Spi::connect_mut(|client| {
         let rows = client.update(&sql, None, args)?;
-        let mut out = Vec::new();
-        for row in rows {
+        rows::each(rows, |row| {
             let position = Position {
-                batch: row.get(3)?.unwrap_or_default(),
-                rank: row.get(4)?.unwrap_or_default(),
-                txid: row.get(5)?.unwrap_or_default(),
-                n: row.get(6)?.unwrap_or_default(),
+                batch: row.i64(3)?.unwrap_or_default(),
+                rank: row.i64(4)?.unwrap_or_default(),
+                txid: row.i64(5)?.unwrap_or_default(),
+                n: row.i32(6)?.unwrap_or_default(),
             };
-            out.push(Head {
-                key: row.get(1)?,
-                event_id: row.get(2)?.unwrap_or_default(),
+            Ok(Head {
+                key: row.text(1)?,
+                event_id: row.text(2)?.unwrap_or_default(),
                 position,
-                dead: row.get(7)?.unwrap_or(false),
-                attempts: row.get::<i32>(8)?.unwrap_or(0).max(0) as u32,
-                due_in_s: row.get(9)?.unwrap_or(0.0),
-                event: if with_event { Some(event_at(&row, 10, position)?) } else { None },
-            });
-        }
-        SpiResult::Ok(out)
+                dead: row.bool(7)?.unwrap_or(false),
+                attempts: row.i32(8)?.unwrap_or(0).max(0) as u32,
+                due_in_s: row.f64(9)?.unwrap_or(0.0),
+                event: if with_event { Some(event_at(row, 10, position)?) } else { None },
+            })
+        })
     })?)
 }
 

@@ -2,12 +2,12 @@
 //! it is, in commit order, a page that fits its window at a time.
 
 use super::error::Result;
+use super::rows::{self, Row};
 use super::ticks::Tick;
 use crate::event::{Event, Position};
-use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys::{self, PgOid};
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData, SpiResult};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -47,25 +47,24 @@ pub(crate) use event_columns;
 /// The Event at `position` whose `event_columns!` start at column `first`
 /// (1-based) of `row`: the one reader of rows into events, for the stream
 /// and for parked events.
-pub fn event_at(row: &SpiHeapTupleData<'_>, first: usize, position: Position) -> SpiResult<Event> {
-    let created_at: Option<TimestampWithTimeZone> = row.get(first + 6)?;
-    let (timestamp, created) = crate::event::timestamp(created_at.map_or(0, TimestampWithTimeZone::into_inner));
+pub fn event_at(row: &Row, first: usize, position: Position) -> SpiResult<Event> {
+    let (timestamp, created) = crate::event::timestamp(row.timestamptz(first + 6)?.unwrap_or(0));
     Ok(Event {
         position,
-        id: row.get(first)?.unwrap_or_default(),
-        topic: row.get(first + 1)?.unwrap_or_default(),
-        key: row.get(first + 2)?,
-        event_type: row.get(first + 3)?,
-        payload: row.get(first + 4)?.unwrap_or_else(|| "null".into()),
-        headers: row.get(first + 5)?.unwrap_or_else(|| "{}".into()),
+        id: row.text(first)?.unwrap_or_default(),
+        topic: row.text(first + 1)?.unwrap_or_default(),
+        key: row.text(first + 2)?,
+        event_type: row.text(first + 3)?,
+        payload: row.text(first + 4)?.unwrap_or_else(|| "null".into()),
+        headers: row.text(first + 5)?.unwrap_or_else(|| "{}".into()),
         timestamp,
         created,
     })
 }
 
 /// A row of the reads below: rank, txid, n, then `event_columns!`.
-fn stream_event(row: &SpiHeapTupleData<'_>, batch: i64, rank: i64) -> SpiResult<Event> {
-    let position = Position { batch, rank, txid: row.get(2)?.unwrap_or_default(), n: row.get(3)?.unwrap_or_default() };
+fn stream_event(row: &Row, batch: i64, rank: i64) -> SpiResult<Event> {
+    let position = Position { batch, rank, txid: row.i64(2)?.unwrap_or_default(), n: row.i32(3)?.unwrap_or_default() };
     event_at(row, 4, position)
 }
 
@@ -213,13 +212,11 @@ pub fn read_batch(
                     bytes.into(),
                 ],
             )?;
-            let mut events = Vec::with_capacity(rows.len());
             let mut candidates = 0;
-            for row in rows {
-                let rank: i64 = row.get(1)?.unwrap_or_default();
-                candidates = row.get(11)?.unwrap_or_default();
-                events.push(stream_event(&row, hi.id, rank)?);
-            }
+            let events = rows::each(rows, |row| {
+                candidates = row.i64(11)?.unwrap_or_default();
+                stream_event(row, hi.id, row.i64(1)?.unwrap_or_default())
+            })?;
             let complete = all_of_it(events.len(), candidates, limit);
             Ok(Page { events, complete })
         }
@@ -253,12 +250,11 @@ fn read_ordered(
         )?;
         let mut candidates = 0;
         let before = events.len();
-        for row in rows {
-            candidates = row.get(11)?.unwrap_or_default();
-            let event = stream_event(&row, batch, rank)?;
-            used += event.size() as i64;
-            events.push(event);
-        }
+        events.extend(rows::each(rows, |row| {
+            candidates = row.i64(11)?.unwrap_or_default();
+            stream_event(row, batch, rank)
+        })?);
+        used += events[before..].iter().map(|e| e.size() as i64).sum::<i64>();
         if !all_of_it(events.len() - before, candidates, limit) {
             return Ok(Page { events, complete: false });
         }
@@ -288,13 +284,11 @@ fn read_ordered(
         )?;
         let mut candidates = 0;
         let before = events.len();
-        for row in rows {
-            let i: i64 = row.get(1)?.unwrap_or_default();
-            candidates = row.get(11)?.unwrap_or_default();
-            let event = stream_event(&row, batch, next as i64 + i)?;
-            used += event.size() as i64;
-            events.push(event);
-        }
+        events.extend(rows::each(rows, |row| {
+            candidates = row.i64(11)?.unwrap_or_default();
+            stream_event(row, batch, next as i64 + row.i64(1)?.unwrap_or_default())
+        })?);
+        used += events[before..].iter().map(|e| e.size() as i64).sum::<i64>();
         if !all_of_it(events.len() - before, candidates, remaining) {
             return Ok(Page { events, complete: false });
         }
