@@ -389,7 +389,7 @@ impl EndpointState {
             let keys: HashSet<String> = events
                 .iter()
                 .filter_map(|e| e.key.clone())
-                .filter(|k| !self.parked.contains(&LaneId::Key(k.clone())))
+                .filter(|k| !self.parked.contains(&LaneId::Key(k.as_str().into())))
                 .collect();
             self.parked.keys_parked(self.id, self.block_on_dead(), &keys.into_iter().collect::<Vec<_>>())?
         } else {
@@ -540,8 +540,9 @@ impl EndpointState {
             self.health.lingering_since = None;
             let mut events = self.parked.take_ready(batch);
             // Lanes whose next events wait for this request's outcome
-            // (parked lanes: their next events are in outbox.parked).
-            let mut waiting: HashSet<LaneId> = events.iter().map(|(lane, _)| lane.clone()).collect();
+            // (parked lanes: their next events are in outbox.parked). A
+            // lane has one run in a request at most.
+            let mut waiting: Vec<LaneId> = events.iter().map(|(lane, _)| lane.clone()).collect();
             let per_key = self.config().options.max_per_key;
             // One event per request: a lane's next events go as a chain.
             let chains = batch == 1 && !self.config().kind.is_kafka();
@@ -550,7 +551,7 @@ impl EndpointState {
                 let max = if chains { CHAIN_LENGTH } else { per_key.min(batch - events.len()) };
                 let Some(run) = self.window.next_run(max, |head, e| chains || head.topic == e.topic) else { break };
                 if run.more {
-                    waiting.insert(run.lane.clone());
+                    waiting.push(run.lane.clone());
                 }
                 let mut run_events = run.events.into_iter().map(|(_, e)| (run.lane.clone(), e));
                 if chains {
@@ -561,10 +562,19 @@ impl EndpointState {
                 }
             }
             self.mark_unsaved(now);
-            for group in self.by_topic(events, now) {
+            let taken = events.len();
+            let groups = self.by_topic(events, now);
+            // Mostly one request takes every event: then a waiting lane is
+            // in it, and no set of lanes need be built.
+            let whole = groups.len() == 1 && groups[0].len() == taken;
+            let set: Option<HashSet<&LaneId>> = (!whole && !waiting.is_empty()).then(|| waiting.iter().collect());
+            for group in groups {
                 self.health.requests += 1;
                 self.health.request_bound = self.health.request_bound.max(bound);
-                let eager = group.iter().any(|(lane, _)| waiting.contains(lane));
+                let eager = match &set {
+                    Some(set) => group.iter().any(|(lane, _)| set.contains(lane)),
+                    None => whole && !waiting.is_empty(),
+                };
                 jobs.push(Job {
                     endpoint_id: self.id,
                     incarnation: self.incarnation,
@@ -905,7 +915,7 @@ mod tests {
                 timestamp: String::new(),
                 created: SystemTime::now(),
             };
-            ep.window.push(LaneId::Key(format!("k{n}")), event.position, Arc::new(event), 1);
+            ep.window.push(LaneId::Key(format!("k{n}").into()), event.position, Arc::new(event), 1);
         }
     }
 
@@ -1043,6 +1053,43 @@ mod tests {
         assert_eq!(ep.requests_out(), (1, bound));
         ep.on_outcome(outcome(&jobs[1], Ok(())), now);
         assert_eq!(ep.requests_out(), (0, Duration::ZERO));
+    }
+
+    /// A request's outcome wakes the main thread at once when a lane in it
+    /// has more events waiting for that outcome, and may wait a moment
+    /// otherwise.
+    #[test]
+    fn a_request_is_eager_when_a_lane_in_it_has_more_events_waiting() {
+        let event = |key: &str, n| Event {
+            position: Position { batch: 1, rank: 1, txid: 10, n },
+            id: format!("id-{n}"),
+            topic: "t".into(),
+            key: Some(key.into()),
+            event_type: None,
+            payload: "{}".into(),
+            headers: "{}".into(),
+            timestamp: String::new(),
+            created: SystemTime::now(),
+        };
+        let batched = serde_json::json!({ "batch_size": 10, "cloudevents": "structured", "max_in_flight": 1 });
+        let mut ep = state(batched.clone());
+        for (key, n) in [("a", 1), ("b", 2), ("a", 3)] {
+            let e = event(key, n);
+            ep.window.push(LaneId::Key(key.into()), e.position, Arc::new(e), 1);
+        }
+        let jobs = ep.take_jobs(Instant::now(), None);
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].events.len(), 2, "one event of each key (max_per_key 1)");
+        assert!(jobs[0].eager, "a's second event waits for this request");
+
+        let mut ep = state(batched);
+        for (key, n) in [("a", 1), ("b", 2)] {
+            let e = event(key, n);
+            ep.window.push(LaneId::Key(key.into()), e.position, Arc::new(e), 1);
+        }
+        let jobs = ep.take_jobs(Instant::now(), None);
+        assert_eq!(jobs[0].events.len(), 2);
+        assert!(!jobs[0].eager, "nothing waits for this request");
     }
 
     #[test]

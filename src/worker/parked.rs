@@ -453,7 +453,7 @@ impl Parked {
         let mut solo = Vec::new();
         for id in &asked {
             match id {
-                LaneId::Key(k) => keys.push(k.clone()),
+                LaneId::Key(k) => keys.push(k.to_string()),
                 LaneId::Solo(_) => {
                     if let Some(eid) = self.lanes.get(id).and_then(|l| l.event_id.clone()) {
                         solo.push(eid);
