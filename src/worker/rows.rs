@@ -123,7 +123,7 @@ impl Row {
             if !varlena::varatt_is_1b_e(ptr) && !varlena::varatt_is_4b_c(ptr) {
                 let bytes = varlena::varlena_to_byte_slice(ptr);
                 let usable = match database_encoding() {
-                    // Postgres checked the bytes: what pgrx takes unchecked.
+                    // Used when they are UTF-8, as pgrx uses them.
                     Encoding::Utf8 => std::str::from_utf8(bytes).ok(),
                     // Another encoding: only ASCII reads the same in UTF-8
                     // (pgrx refuses the rest, as the fallback still does).
@@ -141,8 +141,10 @@ impl Row {
 /// What the database's encoding means for reading text as UTF-8.
 #[derive(Clone, Copy)]
 enum Encoding {
-    /// UTF-8, or SQL_ASCII (bytes as written; pgrx validates them).
+    /// UTF-8 (Postgres checked the bytes), or SQL_ASCII (bytes as
+    /// written, taken when they are UTF-8).
     Utf8,
+    /// Another encoding: one that extends ASCII.
     Other,
 }
 
