@@ -91,17 +91,19 @@ pub(super) fn prepared(
 // The reads below return at most $limit rows and stop after the row whose
 // size (outbox.events.size: payload uncompressed, key, type, headers)
 // crosses $bytes, so one page never holds much more than the window has
-// room for, whatever writers put in their events. Each row also says how
-// many rows the LIMIT let through (`candidates`): fewer rows than that
-// means the byte budget cut the page.
+// room for, whatever writers put in their events. Each row also says the
+// size of the rows up to it (`upto`), which tells whether the budget may
+// have cut the page (see `all_of_it`); counting the rows the LIMIT let
+// through instead took a second window over the whole page, a fifth of
+// the statement.
 
 /// Rest of one transaction's events after emit number `after_n`, by index.
 /// $1 txid, $2 after_n, $3 patterns, $4 limit, $5 bytes.
 const READ_TRANSACTION: &str = concat!(
     "SELECT 0::pg_catalog.int8, e.txid, e.n, ",
     event_columns!("e", "e.id"),
-    ", e.candidates
-     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.n) AS upto, pg_catalog.count(*) OVER () AS candidates
+    ", e.upto
+     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.n) AS upto
            FROM (SELECT * FROM outbox.events AS y
                  WHERE y.txid = $1 AND y.n > $2 AND y.topic LIKE ANY ($3) ORDER BY y.n LIMIT $4) AS w) AS e
      WHERE e.upto - e.size < $5
@@ -115,9 +117,8 @@ const READ_TRANSACTION: &str = concat!(
 const READ_TRANSACTIONS: &str = concat!(
     "SELECT e.i, e.txid, e.n, ",
     event_columns!("e", "e.id"),
-    ", e.candidates
-     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.i, w.n) AS upto,
-                  pg_catalog.count(*) OVER () AS candidates
+    ", e.upto
+     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.i, w.n) AS upto
            FROM (SELECT o.i, x.* FROM pg_catalog.unnest($1::pg_catalog.int8[]) WITH ORDINALITY AS o(txid, i)
                  CROSS JOIN LATERAL (SELECT * FROM outbox.events AS y
                                      WHERE y.txid = o.txid AND y.topic LIKE ANY ($2) ORDER BY y.n LIMIT $3) AS x
@@ -136,9 +137,8 @@ const READ_TRANSACTIONS: &str = concat!(
 const READ_UNORDERED: &str = concat!(
     "SELECT e.txid, e.txid, e.n, ",
     event_columns!("e", "e.id"),
-    ", e.candidates
-     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.txid, w.n) AS upto,
-                  pg_catalog.count(*) OVER () AS candidates
+    ", e.upto
+     FROM (SELECT w.*, pg_catalog.sum(w.size) OVER (ORDER BY w.txid, w.n) AS upto
            FROM (SELECT * FROM (SELECT * FROM outbox.events WHERE txid = ANY ($1) AND (txid, n) > ($4, $5)
                                 UNION ALL
                                 SELECT * FROM outbox.events WHERE txid >= $2 AND txid < $3 AND (txid, n) > ($4, $5)) AS u
@@ -167,10 +167,13 @@ fn fitting(sizes: &[i64], room: i64) -> usize {
     fit.count().max(1).min(sizes.len())
 }
 
-/// Whether a query's rows were all it had: fewer than `limit` candidates,
-/// none cut by the byte budget.
-fn all_of_it(rows: usize, candidates: i64, limit: i64) -> bool {
-    candidates < limit && rows as i64 == candidates
+/// Whether a query's rows were all it had: fewer than `limit`, and none
+/// cut by the byte budget `bytes`. The rows kept are those that start
+/// within the budget (sizes are never negative), so had one been cut, the
+/// last kept would end (`upto`) at or past it. That can also happen with
+/// nothing cut: then the next read finds nothing more, one read too many.
+fn all_of_it(rows: usize, last_upto: i64, limit: i64, bytes: i64) -> bool {
+    (rows as i64) < limit && last_upto < bytes
 }
 
 /// Events of the batch between ticks `lo` and `hi` (committed after `lo`,
@@ -212,12 +215,12 @@ pub fn read_batch(
                     bytes.into(),
                 ],
             )?;
-            let mut candidates = 0;
+            let mut upto = 0;
             let events = rows::each(rows, |row| {
-                candidates = row.i64(11)?.unwrap_or_default();
+                upto = row.i64(11)?.unwrap_or_default();
                 stream_event(row, hi.id, row.i64(1)?.unwrap_or_default())
             })?;
-            let complete = all_of_it(events.len(), candidates, limit);
+            let complete = all_of_it(events.len(), upto, limit, bytes);
             Ok(Page { events, complete })
         }
     })?)
@@ -248,14 +251,14 @@ fn read_ordered(
             None,
             &[order[rank as usize - 1].into(), after_n.into(), like.to_vec().into(), limit.into(), bytes.into()],
         )?;
-        let mut candidates = 0;
+        let mut upto = 0;
         let before = events.len();
         events.extend(rows::each(rows, |row| {
-            candidates = row.i64(11)?.unwrap_or_default();
+            upto = row.i64(11)?.unwrap_or_default();
             stream_event(row, batch, rank)
         })?);
         used += events[before..].iter().map(|e| e.size() as i64).sum::<i64>();
-        if !all_of_it(events.len() - before, candidates, limit) {
+        if !all_of_it(events.len() - before, upto, limit, bytes) {
             return Ok(Page { events, complete: false });
         }
     }
@@ -282,14 +285,14 @@ fn read_ordered(
             None,
             &[order[next..end].to_vec().into(), like.to_vec().into(), remaining.into(), room.into()],
         )?;
-        let mut candidates = 0;
+        let mut upto = 0;
         let before = events.len();
         events.extend(rows::each(rows, |row| {
-            candidates = row.i64(11)?.unwrap_or_default();
+            upto = row.i64(11)?.unwrap_or_default();
             stream_event(row, batch, next as i64 + row.i64(1)?.unwrap_or_default())
         })?);
         used += events[before..].iter().map(|e| e.size() as i64).sum::<i64>();
-        if !all_of_it(events.len() - before, candidates, remaining) {
+        if !all_of_it(events.len() - before, upto, remaining, room) {
             return Ok(Page { events, complete: false });
         }
         next = end;
@@ -300,7 +303,16 @@ fn read_ordered(
 
 #[cfg(test)]
 mod tests {
-    use super::fitting;
+    use super::{all_of_it, fitting};
+
+    #[test]
+    fn a_page_is_whole_only_when_neither_the_limit_nor_the_budget_may_have_cut_it() {
+        assert!(all_of_it(3, 300, 10, 1000), "three rows of 100 bytes, room for more");
+        assert!(!all_of_it(10, 300, 10, 1000), "the limit was reached");
+        assert!(!all_of_it(3, 1200, 10, 1000), "the last row ends past the budget");
+        assert!(!all_of_it(3, 1000, 10, 1000), "the last row ends at the budget");
+        assert!(all_of_it(0, 0, 10, 1000), "nothing there");
+    }
 
     #[test]
     fn a_page_takes_the_transactions_that_fit_and_at_least_one() {
