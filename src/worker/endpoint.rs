@@ -901,21 +901,31 @@ mod tests {
         EndpointState::new(&row, config_of(&row), 1, "/outbox/db", &Arc::default(), 100).unwrap()
     }
 
+    /// Event number `n` (of topic `t`) with key `key`.
+    fn event(key: &str, n: i32) -> Event {
+        Event {
+            position: Position { batch: 1, rank: 1, txid: 10, n },
+            id: format!("id-{n}"),
+            topic: "t".into(),
+            key: Some(key.into()),
+            event_type: None,
+            payload: "{}".into(),
+            headers: "{}".into(),
+            timestamp: String::new(),
+            created: SystemTime::now(),
+        }
+    }
+
+    /// Event `n` of key `key` into the window.
+    fn push(ep: &mut EndpointState, key: &str, n: i32) {
+        let event = event(key, n);
+        ep.window.push(LaneId::Key(key.into()), event.position, Arc::new(event), 1);
+    }
+
     /// One event loaded for each of `n` keys.
     fn load(ep: &mut EndpointState, n: i32) {
         for n in 1..=n {
-            let event = Event {
-                position: Position { batch: 1, rank: 1, txid: 10, n },
-                id: format!("id-{n}"),
-                topic: "t".into(),
-                key: Some(format!("k{n}")),
-                event_type: None,
-                payload: "{}".into(),
-                headers: "{}".into(),
-                timestamp: String::new(),
-                created: SystemTime::now(),
-            };
-            ep.window.push(LaneId::Key(format!("k{n}").into()), event.position, Arc::new(event), 1);
+            push(ep, &format!("k{n}"), n);
         }
     }
 
@@ -1060,22 +1070,10 @@ mod tests {
     /// otherwise.
     #[test]
     fn a_request_is_eager_when_a_lane_in_it_has_more_events_waiting() {
-        let event = |key: &str, n| Event {
-            position: Position { batch: 1, rank: 1, txid: 10, n },
-            id: format!("id-{n}"),
-            topic: "t".into(),
-            key: Some(key.into()),
-            event_type: None,
-            payload: "{}".into(),
-            headers: "{}".into(),
-            timestamp: String::new(),
-            created: SystemTime::now(),
-        };
         let batched = serde_json::json!({ "batch_size": 10, "cloudevents": "structured", "max_in_flight": 1 });
         let mut ep = state(batched.clone());
         for (key, n) in [("a", 1), ("b", 2), ("a", 3)] {
-            let e = event(key, n);
-            ep.window.push(LaneId::Key(key.into()), e.position, Arc::new(e), 1);
+            push(&mut ep, key, n);
         }
         let jobs = ep.take_jobs(Instant::now(), None);
         assert_eq!(jobs.len(), 1);
@@ -1084,8 +1082,7 @@ mod tests {
 
         let mut ep = state(batched);
         for (key, n) in [("a", 1), ("b", 2)] {
-            let e = event(key, n);
-            ep.window.push(LaneId::Key(key.into()), e.position, Arc::new(e), 1);
+            push(&mut ep, key, n);
         }
         let jobs = ep.take_jobs(Instant::now(), None);
         assert_eq!(jobs[0].events.len(), 2);
